@@ -1,0 +1,1 @@
+"""The cloud side: training, export, quantization, registry, precompute and the HTTP API."""

@@ -1,0 +1,163 @@
+"""The manifest: the JSON document that describes one model version to the edge.
+
+Format 1 (``"format": 1``)::
+
+    {
+      "format": 1, "name": "eta", "version": 3, "parent": 2, "lineage": "retrain",
+      "created": "2026-11-27T18:00:00Z",
+      "artifacts": [{"role": "model", "sha256": "...", "size": 1234,
+                     "media_type": "application/onnx", "variant": "int8_dynamic"}, ...],
+      "schema": [{"name": "hour", "kind": "numeric", "dtype": "float32", "min": 0, "max": 23}],
+      "output": {"task": "multiclass", "classes": ["a", "b"], "outputs": ["label", "probabilities"]},
+      "metrics": {...}, "quantization": {...}, "profile": {...}, "training": {...},
+      "golden": {"rows": [[...]], "labels": [...], "probabilities": [[...]], "values": [...],
+                 "tolerance": 1e-4}
+    }
+
+Artifact roles: ``model`` (what the edge runs: fp32 or int8, whichever passed the accuracy
+guard), ``model_fp32`` (the cloud's serving model) and ``table`` (precomputed predictions).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ManifestError
+from .schema import InputSchema
+
+FORMAT = 1
+ROLES = ("model", "model_fp32", "table")
+TASKS = ("binary", "multiclass", "regression")
+LINEAGES = ("retrain", "finetune")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name, else raise :class:`ManifestError`."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ManifestError(
+            f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit", field="name")
+    return name
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One immutable file of a version, addressed by its sha256."""
+
+    role: str
+    sha256: str
+    size: int
+    media_type: str = "application/octet-stream"
+    variant: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the manifest entry."""
+        out: dict[str, Any] = {"role": self.role, "sha256": self.sha256, "size": self.size,
+                               "media_type": self.media_type}
+        if self.variant:
+            out["variant"] = self.variant
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> Artifact:
+        """Parse and validate one manifest entry."""
+        if not isinstance(data, Mapping):
+            raise ManifestError("each artifact must be an object", field="artifacts")
+        role, sha, size = data.get("role"), data.get("sha256"), data.get("size")
+        if role not in ROLES:
+            raise ManifestError(f"artifact role {role!r} is not one of {ROLES}", field="role")
+        if not isinstance(sha, str) or not SHA256_RE.match(sha):
+            raise ManifestError(f"artifact {role!r} has an invalid sha256 {sha!r}",
+                                field="sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestError(f"artifact {role!r} has an invalid size {size!r}", field="size")
+        return cls(role, sha, size, str(data.get("media_type", "application/octet-stream")),
+                   data.get("variant"))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest. ``raw`` keeps every field, known or not."""
+
+    name: str
+    version: int
+    task: str
+    classes: tuple[Any, ...] | None
+    artifacts: tuple[Artifact, ...]
+    schema: InputSchema
+    raw: Mapping[str, Any]
+
+    def artifact(self, role: str) -> Artifact | None:
+        """Return the artifact with ``role``, or None."""
+        return next((a for a in self.artifacts if a.role == role), None)
+
+    @property
+    def golden(self) -> Mapping[str, Any]:
+        """Golden rows and expected outputs (may be empty)."""
+        g = self.raw.get("golden")
+        return g if isinstance(g, Mapping) else {}
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the manifest as a JSON-ready dict."""
+        return dict(self.raw)
+
+    def dumps(self) -> bytes:
+        """Canonical bytes: sorted keys, no spaces (what is hashed and signed)."""
+        return canonical_json(self.raw)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        """Validate a decoded manifest; raises :class:`ManifestError` naming the field."""
+        if not isinstance(data, Mapping):
+            raise ManifestError("a manifest must be a JSON object")
+        fmt = data.get("format")
+        if fmt != FORMAT:
+            raise ManifestError(
+                f"manifest format {fmt!r} is not supported (this kit reads format {FORMAT}); "
+                "upgrade hybridml on this device", field="format")
+        name = check_name(data.get("name"))  # type: ignore[arg-type]
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ManifestError(f"manifest version must be a positive integer, got {version!r}",
+                                field="version")
+        output = data.get("output")
+        if not isinstance(output, Mapping) or output.get("task") not in TASKS:
+            raise ManifestError(f"manifest 'output.task' must be one of {TASKS}", field="output")
+        classes = output.get("classes")
+        if output["task"] != "regression" and (not isinstance(classes, list) or len(classes) < 2):
+            raise ManifestError("a classifier's manifest needs 'output.classes' (2 or more)",
+                                field="output.classes")
+        arts = data.get("artifacts")
+        if not isinstance(arts, list):
+            raise ManifestError("manifest 'artifacts' must be a list", field="artifacts")
+        artifacts = tuple(Artifact.from_json(a) for a in arts)
+        if not any(a.role == "model" for a in artifacts):
+            raise ManifestError("manifest lists no artifact with role 'model'", field="artifacts")
+        try:
+            schema = InputSchema.from_json(data.get("schema"))
+        except Exception as exc:
+            raise ManifestError(f"manifest 'schema' is invalid: {exc}", field="schema") from exc
+        return cls(name, version, str(output["task"]),
+                   tuple(classes) if isinstance(classes, list) else None,
+                   artifacts, schema, dict(data))
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> Manifest:
+        """Parse manifest text; invalid JSON is a :class:`ManifestError`."""
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        return cls.from_json(data)
+
+
+def canonical_json(data: Any) -> bytes:
+    """Serialise ``data`` deterministically (sorted keys, compact, UTF-8)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")

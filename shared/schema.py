@@ -1,0 +1,356 @@
+"""The input schema: the one place raw rows become model inputs, on both sides.
+
+A model's ONNX graph takes up to two inputs, built here from raw rows:
+
+* ``num``: float32 ``[N, n_numeric]`` — numeric features in schema order; missing values are NaN.
+* ``cat``: string ``[N, n_categorical]`` — categorical features in schema order; missing is ``""``.
+
+The cloud trains on exactly these arrays and the edge feeds exactly these arrays, so
+training/serving skew is impossible by construction. :meth:`InputSchema.keys` turns an encoded
+batch into canonical fixed-width key bytes (float32 numerics with NaN and -0.0 normalised, then
+int32 category codes) — the precomputed table's exact-match key. Two rows share a key only if
+the model sees identical inputs, so a table hit can never be wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import InputError, SchemaError
+
+NUMERIC = "numeric"
+CATEGORICAL = "categorical"
+NUM_INPUT = "num"
+CAT_INPUT = "cat"
+MISSING_CATEGORY = ""
+UNSEEN_CODE = -1
+# Spellings of "missing" accepted in CSV text, for both training data and edge CSV input.
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+_CANONICAL_NAN = np.float32(np.nan)
+
+Kind = Literal["numeric", "categorical"]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column: its name, kind, and what training saw (range or categories)."""
+
+    name: str
+    kind: Kind
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> str:
+        """The ONNX element type this feature is fed as."""
+        return "float32" if self.kind == NUMERIC else "string"
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form stored in manifests."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "dtype": self.dtype}
+        if self.kind == NUMERIC:
+            out["min"] = self.min
+            out["max"] = self.max
+        else:
+            out["categories"] = list(self.categories)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> Feature:
+        """Parse one feature; raises :class:`SchemaError` naming what is wrong."""
+        if not isinstance(data, Mapping):
+            raise SchemaError(f"a schema feature must be an object, got {type(data).__name__}")
+        name = data.get("name")
+        kind = data.get("kind")
+        if not isinstance(name, str) or not name:
+            raise SchemaError("a schema feature has no 'name'", field="name")
+        if kind not in (NUMERIC, CATEGORICAL):
+            raise SchemaError(
+                f"feature {name!r} has kind {kind!r}; use 'numeric' or 'categorical'", field=name
+            )
+        if kind == NUMERIC:
+            lo, hi = data.get("min"), data.get("max")
+            for label, v in (("min", lo), ("max", hi)):
+                if v is not None and not isinstance(v, (int, float)):
+                    raise SchemaError(f"feature {name!r} has a non-numeric {label}", field=name)
+            return cls(name, NUMERIC, None if lo is None else float(lo),
+                       None if hi is None else float(hi))
+        cats = data.get("categories", [])
+        if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
+            raise SchemaError(f"feature {name!r} needs 'categories' as strings", field=name)
+        return cls(name, CATEGORICAL, categories=tuple(cats))
+
+
+@dataclass
+class EncodedBatch:
+    """Rows encoded for the model, plus what the fallback policy needs to know about them."""
+
+    num: np.ndarray  # float32 [N, n_num]
+    cat: np.ndarray  # object (str) [N, n_cat]
+    codes: np.ndarray  # int32 [N, n_cat]; UNSEEN_CODE for categories training never saw
+    out_of_range: np.ndarray  # bool [N]: a numeric value outside the training range
+    unseen: np.ndarray  # bool [N]: a category training never saw
+
+    def __len__(self) -> int:
+        return int(self.num.shape[0])
+
+    def feeds(self, schema: InputSchema) -> dict[str, np.ndarray]:
+        """Return the ONNX input feed for these rows."""
+        out: dict[str, np.ndarray] = {}
+        if schema.n_numeric:
+            out[NUM_INPUT] = self.num
+        if schema.n_categorical:
+            out[CAT_INPUT] = self.cat
+        return out
+
+    def take(self, index: np.ndarray | Sequence[int]) -> EncodedBatch:
+        """Return the subset of rows at ``index``."""
+        idx = np.asarray(index, dtype=np.intp)
+        return EncodedBatch(self.num[idx], self.cat[idx], self.codes[idx],
+                            self.out_of_range[idx], self.unseen[idx])
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    """Ordered features of a model, with the encoder both sides share."""
+
+    features: tuple[Feature, ...]
+    _numeric: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _categorical: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _cat_index: tuple[dict[str, int], ...] = field(init=False, repr=False, compare=False)
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _lo: np.ndarray = field(init=False, repr=False, compare=False)
+    _hi: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            raise SchemaError("an input schema needs at least one feature")
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise SchemaError(f"duplicate feature names in schema: {dupes}", field=dupes[0])
+        numeric = tuple(i for i, f in enumerate(self.features) if f.kind == NUMERIC)
+        categorical = tuple(i for i, f in enumerate(self.features) if f.kind == CATEGORICAL)
+        set_ = object.__setattr__
+        set_(self, "_names", tuple(names))
+        set_(self, "_numeric", numeric)
+        set_(self, "_categorical", categorical)
+        set_(self, "_cat_index", tuple(
+            {c: j for j, c in enumerate(self.features[i].categories)} for i in categorical))
+        lo = [self.features[i].min for i in numeric]
+        hi = [self.features[i].max for i in numeric]
+        set_(self, "_lo", np.array([-np.inf if v is None else v for v in lo], dtype=np.float32))
+        set_(self, "_hi", np.array([np.inf if v is None else v for v in hi], dtype=np.float32))
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Feature names in schema order."""
+        return self._names
+
+    @property
+    def numeric_names(self) -> tuple[str, ...]:
+        """Names of the numeric features, in the order of the ``num`` input."""
+        return tuple(self._names[i] for i in self._numeric)
+
+    @property
+    def categorical_names(self) -> tuple[str, ...]:
+        """Names of the categorical features, in the order of the ``cat`` input."""
+        return tuple(self._names[i] for i in self._categorical)
+
+    @property
+    def n_numeric(self) -> int:
+        """Number of numeric features."""
+        return len(self._numeric)
+
+    @property
+    def n_categorical(self) -> int:
+        """Number of categorical features."""
+        return len(self._categorical)
+
+    @property
+    def key_width(self) -> int:
+        """Bytes in one canonical key (4 per feature)."""
+        return 4 * len(self.features)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """Return the JSON form stored in manifests."""
+        return [f.to_json() for f in self.features]
+
+    @classmethod
+    def from_json(cls, data: Any) -> InputSchema:
+        """Parse a schema from its JSON form; raises :class:`SchemaError`."""
+        if not isinstance(data, list):
+            raise SchemaError("the input schema must be a list of features")
+        return cls(tuple(Feature.from_json(f) for f in data))
+
+    # ------------------------------------------------------------------------------- encoding
+    def encode(self, rows: Iterable[Mapping[str, Any] | Sequence[Any]]) -> EncodedBatch:
+        """Validate and encode raw rows (dicts by name, or lists in schema order).
+
+        Numeric values must be numbers (``None`` or NaN mean missing; infinities are refused);
+        categorical values must be strings (``None`` means missing). Raises :class:`InputError`
+        naming the row and the column.
+        """
+        num_rows: list[list[Any]] = []
+        cat_rows: list[list[Any]] = []
+        numeric, categorical, names = self._numeric, self._categorical, self._names
+        n = len(names)
+        for r, row in enumerate(rows):
+            if isinstance(row, Mapping):
+                if len(row) != n or any(k not in row for k in names):
+                    self._explain_keys(row, r)
+                values: Sequence[Any] = [row[k] for k in names]
+            elif isinstance(row, (list, tuple)):
+                if len(row) != n:
+                    raise InputError(
+                        f"row {r} has {len(row)} values; the model takes {n} "
+                        f"in this order: {', '.join(names)}", row=r, field=None)
+                values = row
+            else:
+                raise InputError(
+                    f"row {r} is a {type(row).__name__}; send an object by column name "
+                    "or a list in schema order", row=r)
+            num_rows.append([values[i] for i in numeric])
+            cat_rows.append([values[i] for i in categorical])
+        return self._finish(num_rows, cat_rows)
+
+    def encode_columns(self, columns: Mapping[str, Sequence[str]]) -> EncodedBatch:
+        """Encode CSV-style text columns (every value a string) by name.
+
+        Numeric text is parsed; the spellings in ``MISSING_TOKENS`` mean missing. Raises
+        :class:`InputError` naming the column and the first bad row.
+        """
+        missing = [n for n in self._names if n not in columns]
+        if missing:
+            raise InputError(f"the input has no column {missing[0]!r}; the model needs "
+                             f"{', '.join(self._names)}", field=missing[0])
+        lengths = {len(columns[n]) for n in self._names}
+        if len(lengths) > 1:
+            raise InputError("input columns have different lengths")
+        n_rows = lengths.pop()
+        num = np.empty((n_rows, self.n_numeric), dtype=np.float32)
+        for j, i in enumerate(self._numeric):
+            num[:, j] = parse_numeric_column(self._names[i], columns[self._names[i]])
+        cat = np.empty((n_rows, self.n_categorical), dtype=object)
+        for j, i in enumerate(self._categorical):
+            col = columns[self._names[i]]
+            cat[:, j] = [MISSING_CATEGORY if v.strip().lower() in MISSING_TOKENS else v
+                         for v in col]
+        return self._from_arrays(num, cat)
+
+    def keys(self, batch: EncodedBatch) -> np.ndarray:
+        """Return canonical key bytes, ``uint8 [N, key_width]``, for each encoded row."""
+        num = batch.num.copy()
+        num[np.isnan(num)] = _CANONICAL_NAN
+        num += np.float32(0.0)  # -0.0 + 0.0 == +0.0: one key for both zeros
+        parts = [num.view(np.uint8).reshape(len(batch), -1),
+                 np.ascontiguousarray(batch.codes, dtype="<i4").view(np.uint8)
+                 .reshape(len(batch), -1)]
+        return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+    # ------------------------------------------------------------------------------ internals
+    def _explain_keys(self, row: Mapping[str, Any], r: int) -> None:
+        absent = [k for k in self._names if k not in row]
+        if absent:
+            raise InputError(
+                f"row {r} has no column {absent[0]!r}; send null for a missing value",
+                row=r, field=absent[0])
+        extra = [k for k in row if k not in self._names]
+        raise InputError(
+            f"row {r} has unknown column {extra[0]!r}; the model takes {', '.join(self._names)}",
+            row=r, field=str(extra[0]))
+
+    def _finish(self, num_rows: list[list[Any]], cat_rows: list[list[Any]]) -> EncodedBatch:
+        n_rows = len(num_rows)
+        num = np.empty((n_rows, self.n_numeric), dtype=np.float32)
+        if self.n_numeric and n_rows:
+            arr = np.asarray(num_rows)
+            if arr.dtype.kind in "fiu":
+                num[:] = arr
+            else:
+                num[:] = self._slow_numeric(num_rows)
+            bad = np.isinf(num)
+            if bad.any():
+                r, j = np.argwhere(bad)[0]
+                name = self._names[self._numeric[j]]
+                raise InputError(
+                    f"row {r} column {name!r} is infinite or too large for float32; send a "
+                    "finite number or null", row=int(r), field=name)
+        cat = np.empty((n_rows, self.n_categorical), dtype=object)
+        for r, vals in enumerate(cat_rows):
+            for j, v in enumerate(vals):
+                if v is None:
+                    cat[r, j] = MISSING_CATEGORY
+                elif isinstance(v, str):
+                    cat[r, j] = v
+                else:
+                    name = self._names[self._categorical[j]]
+                    raise InputError(
+                        f"row {r} column {name!r} is categorical and needs a string, got "
+                        f"{v!r}", row=r, field=name)
+        return self._from_arrays(num, cat)
+
+    def _slow_numeric(self, num_rows: list[list[Any]]) -> np.ndarray:
+        out = np.empty((len(num_rows), self.n_numeric), dtype=np.float64)
+        for r, vals in enumerate(num_rows):
+            for j, v in enumerate(vals):
+                if v is None:
+                    out[r, j] = math.nan
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[r, j] = v
+                elif isinstance(v, np.number) and not isinstance(v, np.bool_):
+                    out[r, j] = float(v)
+                else:
+                    name = self._names[self._numeric[j]]
+                    raise InputError(
+                        f"row {r} column {name!r} is numeric and needs a number or null, got "
+                        f"{v!r}", row=r, field=name)
+        return out
+
+    def _from_arrays(self, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
+        n_rows = num.shape[0]
+        with np.errstate(invalid="ignore"):
+            oor = ((num < self._lo) | (num > self._hi)).any(axis=1)
+        codes = np.empty((n_rows, self.n_categorical), dtype=np.int32)
+        unseen = np.zeros(n_rows, dtype=bool)
+        for j, index in enumerate(self._cat_index):
+            col = [index.get(v, UNSEEN_CODE) for v in cat[:, j]]
+            codes[:, j] = col
+        if self.n_categorical:
+            unseen = (codes == UNSEEN_CODE).any(axis=1)
+        return EncodedBatch(num, cat, codes, oor, unseen)
+
+
+def parse_numeric_column(name: str, values: Sequence[str]) -> np.ndarray:
+    """Parse CSV text into float32; missing tokens become NaN.
+
+    Raises :class:`InputError` naming the column and the first row that is not a number.
+    """
+    arr = np.asarray(values, dtype=object)
+    out = np.full(len(arr), np.nan, dtype=np.float64)
+    if not len(arr):
+        return out.astype(np.float32)
+    lowered = np.char.lower(np.char.strip(arr.astype(str)))
+    present = ~np.isin(lowered, list(MISSING_TOKENS))
+    try:
+        out[present] = lowered[present].astype(np.float64)
+    except ValueError:
+        for r in np.flatnonzero(present):
+            try:
+                float(lowered[r])
+            except ValueError:
+                raise InputError(
+                    f"column {name!r} is numeric but row {int(r)} holds {values[r]!r}; fix the "
+                    "value or leave it empty for missing", row=int(r), field=name) from None
+    if np.isinf(out).any():
+        r = int(np.flatnonzero(np.isinf(out))[0])
+        raise InputError(f"column {name!r} row {r} is infinite; send a finite number or empty",
+                         row=r, field=name)
+    return out.astype(np.float32)
