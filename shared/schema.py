@@ -15,6 +15,7 @@ the model sees identical inputs, so a table hit can never be wrong.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +33,7 @@ UNSEEN_CODE = -1
 # Spellings of "missing" accepted in CSV text, for both training data and edge CSV input.
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 _CANONICAL_NAN = np.float32(np.nan)
+_PLAIN_NUMBERS = frozenset({int, float})
 
 Kind = Literal["numeric", "categorical"]
 
@@ -271,11 +273,13 @@ class InputSchema:
         n_rows = len(num_rows)
         num = np.empty((n_rows, self.n_numeric), dtype=np.float32)
         if self.n_numeric and n_rows:
-            arr = np.asarray(num_rows)
-            if arr.dtype.kind in "fiu":
-                num[:] = arr
-            else:
-                num[:] = self._slow_numeric(num_rows)
+            # map(type) runs at C speed; anything but plain int/float (None, bool, str,
+            # numpy scalars) takes the checked path that names the bad cell.
+            with np.errstate(over="ignore"):
+                if set(map(type, chain.from_iterable(num_rows))) <= _PLAIN_NUMBERS:
+                    num[:] = num_rows
+                else:
+                    num[:] = self._slow_numeric(num_rows)
             bad = np.isinf(num)
             if bad.any():
                 r, j = np.argwhere(bad)[0]
@@ -349,8 +353,10 @@ def parse_numeric_column(name: str, values: Sequence[str]) -> np.ndarray:
                 raise InputError(
                     f"column {name!r} is numeric but row {int(r)} holds {values[r]!r}; fix the "
                     "value or leave it empty for missing", row=int(r), field=name) from None
-    if np.isinf(out).any():
-        r = int(np.flatnonzero(np.isinf(out))[0])
+    with np.errstate(over="ignore"):
+        out32 = out.astype(np.float32)
+    if np.isinf(out32).any():
+        r = int(np.flatnonzero(np.isinf(out32))[0])
         raise InputError(f"column {name!r} row {r} is infinite; send a finite number or empty",
                          row=r, field=name)
-    return out.astype(np.float32)
+    return out32

@@ -1,0 +1,264 @@
+"""``hybridml-cloud``: train, precompute, list, promote and serve models.
+
+Thin by design: parse arguments, call the library, print. Every command takes ``--registry``
+(default ``$HYBRIDML_REGISTRY``, else ``./registry``) and ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hybridml.shared.errors import ConfigError, HybridMLError
+from hybridml.shared.schema import InputSchema
+
+from .models import FAMILIES
+from .progress import StepProgress
+from .registry import Registry
+
+log = logging.getLogger("hybridml.cloud.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 2 bad input or failure)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except HybridMLError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps(exc.to_json()), file=sys.stdout)
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", default=None,
+                        help="registry directory (default: $HYBRIDML_REGISTRY, else ./registry)")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    common.add_argument("--verbose", "-v", action="store_true", help="log INFO messages")
+
+    p = argparse.ArgumentParser(prog="hybridml-cloud", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", parents=[common], help="train, export, quantize and register")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="CSV file with a header row")
+    src.add_argument("--dataset", help="bundled dataset: iris, wine, breast_cancer, digits, "
+                     "diabetes")
+    t.add_argument("--target", help="column to predict (required with --data)")
+    t.add_argument("--name", required=True, help="model name in the registry")
+    t.add_argument("--model", default="hgb", choices=sorted(FAMILIES),
+                   help="model family (default: hgb)")
+    t.add_argument("--task", choices=["binary", "multiclass", "regression"],
+                   help="override the detected task")
+    t.add_argument("--seed", type=int, default=0, help="split and model seed (default 0)")
+    t.add_argument("--tolerance", type=float, default=None,
+                   help="largest metric drop a quantized model may have (accuracy points as a "
+                   "fraction, e.g. 0.005; relative for RMSE, e.g. 0.01)")
+    t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="estimator parameter, value parsed as JSON (repeatable)")
+    t.add_argument("--finetune-from", metavar="NAME:VERSION",
+                   help="continue training that version (mlp, sgd) instead of from scratch")
+    t.add_argument("--categorical", action="append", default=[], metavar="COL",
+                   help="treat COL as categorical (repeatable or comma-separated)")
+    t.add_argument("--numeric", action="append", default=[], metavar="COL",
+                   help="require COL to be numeric (repeatable or comma-separated)")
+    t.add_argument("--drop", action="append", default=[], metavar="COL",
+                   help="ignore COL (repeatable or comma-separated)")
+    t.set_defaults(func=cmd_train)
+
+    pc = sub.add_parser("precompute", parents=[common],
+                        help="precompute predictions for frequent inputs")
+    pc.add_argument("--name", required=True)
+    pc.add_argument("--version", default="stable", help="version or alias (default: stable)")
+    pc.add_argument("--inputs", required=True,
+                    help="CSV of raw rows: a request log, or rows with a 'count' column")
+    pc.add_argument("--top", type=int, default=10000, help="keep the K most frequent rows")
+    pc.add_argument("--count-column", default=None,
+                    help="column holding each row's request count (default: 'count' if present)")
+    pc.set_defaults(func=cmd_precompute)
+
+    m = sub.add_parser("models", parents=[common], help="list models, or one model's versions")
+    m.add_argument("name", nargs="?", help="show every version of this model")
+    m.set_defaults(func=cmd_models)
+
+    pr = sub.add_parser("promote", parents=[common], help="point an alias at a version")
+    pr.add_argument("name")
+    pr.add_argument("version", help="version number or alias")
+    pr.add_argument("--alias", default="stable", help="alias to move (default: stable)")
+    pr.set_defaults(func=cmd_promote)
+
+    s = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    s.add_argument("--dev", action="store_true", help="Flask's development server instead")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry.from_env(args.registry)
+
+
+def _split_list(values: Sequence[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _params(pairs: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {pair!r}: use KEY=VALUE, e.g. --param max_depth=6",
+                              field="param")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True) if args.json else text)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``train``: the whole pipeline; prints the version, metrics and quantization table."""
+    from .quantize import QuantizationReport
+    from .train import train
+
+    progress = StepProgress(enabled=False if args.quiet or args.json else None)
+    try:
+        result = train(
+            _registry(args), args.name, data=args.data, dataset=args.dataset,
+            target=args.target, model=args.model, task=args.task, seed=args.seed,
+            tolerance=args.tolerance, params=_params(args.param),
+            finetune_from=args.finetune_from, categorical=_split_list(args.categorical),
+            numeric=_split_list(args.numeric), drop=_split_list(args.drop), progress=progress)
+    finally:
+        progress.close()
+    m = result.manifest
+    primary = m["metrics"]["primary"]
+    lines = [
+        f"registered {m['name']} v{m['version']} ({m['model']['family']}, {m['output']['task']}"
+        f", lineage {m['lineage']}" + (f" from v{m['parent']}" if m.get("parent") else "") + ")",
+        f"test {primary}: sklearn {m['metrics']['sklearn_test'][primary]}  "
+        f"edge {m['metrics']['edge_test'][primary]}",
+        QuantizationReport.from_json(m["quantization"]).to_table(),
+        "artifacts:",
+        *[f"  {a['role']:<11} {a['sha256'][:16]}  {a['size']:>10,} B" for a in m["artifacts"]],
+    ]
+    _emit(args, result.to_json(), "\n".join(lines))
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    """``precompute``: build the table for a version and attach it to that version."""
+    from .precompute import precompute
+
+    reg = _registry(args)
+    version = reg.resolve(args.name, args.version)
+    manifest = reg.manifest(args.name, version)
+    model = next(a for a in manifest["artifacts"] if a["role"] == "model")
+    schema = InputSchema.from_json(manifest["schema"])
+    with tempfile.TemporaryDirectory(dir=reg.root) as tmp:
+        out = Path(tmp) / "table.bin"
+        report = precompute(reg.blob_path(model["sha256"]).read_bytes(), model["sha256"], schema,
+                            manifest["output"]["task"], args.inputs, top=args.top,
+                            count_column=args.count_column, out_path=out,
+                            progress=not (args.quiet or args.json) and sys.stderr.isatty())
+        sha, size = reg.put_blob(out)
+    reg.attach_artifact(args.name, version, {"role": "table", "sha256": sha, "size": size,
+                                             "media_type": "application/x-hybridml-table"})
+    r = report.to_json()
+    text = (f"precomputed {r['kept']:,} rows for {args.name} v{version} "
+            f"({r['distinct']:,} distinct of {r['requests']:,} requests) in {r['seconds']:.1f} s"
+            f"\ncoverage: {100 * r['coverage']:.1f}% of requests answered by the table "
+            f"({size:,} B, table {sha[:16]})")
+    _emit(args, {**r, "name": args.name, "version": version, "table_sha256": sha,
+                 "table_size": size}, text)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``models``: a table of models, or of one model's versions."""
+    reg = _registry(args)
+    if args.name:
+        versions = reg.versions(args.name)
+        rows = [[v.name, str(v.version), ",".join(v.aliases) or "-", v.task,
+                 _metric(v.metrics), f"{v.model_size:,}", v.lineage +
+                 (f"<-v{v.parent}" if v.parent else ""), v.created]
+                for v in versions]
+        _emit(args, [v.to_json() for v in versions],
+              _table(["name", "version", "aliases", "task", "test metric", "model bytes",
+                      "lineage", "created"], rows))
+        return 0
+    models = reg.models()
+    rows = []
+    for s in models:
+        latest = reg.versions(s.name)[-1]
+        rows.append([s.name, str(s.latest), str(s.n_versions),
+                     " ".join(f"{k}=v{v}" for k, v in sorted(s.aliases.items())) or "-",
+                     latest.task, _metric(latest.metrics), f"{latest.model_size:,}"])
+    text = (_table(["name", "latest", "versions", "aliases", "task", "test metric (latest)",
+                    "model bytes"], rows) if rows else "no models yet: run 'hybridml-cloud train'")
+    _emit(args, [s.to_json() for s in models], text)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """``promote``: move an alias (default ``stable``) to a version."""
+    reg = _registry(args)
+    version = reg.set_alias(args.name, args.alias, args.version)
+    _emit(args, {"name": args.name, "alias": args.alias, "version": version},
+          f"{args.name}: {args.alias} -> v{version}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: run the HTTP API (gunicorn by default, Flask's server with --dev)."""
+    from .serve import serve
+
+    return serve(registry=str(_registry(args).root), host=args.host, port=args.port,
+                 workers=args.workers, dev=args.dev)
+
+
+def _metric(m: dict[str, Any]) -> str:
+    primary = m.get("primary")
+    test = m.get("edge_test") or {}
+    if not primary or primary not in test:
+        return "-"
+    return f"{primary}={test[primary]:.4f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)),
+                      *(fmt.format(*r) for r in rows)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,107 @@
+"""The unattended sync loop (``hybridml-edge agent``), e.g. under systemd.
+
+Syncs every ``interval`` seconds with ±``jitter`` so a fleet does not hit the cloud in lockstep;
+while the cloud is down it backs off exponentially (capped at ``max_backoff``). A failed sync
+never touches the active model, so a process serving predictions from the same store keeps
+serving throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from hybridml.shared.errors import ConfigError, HybridMLError
+
+from .client import CloudClient
+from .store import LocalStore
+from .sync import SyncResult, sync
+
+log = logging.getLogger("hybridml.edge.agent")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Timing of the loop, in seconds."""
+
+    interval: float = 300.0
+    jitter: float = 0.1
+    min_backoff: float = 1.0
+    max_backoff: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise ConfigError(f"--interval must be positive, got {self.interval}",
+                              field="interval")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError(f"jitter is a fraction in [0, 1), got {self.jitter}",
+                              field="jitter")
+        if self.min_backoff <= 0 or self.max_backoff < self.min_backoff:
+            raise ConfigError("backoff needs 0 < min_backoff <= max_backoff", field="backoff")
+
+    def next_delay(self, failures: int, rng: random.Random) -> float:
+        """Seconds to wait after a sync; ``failures`` counts consecutive failed syncs."""
+        if failures:
+            base = min(self.max_backoff, self.min_backoff * 2 ** (failures - 1))
+        else:
+            base = self.interval
+        return base * (1 + rng.uniform(-self.jitter, self.jitter))
+
+
+class Agent:
+    """Runs :func:`sync` in a loop until :meth:`stop` (or SIGTERM/SIGINT via :meth:`run`)."""
+
+    def __init__(self, store: LocalStore, client: CloudClient, name: str,
+                 settings: AgentSettings | None = None, *, seed: int | None = None,
+                 on_result: Callable[[SyncResult | HybridMLError], None] | None = None) -> None:
+        self.store, self.client, self.name = store, client, name
+        self.settings = settings or AgentSettings()
+        self.rng = random.Random(seed)
+        self.on_result = on_result
+        self.failures = 0
+        self.cycles = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current step."""
+        self._stop.set()
+
+    def step(self) -> float:
+        """One sync; returns the delay before the next one."""
+        self.cycles += 1
+        try:
+            result = sync(self.store, self.client, self.name)
+        except HybridMLError as exc:
+            self.failures += 1
+            log.warning("sync of %s failed (%d in a row): %s", self.name, self.failures,
+                        exc.message)
+            if self.on_result:
+                self.on_result(exc)
+        else:
+            self.failures = 0
+            if result.changed:
+                log.warning("activated %s v%s", self.name, result.version)
+            if self.on_result:
+                self.on_result(result)
+        return self.settings.next_delay(self.failures, self.rng)
+
+    def run(self, max_cycles: int | None = None, install_signals: bool = True) -> int:
+        """Loop until stopped or ``max_cycles`` syncs; returns the number of cycles run."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            def _handler(signum: int, _frame: FrameType | None) -> None:
+                log.warning("signal %d: stopping after this step", signum)
+                self.stop()
+
+            signal.signal(signal.SIGTERM, _handler)
+            signal.signal(signal.SIGINT, _handler)
+        while not self._stop.is_set():
+            delay = self.step()
+            if max_cycles is not None and self.cycles >= max_cycles:
+                break
+            self._stop.wait(delay)
+        return self.cycles

@@ -1,0 +1,278 @@
+"""``hybridml-edge``: sync, predict, status, rollback and the sync agent on a device.
+
+The store defaults to ``$HYBRIDML_STORE``, else ``~/.hybridml``; the cloud URL to
+``$HYBRIDML_CLOUD``. Exit codes: 0 ok, 2 bad input or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hybridml.shared.errors import ConfigError, HybridMLError, InputError
+from hybridml.shared.schema import CATEGORICAL, MISSING_TOKENS, InputSchema
+
+from .agent import Agent, AgentSettings
+from .client import CloudClient
+from .fallback import FallbackPolicy
+from .runtime import EdgeRuntime, Prediction
+from .store import LocalStore
+from .sync import sync
+
+log = logging.getLogger("hybridml.edge.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except HybridMLError as exc:
+        if args.json:
+            print(json.dumps(exc.to_json()))
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=os.environ.get("HYBRIDML_STORE", "~/.hybridml"),
+                        help="local store directory (default: $HYBRIDML_STORE or ~/.hybridml)")
+    common.add_argument("--cloud", default=os.environ.get("HYBRIDML_CLOUD"),
+                        help="cloud base URL, e.g. http://127.0.0.1:8000 ($HYBRIDML_CLOUD)")
+    common.add_argument("--token", default=None, help="device token ($HYBRIDML_TOKEN)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--verbose", "-v", action="store_true", help="log INFO messages")
+
+    p = argparse.ArgumentParser(prog="hybridml-edge", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sync", parents=[common], help="fetch and activate the cloud's version")
+    s.add_argument("--name", required=True)
+    s.set_defaults(func=cmd_sync)
+
+    pr = sub.add_parser("predict", parents=[common], help="predict rows from a file or stdin")
+    pr.add_argument("--name", required=True)
+    pr.add_argument("--input", default="-",
+                    help="JSON lines, a JSON array, or CSV with a header (default: stdin)")
+    pr.add_argument("--errors", choices=["raise", "report"], default="raise",
+                    help="'report' answers bad rows with an error and predicts the rest")
+    pr.add_argument("--min-confidence", type=float, default=None,
+                    help="ask the cloud when a classifier's top probability is lower")
+    pr.add_argument("--timeout-ms", type=float, default=None,
+                    help="how long to wait for the cloud (default 250)")
+    pr.add_argument("--no-fallback", action="store_true", help="never ask the cloud")
+    pr.set_defaults(func=cmd_predict)
+
+    st = sub.add_parser("status", parents=[common], help="what is active, synced and reachable")
+    st.add_argument("--name", default=None, help="one model (default: every model in store)")
+    st.set_defaults(func=cmd_status)
+
+    rb = sub.add_parser("rollback", parents=[common], help="re-activate the previous version")
+    rb.add_argument("--name", required=True)
+    rb.set_defaults(func=cmd_rollback)
+
+    ag = sub.add_parser("agent", parents=[common], help="sync in a loop (for systemd)")
+    ag.add_argument("--name", required=True)
+    ag.add_argument("--interval", type=float, default=300.0, help="seconds between syncs")
+    ag.add_argument("--max-cycles", type=int, default=None, help="stop after N syncs")
+    ag.set_defaults(func=cmd_agent)
+    return p
+
+
+def _need_cloud(args: argparse.Namespace) -> str:
+    if not args.cloud:
+        raise ConfigError("this command needs --cloud URL (or $HYBRIDML_CLOUD)", field="cloud")
+    return str(args.cloud)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """``sync``: one verified sync."""
+    store = LocalStore(args.store)
+    client = CloudClient(_need_cloud(args), token=args.token)
+    r = sync(store, client, args.name)
+    if r.changed:
+        text = (f"{args.name}: activated v{r.version}"
+                + (f" (previous v{r.previous_version})" if r.previous_version else "")
+                + f"; downloaded {r.bytes_downloaded:,} B ({', '.join(r.downloaded) or 'none'})")
+    else:
+        text = f"{args.name}: up to date at v{r.version}"
+    print(json.dumps(r.to_json()) if args.json else text)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``predict``: read rows, print one answer per row."""
+    base = FallbackPolicy.from_env()
+    policy = FallbackPolicy(
+        enabled=not args.no_fallback, on_out_of_range=base.on_out_of_range,
+        on_unseen=base.on_unseen,
+        min_confidence=base.min_confidence if args.min_confidence is None
+        else args.min_confidence,
+        timeout_ms=base.timeout_ms if args.timeout_ms is None else args.timeout_ms,
+        failures=base.failures, cooldown_s=base.cooldown_s)
+    rt = EdgeRuntime(args.store, args.name, args.cloud, policy=policy, token=args.token)
+    text = sys.stdin.read() if args.input == "-" else _read_file(args.input)
+    rows = read_rows(text, rt.manifest.schema if rt.manifest else None)
+    preds = rt.predict(rows, errors=args.errors)
+    out = sys.stdout
+    if args.json:
+        for p in preds:
+            out.write(json.dumps(p.to_json()) + "\n")
+    else:
+        out.write(_table(preds) + "\n")
+    if args.cloud and rt.last_cloud_error and any(p.degraded for p in preds):
+        print(f"note: the cloud did not answer ({rt.last_cloud_error}); answered locally and "
+              "marked those rows degraded", file=sys.stderr)
+    return 2 if any(p.error for p in preds) else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``status``: per model, the active and previous versions, table, last sync."""
+    store = LocalStore(args.store)
+    names = [args.name] if args.name else store.model_names()
+    reachable = CloudClient(args.cloud, token=args.token).healthy() if args.cloud else None
+    models: list[dict[str, Any]] = []
+    for name in names:
+        active, prev = store.active(name), store.previous(name)
+        entry: dict[str, Any] = {"name": name, "active_version": active.version if active else None,
+                                 "previous_version": prev.version if prev else None}
+        if active is not None:
+            model = active.artifact("model")
+            table = active.artifact("table")
+            entry["task"] = active.task
+            entry["model_bytes"] = model.size if model else None
+            entry["variant"] = model.variant if model else None
+            entry["table_bytes"] = table.size if table else 0
+        entry.update({k: v for k, v in store.sync_state(name).items() if k != "etag"})
+        models.append(entry)
+    if args.json:
+        print(json.dumps({"store": str(store.root), "cloud": args.cloud,
+                          "cloud_reachable": reachable, "models": models}))
+        return 0
+    print(f"store: {store.root}")
+    if args.cloud:
+        print(f"cloud: {args.cloud} ({'reachable' if reachable else 'unreachable'})")
+    if not models:
+        print("no models yet: run 'hybridml-edge sync --cloud URL --name NAME'")
+    for e in models:
+        active = f"v{e['active_version']}" if e["active_version"] else "none (run sync)"
+        line = f"{e['name']}: active {active}"
+        if e.get("previous_version"):
+            line += f", previous v{e['previous_version']}"
+        if e["active_version"]:
+            line += (f"; {e['variant']} model {e['model_bytes']:,} B, "
+                     f"table {e['table_bytes']:,} B")
+        print(line)
+        print(f"  last sync: {e.get('last_sync', 'never')}"
+              + (f"; last error: {e['last_error']}" if e.get("last_error") else ""))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """``rollback``: swap active and previous."""
+    store = LocalStore(args.store)
+    with store.lock(args.name):
+        m = store.rollback(args.name)
+    print(json.dumps({"name": args.name, "active_version": m.version}) if args.json
+          else f"{args.name}: rolled back to v{m.version}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    """``agent``: the sync loop."""
+    store = LocalStore(args.store)
+    client = CloudClient(_need_cloud(args), token=args.token)
+    agent = Agent(store, client, args.name, AgentSettings(interval=args.interval))
+    cycles = agent.run(max_cycles=args.max_cycles)
+    log.info("agent stopped after %d cycles", cycles)
+    return 0
+
+
+# -------------------------------------------------------------------------------- input
+def _read_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --input {path}: {exc.strerror}", field="input") from exc
+
+
+def read_rows(text: str, schema: InputSchema | None) -> list[Any]:
+    """Parse JSON lines, a JSON array, or CSV with a header into rows."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise InputError("no input rows: send JSON objects (one per line or an array) or CSV "
+                         "with a header", field="input")
+    if stripped[0] == "[":
+        try:
+            data = json.loads(stripped)
+        except ValueError as exc:
+            raise InputError(f"the input is not valid JSON: {exc}", field="input") from exc
+        if not isinstance(data, list):
+            raise InputError("a JSON input must be an array of rows", field="input")
+        return data
+    if stripped[0] == "{":
+        rows = []
+        for n, line in enumerate(stripped.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise InputError(f"input line {n + 1} is not valid JSON: {exc}",
+                                 field="input", row=n) from exc
+        return rows
+    return _csv_rows(stripped, schema)
+
+
+def _csv_rows(text: str, schema: InputSchema | None) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text))
+    kinds = {f.name: f.kind for f in schema.features} if schema else {}
+    rows: list[dict[str, Any]] = []
+    for r, raw in enumerate(reader):
+        row: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key is None or (schema is not None and key not in kinds):
+                continue  # extra columns (ids, timestamps) are ignored in CSV input
+            v = (value or "").strip()
+            if v.lower() in MISSING_TOKENS:
+                row[key] = None
+            elif kinds.get(key) == CATEGORICAL:
+                row[key] = v
+            else:
+                try:
+                    row[key] = float(v)
+                except ValueError:
+                    if schema is not None:
+                        raise InputError(f"row {r} column {key!r} is numeric but holds {v!r}",
+                                         field=key, row=r) from None
+                    row[key] = v
+        rows.append(row)
+    return rows
+
+
+def _table(preds: list[Prediction]) -> str:
+    lines = [f"{'row':>4}  {'prediction':<16} {'source':<12} {'version':<8} {'confidence':<10}"]
+    for i, p in enumerate(preds):
+        if p.error:
+            lines.append(f"{i:>4}  error: {p.error.get('message')}")
+            continue
+        conf = f"{max(p.probabilities.values()):.3f}" if p.probabilities else "-"
+        flag = f"  degraded ({p.reason})" if p.degraded else \
+            (f"  ({p.reason})" if p.reason else "")
+        lines.append(f"{i:>4}  {p.prediction!s:<16} {p.source:<12} "
+                     f"{'v' + str(p.model_version):<8} {conf:<10}{flag}")
+    return "\n".join(lines)

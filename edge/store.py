@@ -1,0 +1,232 @@
+"""The edge's local store: verified artifacts and the active/previous version pointers.
+
+Layout::
+
+    <store>/artifacts/<sha256>            verified blobs (temp name -> fsync -> rename)
+    <store>/artifacts/<sha256>.part       an interrupted download, resumed with a Range request
+    <store>/models/<name>/active.json     the active manifest (replaced atomically)
+    <store>/models/<name>/previous.json   the one before it, for rollback
+    <store>/models/<name>/sync.json       ETag, last sync time, last error
+    <store>/models/<name>/.lock           held while syncing or rolling back
+
+Every pointer is written to a temp file, fsynced and renamed over the old one, and the
+directory is fsynced; activation writes ``previous.json`` before ``active.json``. A crash
+(power loss, SIGKILL) at any instant therefore leaves the store on the old or the new version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hybridml.shared.errors import IntegrityError, ManifestError, NoModelError
+from hybridml.shared.manifest import SHA256_RE, Manifest, check_name
+
+log = logging.getLogger("hybridml.edge.store")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+class LocalStore:
+    """A directory holding artifacts and per-model version pointers."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+        self.artifacts = self.root / "artifacts"
+        self.models = self.root / "models"
+
+    def ensure(self) -> LocalStore:
+        """Create the directories (idempotent) and return self."""
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.models.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ------------------------------------------------------------------------------ artifacts
+    def artifact_path(self, sha256: str) -> Path:
+        """Path of a verified artifact (it may not exist)."""
+        if not SHA256_RE.match(sha256):
+            raise IntegrityError(f"invalid sha256 {sha256!r}", field="sha256")
+        return self.artifacts / sha256
+
+    def part_path(self, sha256: str) -> Path:
+        """Path of a partial download of ``sha256``."""
+        return self.artifact_path(sha256).with_suffix(".part")
+
+    def has_artifact(self, sha256: str, size: int) -> bool:
+        """True if the verified artifact is present with the expected size."""
+        p = self.artifact_path(sha256)
+        return p.is_file() and p.stat().st_size == size
+
+    def commit_part(self, sha256: str, size: int) -> Path:
+        """Verify a finished ``.part`` file and rename it into place; drop it if it is bad."""
+        part = self.part_path(sha256)
+        actual = part.stat().st_size
+        if actual != size:
+            part.unlink()
+            raise IntegrityError(
+                f"artifact {sha256[:12]} has {actual} bytes, the manifest says {size}; "
+                "the download was cut or the cloud serves a different file", sha256=sha256)
+        digest = file_sha256(part)
+        if digest != sha256:
+            part.unlink()
+            raise IntegrityError(
+                f"artifact {sha256[:12]} hashes to {digest[:12]}; it was corrupted in transit "
+                "or on the cloud — not installed", sha256=sha256)
+        with open(part, "rb+") as fh:
+            os.fsync(fh.fileno())
+        final = self.artifact_path(sha256)
+        os.replace(part, final)
+        fsync_dir(self.artifacts)
+        return final
+
+    # ------------------------------------------------------------------------------- pointers
+    def model_dir(self, name: str) -> Path:
+        """Directory of one model's pointers."""
+        return self.models / check_name(name)
+
+    def _read_pointer(self, name: str, which: str) -> Manifest | None:
+        p = self.model_dir(name) / f"{which}.json"
+        try:
+            text = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return Manifest.loads(text)
+        except ManifestError as exc:
+            raise ManifestError(f"the store's {which} pointer for {name!r} is unreadable "
+                                f"({exc.message}); run sync again") from exc
+
+    def active(self, name: str) -> Manifest | None:
+        """The active manifest of ``name``, or None."""
+        return self._read_pointer(name, "active")
+
+    def previous(self, name: str) -> Manifest | None:
+        """The manifest kept for rollback, or None."""
+        return self._read_pointer(name, "previous")
+
+    def require_active(self, name: str) -> Manifest:
+        """The active manifest, or :class:`NoModelError` saying to run sync."""
+        m = self.active(name)
+        if m is None:
+            raise NoModelError(
+                f"no model {name!r} in the store {self.root}; run "
+                f"'hybridml-edge sync --cloud URL --name {name} --store {self.root}' first",
+                name=name)
+        return m
+
+    def activate(self, manifest: Manifest) -> None:
+        """Make ``manifest`` active and keep the current one as previous (crash-safe order)."""
+        d = self.model_dir(manifest.name)
+        d.mkdir(parents=True, exist_ok=True)
+        current = d / "active.json"
+        if current.exists():
+            old = current.read_bytes()
+            if Manifest.loads(old).version != manifest.version:
+                atomic_write(d / "previous.json", old)
+        atomic_write(current, manifest.dumps())
+        log.info("activated %s v%s", manifest.name, manifest.version)
+
+    def rollback(self, name: str) -> Manifest:
+        """Swap active and previous; raises :class:`NoModelError` when there is no previous."""
+        d = self.model_dir(name)
+        prev, cur = self.previous(name), self.active(name)
+        if prev is None or cur is None:
+            raise NoModelError(f"model {name!r} has no previous version to roll back to",
+                               name=name)
+        for a in prev.artifacts:
+            if a.role in ("model", "table") and not self.has_artifact(a.sha256, a.size):
+                raise NoModelError(f"previous version v{prev.version} of {name!r} is missing "
+                                   f"artifact {a.sha256[:12]}; run sync instead", name=name)
+        # previous first: a crash in between leaves both pointers on valid versions.
+        atomic_write(d / "previous.json", cur.dumps())
+        atomic_write(d / "active.json", prev.dumps())
+        log.info("rolled %s back from v%s to v%s", name, cur.version, prev.version)
+        return prev
+
+    def sync_state(self, name: str) -> dict[str, Any]:
+        """ETag, last sync and last error recorded for ``name``."""
+        try:
+            data = json.loads((self.model_dir(name) / "sync.json").read_text())
+            return data if isinstance(data, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save_sync_state(self, name: str, state: dict[str, Any]) -> None:
+        """Record sync state (atomically)."""
+        d = self.model_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(d / "sync.json", json.dumps(state, sort_keys=True).encode())
+
+    def model_names(self) -> list[str]:
+        """Names of models that have a directory in the store."""
+        if not self.models.is_dir():
+            return []
+        return sorted(p.name for p in self.models.iterdir() if p.is_dir())
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold an exclusive lock on ``name`` (one sync or rollback at a time)."""
+        d = self.model_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def gc(self) -> int:
+        """Delete artifacts no model's active or previous manifest references; return count."""
+        keep: set[str] = set()
+        for name in self.model_names():
+            for m in (self.active(name), self.previous(name)):
+                if m is not None:
+                    keep.update(a.sha256 for a in m.artifacts)
+        removed = 0
+        if self.artifacts.is_dir():
+            for p in self.artifacts.iterdir():
+                sha = p.name.split(".")[0]
+                if sha not in keep or p.name.endswith(".tmp"):
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,153 @@
+"""Safe model sync: fetch, verify, smoke-test, then activate — or keep what is there.
+
+One sync:
+
+1. conditional manifest fetch (``If-None-Match``): nothing else happens when it is unchanged;
+2. download only missing artifacts, resuming ``.part`` files with Range requests;
+3. verify each artifact's size and sha256, fsync, rename into place;
+4. load the new model and reproduce the manifest's golden rows within tolerance, and open the
+   table bound to the model's sha256;
+5. only then write the pointers (previous first, then active).
+
+Any failure leaves the active version untouched and raises a typed error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from hybridml.shared.errors import HybridMLError, ManifestError, ModelLoadError
+from hybridml.shared.manifest import Manifest
+from hybridml.shared.table import Table
+
+from .client import CloudClient
+from .session import ModelSession
+from .store import LocalStore
+
+log = logging.getLogger("hybridml.edge.sync")
+EDGE_ROLES = ("model", "table")
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What a sync did."""
+
+    name: str
+    changed: bool
+    version: int | None
+    previous_version: int | None
+    downloaded: tuple[str, ...]
+    bytes_downloaded: int
+    wire_bytes: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for ``sync --json``."""
+        return {"name": self.name, "changed": self.changed, "version": self.version,
+                "previous_version": self.previous_version,
+                "downloaded": list(self.downloaded), "bytes_downloaded": self.bytes_downloaded,
+                "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3)}
+
+
+def now_iso() -> str:
+    """UTC time as ISO-8601 with a Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sync(store: LocalStore, client: CloudClient, name: str) -> SyncResult:
+    """Bring ``name`` in ``store`` up to the cloud's manifest; see the module docstring."""
+    store.ensure()
+    t0 = time.perf_counter()
+    with store.lock(name):
+        state = store.sync_state(name)
+        state["last_attempt"] = now_iso()
+        try:
+            result = _sync_locked(store, client, name, state, t0)
+        except HybridMLError as exc:
+            state["last_error"] = f"{exc.code}: {exc.message}"
+            store.save_sync_state(name, state)
+            raise
+        state.pop("last_error", None)
+        state["last_sync"] = now_iso()
+        store.save_sync_state(name, state)
+    return result
+
+
+def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[str, Any],
+                 t0: float) -> SyncResult:
+    active = store.active(name)
+    # Only trust the stored ETag if the active pointer still exists.
+    etag = state.get("etag") if active is not None else None
+    resp = client.manifest(name, etag)
+    if resp.body is None:
+        return SyncResult(name, False, active.version if active else None, None, (), 0,
+                          resp.wire_bytes, time.perf_counter() - t0)
+    manifest = Manifest.loads(resp.body)
+    if manifest.name != name:
+        raise ManifestError(f"asked for {name!r}, the cloud sent a manifest for "
+                            f"{manifest.name!r}", field="name")
+    if active is not None and active.dumps() == manifest.dumps():
+        state["etag"] = resp.etag
+        return SyncResult(name, False, active.version, None, (), 0, resp.wire_bytes,
+                          time.perf_counter() - t0)
+    fetched: list[str] = []
+    received = 0
+    for art in manifest.artifacts:
+        if art.role not in EDGE_ROLES or store.has_artifact(art.sha256, art.size):
+            continue
+        received += client.download(art.sha256, store.part_path(art.sha256), art.size)
+        store.commit_part(art.sha256, art.size)
+        fetched.append(art.role)
+        log.info("fetched %s %s (%d bytes)", art.role, art.sha256[:12], art.size)
+    verify_model(store, manifest)
+    store.activate(manifest)
+    state["etag"] = resp.etag
+    return SyncResult(name, True, manifest.version, active.version if active else None,
+                      tuple(fetched), received, resp.wire_bytes + received,
+                      time.perf_counter() - t0)
+
+
+def verify_model(store: LocalStore, manifest: Manifest) -> ModelSession:
+    """Load the manifest's model and check it reproduces the golden rows; open its table."""
+    model = manifest.artifact("model")
+    assert model is not None  # Manifest.from_json guarantees a model artifact
+    session = ModelSession(store.artifact_path(model.sha256), manifest.schema, manifest.task)
+    check_golden(session, manifest)
+    table = manifest.artifact("table")
+    if table is not None:
+        Table.open(store.artifact_path(table.sha256), model_sha256=model.sha256).close()
+    return session
+
+
+def check_golden(session: ModelSession, manifest: Manifest) -> None:
+    """Raise :class:`ModelLoadError` if the model's outputs on the golden rows drift."""
+    golden = manifest.golden
+    rows = golden.get("rows")
+    if not rows:
+        return
+    out = session.run(manifest.schema.encode(rows))
+    tol = float(golden.get("tolerance", 1e-4))
+    if out.values is not None:
+        expected = np.asarray(golden.get("values", []), dtype=np.float64)
+        diff = np.abs(out.values.astype(np.float64) - expected)
+        if expected.shape != diff.shape or (diff > tol).any():
+            raise ModelLoadError(
+                f"model v{manifest.version} does not reproduce its golden rows (largest "
+                f"difference {float(diff.max()) if diff.size else 'n/a'} > {tol}); not activated")
+        return
+    assert out.labels is not None and out.probabilities is not None
+    labels = np.asarray(golden.get("labels", []))
+    probs = np.asarray(golden.get("probabilities", []), dtype=np.float64)
+    if labels.shape != out.labels.shape or not np.array_equal(labels, out.labels):
+        raise ModelLoadError(f"model v{manifest.version} predicts other labels on its golden "
+                             "rows than the cloud recorded; not activated")
+    if probs.shape != out.probabilities.shape or \
+            float(np.abs(probs - out.probabilities).max()) > tol:
+        raise ModelLoadError(f"model v{manifest.version}'s probabilities on its golden rows "
+                             f"differ from the cloud's by more than {tol}; not activated")
