@@ -172,7 +172,7 @@ def _latest(registry: Registry, name: str) -> int | None:
 
 def _batch(schema: InputSchema, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
     """Build the EncodedBatch for already-typed blocks (no per-row validation needed)."""
-    return schema._from_arrays(np.ascontiguousarray(num, dtype=np.float32),  # noqa: SLF001
+    return schema._from_arrays(np.ascontiguousarray(num, dtype=np.float32),
                                np.ascontiguousarray(cat, dtype=object))
 
 

@@ -64,13 +64,14 @@ class HybridMLError(Exception):
             return RemoteError(f"the cloud answered HTTP {status} without an error body")
         code = str(body.get("code", "error"))
         message = str(body.get("message", "no message"))
-        details = body.get("details") if isinstance(body.get("details"), dict) else {}
+        raw = body.get("details")
+        details: dict[str, Any] = raw if isinstance(raw, dict) else {}
         klass = _BY_CODE.get(code, RemoteError)
         err = klass.__new__(klass)
         HybridMLError.__init__(err, message, **details)
         if klass is InputError:
-            err.field = details.get("field")  # type: ignore[attr-defined]
-            err.row = details.get("row")  # type: ignore[attr-defined]
+            err.field = details.get("field")  # type: ignore[attr-defined,unused-ignore]
+            err.row = details.get("row")  # type: ignore[attr-defined,unused-ignore]
         return err
 
     def __str__(self) -> str:
@@ -239,6 +240,5 @@ def _all_subclasses(root: type[HybridMLError]) -> list[type[HybridMLError]]:
     return out
 
 
-_BY_CODE: dict[str, type[HybridMLError]] = {
-    k.code: k for k in [HybridMLError, *_all_subclasses(HybridMLError)]
-}
+_ALL: list[type[HybridMLError]] = [HybridMLError, *_all_subclasses(HybridMLError)]
+_BY_CODE: dict[str, type[HybridMLError]] = {k.code: k for k in _ALL}

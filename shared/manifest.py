@@ -8,7 +8,8 @@ Format 1 (``"format": 1``)::
       "artifacts": [{"role": "model", "sha256": "...", "size": 1234,
                      "media_type": "application/onnx", "variant": "int8_dynamic"}, ...],
       "schema": [{"name": "hour", "kind": "numeric", "dtype": "float32", "min": 0, "max": 23}],
-      "output": {"task": "multiclass", "classes": ["a", "b"], "outputs": ["label", "probabilities"]},
+      "output": {"task": "multiclass", "classes": ["a", "b"],
+                 "outputs": ["label", "probabilities"]},
       "metrics": {...}, "quantization": {...}, "profile": {...}, "training": {...},
       "golden": {"rows": [[...]], "labels": [...], "probabilities": [[...]], "values": [...],
                  "tolerance": 1e-4}

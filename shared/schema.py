@@ -15,9 +15,9 @@ the model sees identical inputs, so a table hit can never be wrong.
 from __future__ import annotations
 
 import math
-from itertools import chain
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
@@ -81,12 +81,12 @@ class Feature:
             for label, v in (("min", lo), ("max", hi)):
                 if v is not None and not isinstance(v, (int, float)):
                     raise SchemaError(f"feature {name!r} has a non-numeric {label}", field=name)
-            return cls(name, NUMERIC, None if lo is None else float(lo),
+            return cls(name, "numeric", None if lo is None else float(lo),
                        None if hi is None else float(hi))
         cats = data.get("categories", [])
         if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
             raise SchemaError(f"feature {name!r} needs 'categories' as strings", field=name)
-        return cls(name, CATEGORICAL, categories=tuple(cats))
+        return cls(name, "categorical", categories=tuple(cats))
 
 
 @dataclass
@@ -321,9 +321,9 @@ class InputSchema:
     def _from_arrays(self, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
         n_rows = num.shape[0]
         with np.errstate(invalid="ignore"):
-            oor = ((num < self._lo) | (num > self._hi)).any(axis=1)
+            oor: np.ndarray = np.asarray(((num < self._lo) | (num > self._hi)).any(axis=1))
         codes = np.empty((n_rows, self.n_categorical), dtype=np.int32)
-        unseen = np.zeros(n_rows, dtype=bool)
+        unseen: np.ndarray = np.zeros(n_rows, dtype=bool)
         for j, index in enumerate(self._cat_index):
             col = [index.get(v, UNSEEN_CODE) for v in cat[:, j]]
             codes[:, j] = col
@@ -346,13 +346,13 @@ def parse_numeric_column(name: str, values: Sequence[str]) -> np.ndarray:
     try:
         out[present] = lowered[present].astype(np.float64)
     except ValueError:
-        for r in np.flatnonzero(present):
+        for idx in np.flatnonzero(present).tolist():
             try:
-                float(lowered[r])
+                float(lowered[idx])
             except ValueError:
                 raise InputError(
-                    f"column {name!r} is numeric but row {int(r)} holds {values[r]!r}; fix the "
-                    "value or leave it empty for missing", row=int(r), field=name) from None
+                    f"column {name!r} is numeric but row {idx} holds {values[idx]!r}; fix the "
+                    "value or leave it empty for missing", row=idx, field=name) from None
     with np.errstate(over="ignore"):
         out32 = out.astype(np.float32)
     if np.isinf(out32).any():

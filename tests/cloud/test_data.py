@@ -22,7 +22,8 @@ def orders(tmp_path: Path, n: int = 60) -> Path:
     for i in range(n):
         dist = "" if i % 13 == 0 else f"{1 + (i % 7) * 0.5}"
         rain = "" if i % 11 == 0 else ("yes" if i % 3 else "no")
-        lines.append(f"r{i % 4:03d},{i % 24},{dist},{rain},{20 + i % 17},{'late' if i % 5 else 'ok'}")
+        late = "late" if i % 5 else "ok"
+        lines.append(f"r{i % 4:03d},{i % 24},{dist},{rain},{20 + i % 17},{late}")
     return write(tmp_path, "\n".join(lines) + "\n")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from hybridml.shared.errors import TableError
 from hybridml.shared.schema import Feature, InputSchema
 from hybridml.shared.table import MAGIC, Table, hash_keys, key_hash, write_table

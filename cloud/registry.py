@@ -1,0 +1,576 @@
+"""The model registry: every version of every model, with its manifest, metadata and aliases.
+
+Layout under the root::
+
+    <root>/blobs/<sha256>   immutable content-addressed artifacts (:mod:`hybridml.cloud.blobs`)
+    <root>/registry.db      SQLite: versions (manifest + metadata JSON), aliases, blob references
+
+Several processes share one registry (gunicorn workers serve it while a cron job retrains), so:
+
+* Every thread of every process uses its own SQLite connection (a connection inherited across
+  ``fork`` is abandoned, never used or closed, as SQLite requires).
+* ``journal_mode=WAL``: readers never wait for the writer and the writer never waits for
+  readers. Every write is one ``BEGIN IMMEDIATE`` transaction, so writers queue on the lock
+  (``busy_timeout`` 30 s) instead of failing half-way with "database is locked".
+* ``synchronous=FULL``: each commit fsyncs the WAL. With NORMAL a power cut may roll back the
+  last commits; the next training run would then hand out the same version number again for a
+  different model, while devices may already hold the lost one under that number. Writes are
+  rare (one per training run or promote), so the fsync costs nothing that matters.
+* A crash mid-train never leaves a half-written version visible: blobs are stored (fsynced)
+  first; the version row, its blob references and the first ``stable`` alias are then inserted
+  in one transaction. Blobs orphaned by a crash are removed by :meth:`Registry.gc`.
+
+Version references (``ref``) are an int, a digit string, an alias name (``"stable"``,
+``"canary"``) or ``"latest"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hybridml.shared.errors import (
+    ConfigError,
+    ConflictError,
+    ManifestError,
+    NotFoundError,
+    RegistryError,
+)
+from hybridml.shared.manifest import (
+    FORMAT,
+    LINEAGES,
+    NAME_RE,
+    Artifact,
+    Manifest,
+    canonical_json,
+    check_name,
+)
+
+from .blobs import BlobSource, BlobStore, check_sha
+
+log = logging.getLogger("hybridml.cloud.registry")
+
+ENV_VAR = "HYBRIDML_REGISTRY"
+DEFAULT_ROOT = "registry"
+DB_NAME = "registry.db"
+BUSY_TIMEOUT_S = 30.0
+GC_MIN_AGE_S = 3600.0
+SCHEMA_VERSION = 1
+MODEL_ROLES = ("model", "model_fp32")
+Ref = int | str
+
+_ALIAS_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_DIGITS_RE = re.compile(r"[0-9]{1,18}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_MAX_VERSION = 2**62
+# Connections inherited across fork: closing one in the child could disturb the parent's
+# locks, so they are kept referenced here and never touched again.
+_ABANDONED: list[sqlite3.Connection] = []
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS versions (
+        name TEXT NOT NULL, version INTEGER NOT NULL CHECK (version >= 1),
+        created TEXT NOT NULL, parent INTEGER, lineage TEXT NOT NULL, task TEXT NOT NULL,
+        model_size INTEGER NOT NULL, metrics TEXT NOT NULL,
+        manifest TEXT NOT NULL, metadata TEXT NOT NULL,
+        PRIMARY KEY (name, version))""",
+    """CREATE TABLE IF NOT EXISTS aliases (
+        name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated TEXT NOT NULL,
+        PRIMARY KEY (name, alias),
+        FOREIGN KEY (name, version) REFERENCES versions (name, version))""",
+    """CREATE TABLE IF NOT EXISTS blob_refs (
+        sha256 TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+        PRIMARY KEY (sha256, name, version),
+        FOREIGN KEY (name, version) REFERENCES versions (name, version))""",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One row of :meth:`Registry.versions`: what a version is, without its whole manifest."""
+
+    name: str
+    version: int
+    created: str
+    parent: int | None
+    lineage: str
+    task: str
+    metrics: dict[str, Any]
+    model_size: int
+    aliases: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        out = asdict(self)
+        out["aliases"] = list(self.aliases)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One row of :meth:`Registry.models`."""
+
+    name: str
+    latest: int
+    n_versions: int
+    aliases: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return asdict(self)
+
+
+class Registry:
+    """Versions, manifests, metadata, aliases and blobs of every model; safe across processes.
+
+    ``Registry(root)`` creates the layout if needed (``create=False`` raises NotFoundError
+    instead). One object may be shared by threads and survives ``fork`` (e.g. gunicorn
+    ``--preload``); each thread and process opens its own connection on first use.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root)
+        self.db_path = self.root / DB_NAME
+        self.blobs = BlobStore(self.root / "blobs")
+        self._local = threading.local()
+        if not self.db_path.exists():
+            if not create:
+                raise NotFoundError(
+                    f"no registry at {self.root} (no {DB_NAME}): pass create=True, or point "
+                    f"${ENV_VAR} at an existing registry", field="root")
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs.dir.mkdir(exist_ok=True)
+        self._mode = "rwc" if create else "rw"
+        with self._tx(write=True) as c:
+            have = c.execute("PRAGMA user_version").fetchone()[0]
+            if have > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.db_path} has schema version {have}; this hybridml reads up to "
+                    f"{SCHEMA_VERSION}: upgrade hybridml")
+            if have < SCHEMA_VERSION:
+                for statement in _SCHEMA:
+                    c.execute(statement)
+        # Later connections (other threads) must never create an empty database by accident.
+        self._mode = "rw"
+
+    @classmethod
+    def from_env(cls, path: str | os.PathLike[str] | None = None, *,
+                 create: bool = True) -> Registry:
+        """Open ``path``, else ``$HYBRIDML_REGISTRY``, else ``./registry``."""
+        return cls(path if path is not None else os.environ.get(ENV_VAR) or DEFAULT_ROOT,
+                   create=create)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads' objects die)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    # ------------------------------------------------------------------------------ blobs
+    def put_blob(self, data: BlobSource) -> tuple[str, int]:
+        """Store bytes, or stream a file given as a path; return ``(sha256, size)``.
+
+        Idempotent; a stored blob whose content differs from its name is a ConflictError.
+        """
+        return self.blobs.put(data)
+
+    def blob_path(self, sha256: str) -> Path:
+        """Return the file of blob ``sha256``; NotFoundError if malformed or absent."""
+        return self.blobs.path(sha256)
+
+    def has_blob(self, sha256: str) -> bool:
+        """Return True if blob ``sha256`` is stored (False for malformed names)."""
+        return self.blobs.has(sha256)
+
+    # --------------------------------------------------------------------------- versions
+    def create_version(self, name: str, manifest: Mapping[str, Any], metadata: Mapping[str, Any],
+                       *, parent: int | None = None, lineage: str = "retrain") -> dict[str, Any]:
+        """Register the next version of ``name`` atomically; return the stored manifest.
+
+        Fills ``name``, ``version``, ``parent``, ``lineage``, ``created`` and ``format`` in a
+        copy of ``manifest`` (the caller's dict is not modified), checks every artifact's blob
+        is stored with the promised size (RegistryError otherwise, nothing written) and
+        validates the result (ManifestError). The first version of a model becomes ``stable``.
+        """
+        name = _valid_name(name)
+        if lineage not in LINEAGES:
+            raise ManifestError(f"lineage {lineage!r} is not one of {LINEAGES}", field="lineage")
+        if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int)
+                                   or parent < 1):
+            raise ManifestError(f"parent must be a version number or None, got {parent!r}",
+                                field="parent")
+        doc = _json_copy(manifest, "manifest", ManifestError)
+        meta = _json_copy(metadata, "metadata", RegistryError)
+        with self._tx(write=True) as c:
+            if parent is not None:
+                self._resolve(c, name, parent)
+            version = c.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions "
+                                "WHERE name = ?", (name,)).fetchone()[0]
+            doc.update(name=name, version=version, parent=parent, lineage=lineage,
+                       created=_utcnow(), format=FORMAT)
+            parsed = Manifest.from_json(doc)
+            self._check_blobs(parsed.artifacts)
+            text = canonical_json(doc).decode("utf-8")
+            model = parsed.artifact("model")
+            metrics = doc.get("metrics") if isinstance(doc.get("metrics"), dict) else {}
+            c.execute(
+                "INSERT INTO versions (name, version, created, parent, lineage, task, "
+                "model_size, metrics, manifest, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, doc["created"], parent, lineage, parsed.task,
+                 model.size if model else 0, canonical_json(metrics).decode("utf-8"), text,
+                 canonical_json(meta).decode("utf-8")))
+            _index_refs(c, name, version, (doc, meta))
+            c.execute("INSERT OR IGNORE INTO aliases (name, alias, version, updated) "
+                      "VALUES (?, 'stable', ?, ?)", (name, version, _utcnow()))
+        log.info("registered %s version %d (%s, parent %s)", name, version, lineage, parent)
+        return json.loads(text)  # type: ignore[no-any-return]
+
+    def manifest(self, name: str, ref: Ref = "stable") -> dict[str, Any]:
+        """Return the manifest of version ``ref`` of ``name``."""
+        return json.loads(self._column(name, ref, "manifest"))  # type: ignore[no-any-return]
+
+    def metadata(self, name: str, ref: Ref = "stable") -> dict[str, Any]:
+        """Return the cloud-only metadata (params, pickle and data sha, ...) of a version."""
+        return json.loads(self._column(name, ref, "metadata"))  # type: ignore[no-any-return]
+
+    def manifest_etag(self, name: str, ref: Ref = "stable") -> str:
+        """Return a strong ETag (unquoted): sha256 hex of the canonical manifest bytes."""
+        return hashlib.sha256(self._column(name, ref, "manifest").encode("utf-8")).hexdigest()
+
+    def resolve(self, name: str, ref: Ref = "stable") -> int:
+        """Return the version number ``ref`` points at; NotFoundError lists what exists."""
+        name = _lookup_name(name)
+        with self._tx(write=False) as c:
+            return self._resolve(c, name, ref)
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Return every version of ``name``, oldest first."""
+        name = _lookup_name(name)
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT version, created, parent, lineage, task, metrics, "
+                             "model_size FROM versions WHERE name = ? ORDER BY version",
+                             (name,)).fetchall()
+            if not rows:
+                raise self._not_found(c, name, f"model {name!r}")
+            by_version: dict[int, list[str]] = {}
+            for alias, v in c.execute("SELECT alias, version FROM aliases WHERE name = ? "
+                                      "ORDER BY alias", (name,)):
+                by_version.setdefault(v, []).append(alias)
+        return [VersionInfo(name, v, created, parent, lineage, task, json.loads(metrics), size,
+                            tuple(by_version.get(v, ())))
+                for v, created, parent, lineage, task, metrics, size in rows]
+
+    def models(self) -> list[ModelSummary]:
+        """Return one summary per model, sorted by name."""
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT name, MAX(version), COUNT(*) FROM versions GROUP BY name "
+                             "ORDER BY name").fetchall()
+            aliases: dict[str, dict[str, int]] = {}
+            for name, alias, v in c.execute("SELECT name, alias, version FROM aliases "
+                                            "ORDER BY name, alias"):
+                aliases.setdefault(name, {})[alias] = v
+        return [ModelSummary(name, latest, n, aliases.get(name, {})) for name, latest, n in rows]
+
+    # ---------------------------------------------------------------------------- aliases
+    def set_alias(self, name: str, alias: str, ref: Ref) -> int:
+        """Point ``alias`` of ``name`` at version ``ref`` (this is how a version is promoted).
+
+        ``ref`` may itself be an alias (``set_alias("eta", "stable", "canary")``); returns the
+        version number the alias now points at.
+        """
+        name, alias = _lookup_name(name), _check_alias(alias)
+        with self._tx(write=True) as c:
+            version = self._resolve(c, name, ref)
+            before = c.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
+                               (name, alias)).fetchone()
+            c.execute("INSERT OR REPLACE INTO aliases (name, alias, version, updated) "
+                      "VALUES (?, ?, ?, ?)", (name, alias, version, _utcnow()))
+        log.info("alias %s/%s: %s -> %d", name, alias, before[0] if before else None, version)
+        return version
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Return ``{alias: version}`` for ``name``."""
+        name = _lookup_name(name)
+        with self._tx(write=False) as c:
+            self._resolve(c, name, "latest")  # NotFoundError for an unknown model
+            rows = c.execute("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias",
+                             (name,)).fetchall()
+        return dict(rows)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        """Remove ``alias`` of ``name`` (NotFoundError if it does not exist)."""
+        name, alias = _lookup_name(name), _check_alias(alias)
+        with self._tx(write=True) as c:
+            gone = c.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+            if gone.rowcount == 0:
+                raise self._not_found(c, name, f"alias {alias!r} of model {name!r}")
+        log.info("alias %s/%s deleted", name, alias)
+
+    # -------------------------------------------------------------------------- artifacts
+    def attach_artifact(self, name: str, ref: Ref, artifact: Mapping[str, Any]) -> dict[str, Any]:
+        """Add, or replace by role, a non-model artifact (e.g. a ``table``) of a version.
+
+        The blob must be stored. Roles ``model`` and ``model_fp32`` are fixed at creation
+        (ConflictError), except that re-attaching an identical entry is a no-op. Returns the
+        new manifest; its ETag changes with it.
+        """
+        name = _lookup_name(name)
+        entry = _json_copy(artifact, "artifact", ManifestError)
+        art = Artifact.from_json(entry)
+        entry.update(art.to_json())
+        with self._tx(write=True) as c:
+            version = self._resolve(c, name, ref)
+            text, meta = c.execute("SELECT manifest, metadata FROM versions WHERE name = ? "
+                                   "AND version = ?", (name, version)).fetchone()
+            doc = json.loads(text)
+            entries: list[dict[str, Any]] = doc["artifacts"]
+            index = next((i for i, e in enumerate(entries) if e.get("role") == art.role), None)
+            if index is not None and entries[index] == entry:
+                return doc  # type: ignore[no-any-return]
+            if art.role in MODEL_ROLES:
+                raise ConflictError(
+                    f"version {version} of {name!r}: the {art.role!r} artifact is fixed when a "
+                    "version is created; register a new version to ship a different model",
+                    field="role")
+            self._check_blobs([art])
+            if index is None:
+                entries.append(entry)
+            else:
+                entries[index] = entry
+            Manifest.from_json(doc)
+            text = canonical_json(doc).decode("utf-8")
+            c.execute("UPDATE versions SET manifest = ? WHERE name = ? AND version = ?",
+                      (text, name, version))
+            c.execute("DELETE FROM blob_refs WHERE name = ? AND version = ?", (name, version))
+            _index_refs(c, name, version, (doc, json.loads(meta)))
+        log.info("attached %s %s to %s version %d", art.role, art.sha256[:12], name, version)
+        return json.loads(text)  # type: ignore[no-any-return]
+
+    def gc(self, *, min_age_seconds: float = GC_MIN_AGE_S) -> int:
+        """Delete unreferenced blobs and crash leftovers older than ``min_age_seconds``.
+
+        A blob is kept while any version's manifest or metadata mentions its sha256. The age
+        limit protects a training run that has stored its blobs but not yet registered its
+        version; it runs under the write lock, so it cannot race a ``create_version``.
+        Returns how many files were removed.
+        """
+        with self._tx(write=True) as c:
+            keep = {row[0] for row in c.execute("SELECT DISTINCT sha256 FROM blob_refs")}
+            now = time.time()
+            doomed = [sha for sha, mtime in self.blobs.entries()
+                      if sha not in keep and now - mtime >= min_age_seconds]
+            removed = self.blobs.delete(doomed)
+        removed += self.blobs.sweep(min_age_seconds)
+        log.info("gc removed %d files from %s", removed, self.root)
+        return removed
+
+    # ---------------------------------------------------------------------------- helpers
+    def _conn(self) -> sqlite3.Connection:
+        local, pid = self._local, os.getpid()
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is not None and local.pid == pid:
+            return conn
+        if conn is not None:
+            _ABANDONED.append(conn)
+        uri = f"{self.db_path.resolve().as_uri()}?mode={self._mode}"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = _enable_wal(conn)
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}; "
+                                "check the path and its permissions") from exc
+        if mode.lower() != "wal":
+            raise RegistryError(f"{self.db_path} cannot use WAL mode (got {mode!r}); keep the "
+                                "registry on a local filesystem, not a network share")
+        local.conn, local.pid = conn, pid
+        return conn
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction; writes take the lock up front so they never fail half-way."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise RegistryError(
+                    f"registry database {self.db_path} failed: {exc} (another process may have "
+                    f"held the write lock for over {BUSY_TIMEOUT_S:.0f} s; retry)") from exc
+            raise
+
+    def _column(self, name: str, ref: Ref, column: str) -> str:
+        name = _lookup_name(name)
+        with self._tx(write=False) as c:
+            version = self._resolve(c, name, ref)
+            row = c.execute(f"SELECT {column} FROM versions WHERE name = ? AND version = ?",
+                            (name, version)).fetchone()
+        return str(row[0])
+
+    def _resolve(self, c: sqlite3.Connection, name: str, ref: Ref) -> int:
+        if (isinstance(ref, int) and not isinstance(ref, bool)) or (
+                isinstance(ref, str) and _DIGITS_RE.fullmatch(ref)):
+            version = int(ref)
+            if 1 <= version <= _MAX_VERSION and c.execute(
+                    "SELECT 1 FROM versions WHERE name = ? AND version = ?",
+                    (name, version)).fetchone():
+                return version
+            raise self._not_found(c, name, f"version {version} of model {name!r}")
+        if ref == "latest":
+            row = c.execute("SELECT MAX(version) FROM versions WHERE name = ?",
+                            (name,)).fetchone()
+            if row[0] is None:
+                raise self._not_found(c, name, f"model {name!r}")
+            return int(row[0])
+        if isinstance(ref, str) and _ALIAS_RE.fullmatch(ref):
+            row = c.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
+                            (name, ref)).fetchone()
+            if row is None:
+                raise self._not_found(c, name, f"alias {ref!r} of model {name!r}")
+            return int(row[0])
+        raise NotFoundError(f"{ref!r} is not a version reference: use a version number, an "
+                            "alias such as 'stable', or 'latest'", field="ref")
+
+    def _not_found(self, c: sqlite3.Connection, name: str, what: str) -> NotFoundError:
+        versions = [r[0] for r in c.execute(
+            "SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
+        if not versions:
+            names = [r[0] for r in c.execute("SELECT DISTINCT name FROM versions ORDER BY name")]
+            held = (f"models: {', '.join(names)}" if names
+                    else "the registry is empty: train and register a model first")
+            return NotFoundError(f"no model {name!r} in the registry; {held}", field="name")
+        aliases = c.execute("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias",
+                            (name,)).fetchall()
+        listed = ", ".join(f"{a}->{v}" for a, v in aliases) or "none"
+        return NotFoundError(
+            f"{what} not found: model {name!r} has versions {_ranges(versions)} and aliases "
+            f"{listed}; use one of those, or 'latest'", field="ref")
+
+    def _check_blobs(self, artifacts: Iterable[Artifact]) -> None:
+        for art in artifacts:
+            if not self.blobs.has(art.sha256):
+                raise RegistryError(
+                    f"artifact {art.role!r} refers to blob {art.sha256}, which is not in the "
+                    "registry: put_blob() it first (nothing was written)", field="artifacts")
+            size = self.blobs.path(art.sha256).stat().st_size
+            if size != art.size:
+                raise RegistryError(
+                    f"artifact {art.role!r} says size {art.size} but blob {art.sha256} has "
+                    f"{size} bytes: use the size put_blob() returned", field="artifacts")
+
+
+def _enable_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL; return the journal mode SQLite reports.
+
+    Switching a fresh database needs an exclusive lock, and SQLite answers "database is
+    locked" at once (without the busy handler) when several processes open a new registry
+    together; so retry until the busy timeout. Once the file is in WAL mode this is a no-op.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _valid_name(name: object) -> str:
+    """Check a model name being written; ManifestError (from ``check_name``) if invalid."""
+    check_name(name)  # type: ignore[arg-type]
+    # NAME_RE ends in '$', which also accepts one trailing newline: refuse that here too.
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ManifestError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' "
+                            "or '-', starting with a letter or digit", field="name")
+    return name
+
+
+def _lookup_name(name: object) -> str:
+    """Check a model name being read: a name no model can have is simply not found (404)."""
+    try:
+        return _valid_name(name)
+    except ManifestError as exc:
+        raise NotFoundError(f"no model can exist under {name!r}: {exc.message}",
+                            field="name") from exc
+
+
+def _check_alias(alias: object) -> str:
+    if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias) or alias == "latest":
+        raise ConfigError(
+            f"invalid alias {alias!r}: use a lowercase word of up to 32 letters, digits or '_' "
+            "starting with a letter (e.g. 'stable', 'canary'); 'latest' is reserved",
+            field="alias")
+    return alias
+
+
+def _json_copy(value: object, what: str, error: type[RegistryError] | type[ManifestError]
+               ) -> dict[str, Any]:
+    """Deep-copy a JSON object, refusing what JSON cannot hold (NaN, numpy scalars, ...)."""
+    if not isinstance(value, Mapping):
+        raise error(f"{what} must be a JSON object (a dict), got {type(value).__name__}",
+                    field=what)
+    try:
+        return json.loads(canonical_json(value))  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:
+        raise error(f"{what} is not valid JSON: {exc}; convert numpy values with float() or "
+                    ".tolist() and replace NaN/inf", field=what) from exc
+
+
+def _index_refs(c: sqlite3.Connection, name: str, version: int,
+                docs: Iterable[object]) -> None:
+    """Record every sha256 a version mentions, so gc keeps those blobs (metadata included)."""
+    found: set[str] = set()
+    stack = list(docs)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SHA_RE.fullmatch(v):
+                found.add(check_sha(v))
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    c.executemany("INSERT OR IGNORE INTO blob_refs (sha256, name, version) VALUES (?, ?, ?)",
+                  [(sha, name, version) for sha in sorted(found)])
+
+
+def _ranges(values: list[int]) -> str:
+    """Render sorted ints compactly: [1, 2, 3, 5] -> '1-3, 5'."""
+    parts: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
