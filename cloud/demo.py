@@ -159,13 +159,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = [json.loads(x) for x in offline.splitlines()] + \
         [json.loads(x) for x in online.splitlines()]
     sources = [r["source"] for r in results]
+    summary = [
+        ("train v1, v2 (" + args.model + " on " + args.dataset + ")",
+         f"v1 ships {trained['quantization']['chosen']}; v2 promoted to stable"),
+        ("precompute + sync", "edge store on v2 with its table"),
+        ("offline, frequent row", sources[0]),
+        ("offline, rare row", sources[1]),
+        ("offline, out-of-range row", "edge, degraded" if "degraded" in offline_odd
+         else "unexpected"),
+        ("online, out-of-range row", f"{sources[3]} ({results[3].get('reason')})"),
+    ]
+    width = max(len(k) for k, _ in summary)
     print("\nsummary")
-    print(f"  trained v1 ({trained['quantization']['chosen']} shipped) and v2; promoted v2")
-    print(f"  offline answers: {', '.join(sources[:3])} (cloud down, no errors)")
-    print(f"  out-of-range row offline: local answer marked degraded "
-          f"({'degraded' in offline_odd})")
-    print(f"  out-of-range row with the cloud up: source={sources[3]} "
-          f"reason={results[3].get('reason')}")
+    print(f"  {'step':<{width}}  answer / result")
+    print(f"  {'-' * width}  {'-' * 30}")
+    for k, v in summary:
+        print(f"  {k:<{width}}  {v}")
     print(f"  total {time.perf_counter() - t0:.1f} s")
     ok = sources[:2] == ["precomputed", "edge"] and sources[3] == "cloud"
     if not ok:

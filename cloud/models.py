@@ -59,7 +59,7 @@ FAMILIES: dict[str, Family] = {
         Family("hgb", HistGradientBoostingClassifier, HistGradientBoostingRegressor, False,
                False, {"max_iter": 100}, "histogram gradient boosting"),
         Family("mlp", MLPClassifier, MLPRegressor, True, True,
-               {"hidden_layer_sizes": (128, 64), "max_iter": 300, "early_stopping": True},
+               {"hidden_layer_sizes": (128, 64), "max_iter": 500},
                "multi-layer perceptron (supports --finetune-from)"),
         Family("sgd", SGDClassifier, SGDRegressor, True, True,
                {"max_iter": 1000, "tol": 1e-3},

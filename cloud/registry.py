@@ -154,15 +154,10 @@ class Registry:
             self.root.mkdir(parents=True, exist_ok=True)
         self.blobs.dir.mkdir(exist_ok=True)
         self._mode = "rwc" if create else "rw"
-        with self._tx(write=True) as c:
-            have = c.execute("PRAGMA user_version").fetchone()[0]
-            if have > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"{self.db_path} has schema version {have}; this hybridml reads up to "
-                    f"{SCHEMA_VERSION}: upgrade hybridml")
-            if have < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    c.execute(statement)
+        with self._tx(write=False) as c:
+            current = c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        if not current:  # only a new database takes the write lock just to be opened
+            self._create_schema()
         # Later connections (other threads) must never create an empty database by accident.
         self._mode = "rw"
 
@@ -382,6 +377,17 @@ class Registry:
         return removed
 
     # ---------------------------------------------------------------------------- helpers
+    def _create_schema(self) -> None:
+        with self._tx(write=True) as c:
+            have = c.execute("PRAGMA user_version").fetchone()[0]
+            if have > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.db_path} has schema version {have}; this hybridml reads up to "
+                    f"{SCHEMA_VERSION}: upgrade hybridml")
+            if have < SCHEMA_VERSION:
+                for statement in _SCHEMA:
+                    c.execute(statement)
+
     def _conn(self) -> sqlite3.Connection:
         local, pid = self._local, os.getpid()
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
@@ -392,14 +398,20 @@ class Registry:
         uri = f"{self.db_path.resolve().as_uri()}?mode={self._mode}"
         try:
             conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}; "
+                                "check the path and its permissions") from exc
+        try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             mode = _enable_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
+            conn.close()
             raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}; "
                                 "check the path and its permissions") from exc
         if mode.lower() != "wal":
+            conn.close()
             raise RegistryError(f"{self.db_path} cannot use WAL mode (got {mode!r}); keep the "
                                 "registry on a local filesystem, not a network share")
         local.conn, local.pid = conn, pid

@@ -67,10 +67,10 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     """
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    lap = _Clock()
     ds = _load(data, dataset, target, task, categorical, numeric, drop)
     sp = split(ds, seed)
-    timings["load"] = _lap(t0)
+    timings["load"] = lap()
     say(f"loaded {len(ds)} rows from {ds.source} ({ds.task}); split {sp.to_json()}")
 
     parent_version: int | None
@@ -88,7 +88,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
         pipe.fit(combine(xn, xc), y)
         parent_version = _latest(registry, name)
         lineage = "retrain"
-    timings["fit"] = _lap(t0)
+    timings["fit"] = lap()
 
     test_num, test_cat, y_test = ds.take(sp.test)
     skl_metrics = metrics.scores(ds.task, y_test, pipe.predict(combine(test_num, test_cat)))
@@ -96,7 +96,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
 
     fp32 = export_onnx(pipe, schema, ds.task)
     parity = check_parity(pipe, fp32, schema, ds.task, test_num, test_cat)
-    timings["export"] = _lap(t0)
+    timings["export"] = lap()
     say(f"exported to ONNX ({len(fp32)} bytes); parity passed")
 
     train_num, train_cat, _ = ds.take(sp.train)
@@ -104,7 +104,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     test_batch = _batch(schema, test_num, test_cat)
     variant, shipped, qreport = quantize(fp32, schema, ds.task, calibration=calib,
                                          test=test_batch, y_test=y_test, tolerance=tolerance)
-    timings["quantize"] = _lap(t0)
+    timings["quantize"] = lap()
     say(f"quantization: shipping {variant} ({len(shipped)} bytes)")
 
     golden = _golden(shipped, schema, ds.task, test_num, test_cat)
@@ -137,15 +137,23 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
                 "sklearn_size": sk_size, "seconds": timings}
     stored = registry.create_version(name, manifest, metadata, parent=parent_version,
                                      lineage=lineage)
-    timings["register"] = _lap(t0)
+    timings["register"] = lap()
     log.info("registered %s v%s (%s, %s, %d bytes shipped)", name, stored["version"], model,
              variant, model_size)
     return TrainResult(stored, timings)
 
 
 # -------------------------------------------------------------------------------- internals
-def _lap(t0: float) -> float:
-    return round(time.perf_counter() - t0, 3)
+class _Clock:
+    """Per-step durations: each call returns the seconds since the previous one."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def __call__(self) -> float:
+        now = time.perf_counter()
+        took, self._last = now - self._last, now
+        return round(took, 3)
 
 
 def _load(data: str | os.PathLike[str] | None, dataset: str | None, target: str | None,

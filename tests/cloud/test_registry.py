@@ -476,3 +476,26 @@ def test_sigkill_at_random_points_never_exposes_a_partial_version(tmp_path: Path
                   ["artifacts"]}
     assert left == sorted(referenced)  # no temp files, no orphans
     assert json.loads(json.dumps(reg.aliases("eta"))) == {"stable": 1}
+
+
+def _use_inherited_registry(reg: Registry) -> None:
+    add_version(reg)  # must open its own connection, not reuse the parent's
+    assert reg.manifest("eta", "latest")["version"] == 2
+
+
+def test_a_registry_object_survives_fork_like_gunicorn_preload(registry: Registry) -> None:
+    add_version(registry)  # the parent now holds an open connection
+    child = mp.get_context("fork").Process(target=_use_inherited_registry, args=(registry,))
+    child.start()
+    _join_all([child])
+    assert add_version(registry)["version"] == 3
+    assert assert_consistent(registry.root) == 3
+
+
+def test_a_database_from_a_newer_hybridml_is_refused(tmp_path: Path) -> None:
+    Registry(tmp_path / "reg")
+    conn = sqlite3.connect(tmp_path / "reg" / "registry.db")
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(RegistryError, match=r"schema version 99.*upgrade hybridml"):
+        Registry(tmp_path / "reg")
