@@ -75,7 +75,7 @@ class LocalStore:
     # ------------------------------------------------------------------------------ artifacts
     def artifact_path(self, sha256: str) -> Path:
         """Path of a verified artifact (it may not exist)."""
-        if not SHA256_RE.match(sha256):
+        if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
             raise IntegrityError(f"invalid sha256 {sha256!r}", field="sha256")
         return self.artifacts / sha256
 

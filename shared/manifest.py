@@ -40,7 +40,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid model name, else raise :class:`ManifestError`."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ManifestError(
             f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit", field="name")
@@ -73,7 +73,7 @@ class Artifact:
         role, sha, size = data.get("role"), data.get("sha256"), data.get("size")
         if role not in ROLES:
             raise ManifestError(f"artifact role {role!r} is not one of {ROLES}", field="role")
-        if not isinstance(sha, str) or not SHA256_RE.match(sha):
+        if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
             raise ManifestError(f"artifact {role!r} has an invalid sha256 {sha!r}",
                                 field="sha256")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:

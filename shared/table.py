@@ -87,7 +87,7 @@ def write_table(path: str | os.PathLike[str], *, model_sha256: str, task: str,
     regression needs ``values [N]``. Rows are sorted by key hash here. Duplicate keys are
     refused with :class:`TableError`: the caller must count duplicates before writing.
     """
-    if not isinstance(model_sha256, str) or not _SHA_RE.match(model_sha256):
+    if not isinstance(model_sha256, str) or not _SHA_RE.fullmatch(model_sha256):
         raise TableError(f"model_sha256 must be 64 lowercase hex digits, got {model_sha256!r}",
                          field="model_sha256")
     if task not in _TASKS:
