@@ -142,7 +142,8 @@ class Registry:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.root = Path(root)
+        # Absolute: Flask resolves relative file paths against the package, not the cwd.
+        self.root = Path(root).expanduser().resolve()
         self.db_path = self.root / DB_NAME
         self.blobs = BlobStore(self.root / "blobs")
         self._local = threading.local()

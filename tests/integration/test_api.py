@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from pathlib import Path
 
+import pytest
 import requests
 
-from tests.conftest import CloudServer
+from tests.conftest import CloudServer, start_cloud
 
 IRIS_ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4,
             "petal_width_cm": 0.2}
@@ -118,3 +120,17 @@ def test_predict_limits_batch_size_and_body_size(cloud: CloudServer) -> None:
 def test_wrong_method_is_405_json(cloud: CloudServer) -> None:
     r = requests.get(f"{cloud.url}/v1/models/iris/predict", timeout=5)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_relative_registry_path_serves_artifacts(trained_registry: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry given as a relative path (the default ./registry) still serves files."""
+    monkeypatch.chdir(trained_registry.parent)
+    server = start_cloud(Path(trained_registry.name))
+    try:
+        man = requests.get(server.url + "/v1/models/late/manifest", timeout=5).json()
+        for art in man["artifacts"]:
+            r = requests.get(f"{server.url}/v1/artifacts/{art['sha256']}", timeout=5)
+            assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == art["sha256"]
+    finally:
+        server.stop()
