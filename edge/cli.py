@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from hybridml.shared.errors import ConfigError, HybridMLError, InputError
 from hybridml.shared.schema import CATEGORICAL, MISSING_TOKENS, InputSchema
 
@@ -130,9 +132,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.json:
         for p in preds:
-            out.write(json.dumps(p.to_json()) + "\n")
+            out.write(json.dumps(dict(p.to_json(), prediction=_short(p.prediction))) + "\n")
     else:
         out.write(_table(preds) + "\n")
+    out.flush()
     if args.cloud and rt.last_cloud_error and any(p.degraded for p in preds):
         print(f"note: the cloud did not answer ({rt.last_cloud_error}); answered locally and "
               "marked those rows degraded", file=sys.stderr)
@@ -264,15 +267,25 @@ def _csv_rows(text: str, schema: InputSchema | None) -> list[dict[str, Any]]:
     return rows
 
 
+def _short(value: Any) -> Any:
+    """Model outputs are float32: print the shortest text that round-trips, not 23.37200164."""
+    if isinstance(value, float):
+        return float(str(np.float32(value)))
+    return value
+
+
 def _table(preds: list[Prediction]) -> str:
-    lines = [f"{'row':>4}  {'prediction':<16} {'source':<12} {'version':<8} {'confidence':<10}"]
+    cells = [[str(i), str(_short(p.prediction)), p.source, f"v{p.model_version}",
+              f"{max(p.probabilities.values()):.3f}" if p.probabilities else "-",
+              ("degraded " if p.degraded else "") + (f"({p.reason})" if p.reason else "")]
+             for i, p in enumerate(preds) if not p.error]
+    header = ["row", "prediction", "source", "version", "confidence", ""]
+    widths = [max([len(h)] + [len(c[k]) for c in cells]) for k, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    body = iter(cells)
     for i, p in enumerate(preds):
         if p.error:
-            lines.append(f"{i:>4}  error: {p.error.get('message')}")
-            continue
-        conf = f"{max(p.probabilities.values()):.3f}" if p.probabilities else "-"
-        flag = f"  degraded ({p.reason})" if p.degraded else \
-            (f"  ({p.reason})" if p.reason else "")
-        lines.append(f"{i:>4}  {p.prediction!s:<16} {p.source:<12} "
-                     f"{'v' + str(p.model_version):<8} {conf:<10}{flag}")
+            lines.append(f"{str(i).ljust(widths[0])}  error: {p.error.get('message')}")
+        else:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(next(body), widths)).rstrip())
     return "\n".join(lines)
