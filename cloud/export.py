@@ -38,7 +38,7 @@ from sklearn.utils.validation import check_is_fitted
 from hybridml.edge.session import ModelSession
 from hybridml.shared.errors import DataError, ExportError, ParityError, SchemaError
 from hybridml.shared.manifest import TASKS
-from hybridml.shared.schema import CAT_INPUT, NUM_INPUT, EncodedBatch, InputSchema
+from hybridml.shared.schema import CAT_INPUT, NUM_INPUT, InputSchema
 
 from .converters import register_converters
 from .models import FAMILIES, combine
@@ -148,13 +148,11 @@ def check_parity(pipeline: Pipeline, model: bytes, schema: InputSchema, task: st
     """
     fam = family_of(_estimator(pipeline))
     _check_task(_estimator(pipeline), task, fam)
-    num32, cat_s = _blocks(schema, num, cat)
+    batch = schema.encode_blocks(num, cat)
+    num32, cat_s = batch.num, batch.cat
     n = num32.shape[0]
     if n == 0:
         raise DataError("check_parity needs at least one row; pass the held-out test rows")
-    # The feeds need only num/cat; codes and range flags matter to the fallback policy, not here.
-    batch = EncodedBatch(num32, cat_s, np.zeros(cat_s.shape, dtype=np.int32),
-                         np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
     onnx_out = ModelSession(model, schema, task).run(batch)
     x = combine(num32, cat_s)  # the float32 values the edge sends, as the pipeline was fitted
     if task == "regression":
@@ -228,22 +226,6 @@ def _check_outputs(onx: ModelProto, task: str, fam: str) -> None:
         if elem != TensorProto.INT64:
             raise ExportError(f"the {fam} export's label is {TensorProto.DataType.Name(elem)}, "
                               "not INT64; fit classifiers on class indices 0..C-1", family=fam)
-
-
-def _blocks(schema: InputSchema, num: np.ndarray, cat: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The rows as the edge feeds them: float32 ``num`` and str ``cat``, shapes checked."""
-    num32 = np.ascontiguousarray(num, dtype=np.float32)
-    cat_s = np.asarray(cat, dtype=object)
-    for label, arr, width in ((NUM_INPUT, num32, schema.n_numeric),
-                              (CAT_INPUT, cat_s, schema.n_categorical)):
-        if arr.ndim != 2 or arr.shape[1] != width:
-            raise SchemaError(f"{label} has shape {arr.shape} but the schema needs [N, {width}]; "
-                              "pass the encoded blocks in schema order", field=label)
-    if num32.shape[0] != cat_s.shape[0]:
-        raise SchemaError(f"num has {num32.shape[0]} rows but cat has {cat_s.shape[0]}; pass "
-                          "the same rows", field=CAT_INPUT)
-    return num32, cat_s
 
 
 def _report(task: str, n: int, bad: np.ndarray, tol: float, min_agreement: float,

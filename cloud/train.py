@@ -100,8 +100,8 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     say(f"exported to ONNX ({len(fp32)} bytes); parity passed")
 
     train_num, train_cat, _ = ds.take(sp.train)
-    calib = _batch(schema, train_num[:512], train_cat[:512])
-    test_batch = _batch(schema, test_num, test_cat)
+    calib = schema.encode_blocks(train_num[:512], train_cat[:512])
+    test_batch = schema.encode_blocks(test_num, test_cat)
     variant, shipped, qreport = quantize(fp32, schema, ds.task, calibration=calib,
                                          test=test_batch, y_test=y_test, tolerance=tolerance)
     timings["quantize"] = lap()
@@ -176,12 +176,6 @@ def _latest(registry: Registry, name: str) -> int | None:
         return registry.resolve(name, "latest")
     except NotFoundError:  # the first version of this name
         return None
-
-
-def _batch(schema: InputSchema, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
-    """Build the EncodedBatch for already-typed blocks (no per-row validation needed)."""
-    return schema._from_arrays(np.ascontiguousarray(num, dtype=np.float32),
-                               np.ascontiguousarray(cat, dtype=object))
 
 
 def _predict(model: bytes, schema: InputSchema, task: str, batch: EncodedBatch) -> np.ndarray:

@@ -247,6 +247,23 @@ class InputSchema:
                          for v in col]
         return self._from_arrays(num, cat)
 
+    def encode_blocks(self, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
+        """Wrap already-typed ``num``/``cat`` blocks (the cloud's training arrays).
+
+        Only shapes are checked: the blocks come from validated data, not from users.
+        """
+        num32 = np.ascontiguousarray(num, dtype=np.float32)
+        cat_o = np.asarray(cat, dtype=object)
+        for label, arr, width in ((NUM_INPUT, num32, self.n_numeric),
+                                  (CAT_INPUT, cat_o, self.n_categorical)):
+            if arr.ndim != 2 or arr.shape[1] != width:
+                raise SchemaError(f"{label} has shape {arr.shape} but the schema needs "
+                                  f"[N, {width}]; pass the blocks in schema order", field=label)
+        if num32.shape[0] != cat_o.shape[0]:
+            raise SchemaError(f"num has {num32.shape[0]} rows but cat has {cat_o.shape[0]}",
+                              field=CAT_INPUT)
+        return self._from_arrays(num32, cat_o)
+
     def keys(self, batch: EncodedBatch) -> np.ndarray:
         """Return canonical key bytes, ``uint8 [N, key_width]``, for each encoded row."""
         num = batch.num.copy()
