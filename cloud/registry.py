@@ -7,15 +7,11 @@ Layout under the root::
 
 Several processes share one registry (gunicorn workers serve it while a cron job retrains), so:
 
-* Every thread of every process uses its own SQLite connection (a connection inherited across
-  ``fork`` is abandoned, never used or closed, as SQLite requires).
-* ``journal_mode=WAL``: readers never wait for the writer and the writer never waits for
-  readers. Every write is one ``BEGIN IMMEDIATE`` transaction, so writers queue on the lock
-  (``busy_timeout`` 30 s) instead of failing half-way with "database is locked".
-* ``synchronous=FULL``: each commit fsyncs the WAL. With NORMAL a power cut may roll back the
-  last commits; the next training run would then hand out the same version number again for a
-  different model, while devices may already hold the lost one under that number. Writes are
-  rare (one per training run or promote), so the fsync costs nothing that matters.
+* The database is a :class:`hybridml.cloud.database.Database`: per-thread and per-process
+  connections, WAL, ``BEGIN IMMEDIATE`` writes, ``synchronous=FULL``. FULL matters here: with
+  NORMAL a power cut may roll back the last commits, and the next training run would hand out
+  the same version number again for a different model, while devices may already hold the lost
+  one under that number.
 * A crash mid-train never leaves a half-written version visible: blobs are stored (fsynced)
   first; the version row, its blob references and the first ``stable`` alias are then inserted
   in one transaction. Blobs orphaned by a crash are removed by :meth:`Registry.gc`.
@@ -26,16 +22,14 @@ Version references (``ref``) are an int, a digit string, an alias name (``"stabl
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +45,6 @@ from hybridml.shared.errors import (
 from hybridml.shared.manifest import (
     FORMAT,
     LINEAGES,
-    NAME_RE,
     Artifact,
     Manifest,
     canonical_json,
@@ -59,13 +52,13 @@ from hybridml.shared.manifest import (
 )
 
 from .blobs import BlobSource, BlobStore, check_sha
+from .database import Database
 
 log = logging.getLogger("hybridml.cloud.registry")
 
 ENV_VAR = "HYBRIDML_REGISTRY"
 DEFAULT_ROOT = "registry"
 DB_NAME = "registry.db"
-BUSY_TIMEOUT_S = 30.0
 GC_MIN_AGE_S = 3600.0
 SCHEMA_VERSION = 1
 MODEL_ROLES = ("model", "model_fp32")
@@ -75,10 +68,6 @@ _ALIAS_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_VERSION = 2**62
-# Connections inherited across fork: closing one in the child could disturb the parent's
-# locks, so they are kept referenced here and never touched again.
-_ABANDONED: list[sqlite3.Connection] = []
-
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS versions (
         name TEXT NOT NULL, version INTEGER NOT NULL CHECK (version >= 1),
@@ -94,7 +83,6 @@ _SCHEMA = (
         sha256 TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
         PRIMARY KEY (sha256, name, version),
         FOREIGN KEY (name, version) REFERENCES versions (name, version))""",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
 
@@ -146,7 +134,6 @@ class Registry:
         self.root = Path(root).expanduser().resolve()
         self.db_path = self.root / DB_NAME
         self.blobs = BlobStore(self.root / "blobs")
-        self._local = threading.local()
         if not self.db_path.exists():
             if not create:
                 raise NotFoundError(
@@ -154,13 +141,9 @@ class Registry:
                     f"${ENV_VAR} at an existing registry", field="root")
             self.root.mkdir(parents=True, exist_ok=True)
         self.blobs.dir.mkdir(exist_ok=True)
-        self._mode = "rwc" if create else "rw"
-        with self._tx(write=False) as c:
-            current = c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        if not current:  # only a new database takes the write lock just to be opened
-            self._create_schema()
-        # Later connections (other threads) must never create an empty database by accident.
-        self._mode = "rw"
+        self._db = Database(self.db_path, create=create, schema=_SCHEMA,
+                            version=SCHEMA_VERSION, error=RegistryError)
+        self._tx = self._db.tx
 
     @classmethod
     def from_env(cls, path: str | os.PathLike[str] | None = None, *,
@@ -173,11 +156,8 @@ class Registry:
         return f"Registry({str(self.root)!r})"
 
     def close(self) -> None:
-        """Close this thread's connection (others close when their threads' objects die)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local.conn = None
+        """Close this thread's database connection."""
+        self._db.close()
 
     # ------------------------------------------------------------------------------ blobs
     def put_blob(self, data: BlobSource) -> tuple[str, int]:
@@ -378,63 +358,6 @@ class Registry:
         return removed
 
     # ---------------------------------------------------------------------------- helpers
-    def _create_schema(self) -> None:
-        with self._tx(write=True) as c:
-            have = c.execute("PRAGMA user_version").fetchone()[0]
-            if have > SCHEMA_VERSION:
-                raise RegistryError(
-                    f"{self.db_path} has schema version {have}; this hybridml reads up to "
-                    f"{SCHEMA_VERSION}: upgrade hybridml")
-            if have < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    c.execute(statement)
-
-    def _conn(self) -> sqlite3.Connection:
-        local, pid = self._local, os.getpid()
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is not None and local.pid == pid:
-            return conn
-        if conn is not None:
-            _ABANDONED.append(conn)
-        uri = f"{self.db_path.resolve().as_uri()}?mode={self._mode}"
-        try:
-            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}; "
-                                "check the path and its permissions") from exc
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            mode = _enable_wal(conn)
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise RegistryError(f"cannot open the registry database {self.db_path}: {exc}; "
-                                "check the path and its permissions") from exc
-        if mode.lower() != "wal":
-            conn.close()
-            raise RegistryError(f"{self.db_path} cannot use WAL mode (got {mode!r}); keep the "
-                                "registry on a local filesystem, not a network share")
-        local.conn, local.pid = conn, pid
-        return conn
-
-    @contextlib.contextmanager
-    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction; writes take the lock up front so they never fail half-way."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise RegistryError(
-                    f"registry database {self.db_path} failed: {exc} (another process may have "
-                    f"held the write lock for over {BUSY_TIMEOUT_S:.0f} s; retry)") from exc
-            raise
-
     def _column(self, name: str, ref: Ref, column: str) -> str:
         name = _lookup_name(name)
         with self._tx(write=False) as c:
@@ -495,31 +418,9 @@ class Registry:
                     f"{size} bytes: use the size put_blob() returned", field="artifacts")
 
 
-def _enable_wal(conn: sqlite3.Connection) -> str:
-    """Switch to WAL; return the journal mode SQLite reports.
-
-    Switching a fresh database needs an exclusive lock, and SQLite answers "database is
-    locked" at once (without the busy handler) when several processes open a new registry
-    together; so retry until the busy timeout. Once the file is in WAL mode this is a no-op.
-    """
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    while True:
-        try:
-            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-        except sqlite3.OperationalError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.01)
-
-
 def _valid_name(name: object) -> str:
     """Check a model name being written; ManifestError (from ``check_name``) if invalid."""
-    check_name(name)  # type: ignore[arg-type]
-    # NAME_RE ends in '$', which also accepts one trailing newline: refuse that here too.
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ManifestError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' "
-                            "or '-', starting with a letter or digit", field="name")
-    return name
+    return check_name(name)  # type: ignore[arg-type]
 
 
 def _lookup_name(name: object) -> str:

@@ -321,7 +321,7 @@ def test_open_without_create_and_from_env(tmp_path: Path,
     assert Registry.from_env(tmp_path / "explicit").root == tmp_path / "explicit"
     monkeypatch.delenv("HYBRIDML_REGISTRY")
     monkeypatch.chdir(tmp_path)
-    assert Registry.from_env().root == Path("registry")
+    assert Registry.from_env().root == (tmp_path / "registry").resolve()
     conn = sqlite3.connect(tmp_path / "env" / "registry.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent in the file
     conn.close()
@@ -421,7 +421,7 @@ def _pause_before_commit(root: str, paused: Any) -> None:
             paused.set()
             time.sleep(CHILD_TIMEOUT)  # killed here
 
-    reg._conn().set_trace_callback(on_statement)
+    reg._db._conn().set_trace_callback(on_statement)
     reg.create_version("eta", body, {"doomed": True})
 
 
