@@ -29,5 +29,18 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check cloud edge shared hybridml_pkg tests
 	$(VENV)/bin/mypy cloud edge shared hybridml_pkg
 
+$(VENV)/.bench-installed: $(PY) pyproject.toml
+	$(PIP) install -e '.[bench]'
+	touch $@ $(VENV)/.dev-installed $(VENV)/.cloud-installed
+
+# wrk is optional (the suite falls back to a Python load generator); install it when we can.
+bench: $(VENV)/.bench-installed
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y -qq wrk >/dev/null 2>&1 || \
+		echo "bench: wrk not installed; serving uses the Python load generator"
+	$(PY) -m benchmarks.run $(ARGS)
+
+bench-quick: $(VENV)/.bench-installed
+	$(PY) -m benchmarks.run --quick $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

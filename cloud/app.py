@@ -10,43 +10,76 @@
     POST /v1/models/<name>/predict                {"inputs": [{col: v}, ...] | [[...], ...]}
                                                   -> predictions, probabilities, model_version
 
+Manifests are signed (:mod:`hybridml.cloud.signing`); bearer tokens and the admin routes
+(promote, rollback) are in :mod:`hybridml.cloud.auth`.
+
 Every error is a JSON body ``{"error": {"code", "message", "details"?}}`` with a 4xx status for
-bad input; only a bug answers 500.
+bad input; only a bug answers 500. Bodies are strict JSON (``NaN``/``Infinity`` literals are
+refused, ``null`` means missing); malformed ``Range`` headers are ignored (RFC 9110 §14.2) and
+a range past the end is 416. A full worker answers 503 + ``Retry-After`` instead of queueing
+without bound (:class:`LoadShedder` here, ``SheddingWorker`` in :mod:`hybridml.cloud.serve`).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request, send_file
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from hybridml.edge.session import ModelSession
-from hybridml.shared.errors import ConfigError, HTTPError, HybridMLError, InputError
+from hybridml.shared.errors import (
+    ConfigError,
+    HTTPError,
+    HybridMLError,
+    InputError,
+    NotFoundError,
+)
 from hybridml.shared.manifest import Manifest
 
-from .registry import Registry
+from . import auth
+from .registry import Ref, Registry
+from .signing import Signer
 
 log = logging.getLogger("hybridml.cloud.app")
 IMMUTABLE = "public, max-age=31536000, immutable"
+BODY_KEYS = ("inputs", "version")
+MAX_NAME = 64  # the registry's limit on model names
+# A version number or an alias (the registry's own rules, checked here to answer 400 early).
+_REF_RE = re.compile(r"[0-9]{1,18}|[a-z][a-z0-9_]{0,31}")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """API settings; :meth:`from_env` reads ``HYBRIDML_<FIELD>`` variables."""
+    """API settings; :meth:`from_env` reads ``HYBRIDML_<FIELD>`` variables.
+
+    Load shedding: a worker holding ``max_pending`` requests (queued or running) answers the
+    next with 503, and so does a request that waited longer than ``max_queue_ms`` for a
+    thread; ``retry_after_s`` goes in the ``Retry-After`` header. ``threads`` is the number
+    of request threads per gunicorn worker.
+    """
 
     max_batch: int = 1000
     max_body_bytes: int = 4 * 1024 * 1024
     compress_min_bytes: int = 16 * 1024
     model_cache: int = 8
+    max_pending: int = 32
+    max_queue_ms: int = 1000
+    retry_after_s: int = 1
+    threads: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -98,6 +131,76 @@ class ModelCache:
         return manifest, session
 
 
+def overloaded(pending: int, waited_s: float, retry_after_s: int
+               ) -> tuple[bytes, list[tuple[str, str]]]:
+    """Body and headers of a load-shedding 503 (the same from the worker and the middleware)."""
+    body = json.dumps(HTTPError(
+        f"the server is at capacity ({pending} requests pending in this worker, "
+        f"{waited_s * 1000:.0f} ms queued); retry after {retry_after_s} s",
+        status=503, code="overloaded", retry_after_s=retry_after_s).to_json()).encode()
+    return body, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                  ("Retry-After", str(retry_after_s)), ("Cache-Control", "no-store")]
+
+
+class ShedLog:
+    """Counts shed requests; logs at most one line per 5 s, not one per request."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        self._logged_at = 0.0
+        self._logged = 0
+
+    def shed(self, pending: int, waited_s: float) -> None:
+        """Count one shed request."""
+        with self._lock:
+            self.count += 1
+            now = time.monotonic()
+            if now - self._logged_at < 5.0:
+                return
+            n, self._logged_at, self._logged = self.count - self._logged, now, self.count
+        log.warning("overloaded: shed %d requests (now %d pending, %.0f ms queued)", n,
+                    pending, waited_s * 1000)
+
+
+class LoadShedder:
+    """WSGI middleware: past ``max_pending`` requests in flight in this process, answer 503.
+
+    The guard for any WSGI server (Flask's, an external gunicorn with many threads). Under
+    ``hybridml-cloud serve`` the gunicorn worker (:class:`hybridml.cloud.serve.SheddingWorker`)
+    sheds earlier and cheaper, counting the requests *queued* for its threads too; its
+    threads never exceed ``max_pending``, so this guard stays idle there. ``/healthz`` is
+    never shed: it says the process lives, not that it has room.
+    """
+
+    def __init__(self, app: WSGIApp, config: ServeConfig) -> None:
+        self.app = app
+        self.max_pending = config.max_pending
+        self.retry_after_s = config.retry_after_s
+        self.log = ShedLog()
+        self._inflight = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> Iterable[bytes]:
+        """Admit the request to the app, or answer 503 at once."""
+        if environ.get("PATH_INFO") == "/healthz":
+            return self.app(environ, start_response)
+        with self._lock:
+            self._inflight += 1
+            pending = self._inflight
+        try:
+            if pending > self.max_pending:
+                self.log.shed(pending, 0.0)
+                body, headers = overloaded(pending, 0.0, self.retry_after_s)
+                start_response("503 SERVICE UNAVAILABLE", headers)
+                return [body]
+            return self.app(environ, start_response)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+
 def create_app(registry: str | os.PathLike[str] | Registry | None = None,
                config: ServeConfig | None = None) -> Flask:
     """Build the API over ``registry`` (default: ``$HYBRIDML_REGISTRY`` or ``./registry``)."""
@@ -105,14 +208,24 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     cfg = config or ServeConfig.from_env()
     app = Flask("hybridml.cloud")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+    app.wsgi_app = LoadShedder(app.wsgi_app, cfg)  # type: ignore[method-assign]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["hybridml"] = {"registry": reg, "config": cfg}
     models = ModelCache(reg, cfg.model_cache)
+    signer = Signer(reg.root)  # signs every manifest served (hybridml.cloud.signing)
     gz_dir = reg.root / "cache" / "gzip"
 
     @app.before_request
     def _start() -> None:
         g.t0 = time.perf_counter()
+
+    @app.url_value_preprocessor
+    def _short_names(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        # The registry's own message quotes the name twice: keep a huge one out of it.
+        name = (values or {}).get("name")
+        if isinstance(name, str) and len(name) > MAX_NAME:
+            raise NotFoundError(f"no model can exist under a {len(name)}-character name; "
+                                f"model names have 1-{MAX_NAME} characters", field="name")
 
     @app.after_request
     def _log(resp: Response) -> Response:
@@ -122,7 +235,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
 
     @app.errorhandler(HybridMLError)
     def _our_error(exc: HybridMLError) -> tuple[Response, int]:
-        return jsonify(exc.to_json()), exc.status
+        return jsonify(_clipped(exc.to_json())), exc.status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -130,7 +243,12 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         message = {413: f"request body is larger than {cfg.max_body_bytes} bytes; send fewer "
                         "rows per request"}.get(status, exc.description or exc.name)
         code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify(HTTPError(message, status=status, code=code).to_json()), status
+        field = {413: "body", 405: "method"}.get(status)
+        resp = jsonify(HTTPError(message, status=status, code=code, field=field).to_json())
+        for key, value in exc.get_headers():  # Allow on 405, Retry-After, Content-Range
+            if key.lower() != "content-type":
+                resp.headers[key] = value
+        return resp, status
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception) -> tuple[Response, int]:
@@ -149,11 +267,11 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     @app.get("/v1/models/<name>/manifest")
     def manifest(name: str) -> Response:
         ref = _ref()
-        etag = reg.manifest_etag(name, ref)
+        etag = signer.etag(reg.manifest_etag(name, ref))
         if request.if_none_match.contains(etag):
             resp = Response(status=304)
         else:
-            resp = jsonify(reg.manifest(name, ref))
+            resp = jsonify(signer.sign(reg.manifest(name, ref)))
         resp.set_etag(etag)
         resp.headers["Cache-Control"] = "no-cache"
         return resp
@@ -162,8 +280,20 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     def artifact(sha256: str) -> Response:
         path = reg.blob_path(sha256)
         size = path.stat().st_size
+        try:
+            byte_range = _byte_range(request.headers.get("Range"), size)
+        except HTTPError as exc:
+            resp = jsonify(exc.to_json())
+            resp.status_code = exc.status
+            resp.headers["Content-Range"] = f"bytes */{size}"
+            return resp
+        # werkzeug's send_file reads the header itself: hand it only the normalised range.
+        if byte_range is None:
+            request.environ.pop("HTTP_RANGE", None)
+        else:
+            request.environ["HTTP_RANGE"] = f"bytes={byte_range[0]}-{byte_range[1]}"
         wants_gzip = "gzip" in request.headers.get("Accept-Encoding", "")
-        if wants_gzip and request.range is None and size >= cfg.compress_min_bytes:
+        if wants_gzip and byte_range is None and size >= cfg.compress_min_bytes:
             gz = _gzipped(gz_dir, path, sha256)
             if gz is not None:
                 resp = send_file(gz, mimetype="application/octet-stream", conditional=False,
@@ -191,9 +321,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             raise HTTPError(f"{len(rows)} rows exceed the batch limit of {cfg.max_batch}; "
                             "split the request", status=413, code="batch_too_large",
                             field="inputs")
-        ref = body.get("version", request.args.get("version", "stable"))
-        if not isinstance(ref, (int, str)) or isinstance(ref, bool):
-            raise InputError("'version' must be a version number or an alias", field="version")
+        ref = _check_ref(body["version"], "version") if "version" in body else _ref()
         version = reg.resolve(name, ref)
         man, session = models.get(name, version)
         out = session.run(man.schema.encode(rows))
@@ -209,27 +337,134 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             answer["classes"] = classes
         return jsonify(answer)
 
+    auth.install(app, reg)  # bearer tokens + admin routes (hybridml.cloud.auth)
     return app
 
 
-def _ref() -> str:
+def _ref() -> Ref:
+    """The version asked for by ``?version=`` or ``?alias=`` (default ``stable``)."""
+    for key in ("version", "alias"):
+        if len(request.args.getlist(key)) > 1:
+            raise InputError(f"?{key}= is given more than once; pass it once", field=key)
     version = request.args.get("version")
     alias = request.args.get("alias")
-    if version and alias:
+    if version is not None and alias is not None:
         raise InputError("pass either ?version= or ?alias=, not both", field="version")
-    return version or alias or "stable"
+    if version is not None:
+        return _check_ref(version, "version")
+    if alias is not None:
+        return _check_ref(alias, "alias")
+    return "stable"
+
+
+def _check_ref(value: object, field: str) -> Ref:
+    """A version number or an alias; 400 naming ``field`` for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18:
+        return value
+    if isinstance(value, str) and _REF_RE.fullmatch(value):
+        return value
+    raise InputError(f"{field} {_short(value)} is not a version number (1, 2, ...) or an alias "
+                     "(lowercase letters, digits and '_', such as 'stable')", field=field)
+
+
+class _NotJSON:
+    """Stands for a ``NaN``/``Infinity`` literal: Python's parser accepts them, JSON does not.
+
+    The row check refuses it like any other non-number, naming the row and the column.
+    """
+
+    __slots__ = ("literal",)
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+    def __repr__(self) -> str:
+        return f"{self.literal}, which is not JSON (send null for a missing value)"
+
+
+_DECODER = json.JSONDecoder(parse_constant=_NotJSON)
 
 
 def _json_body() -> dict[str, Any]:
+    """The request body as a JSON object with known keys; 4xx naming what is wrong."""
     if not request.is_json:
         raise HTTPError("send the body as JSON with 'Content-Type: application/json'",
-                        status=415, code="unsupported_media_type")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise InputError("the request body is not valid JSON", field="body")
+                        status=415, code="unsupported_media_type", field="Content-Type")
+    raw = request.get_data()  # over MAX_CONTENT_LENGTH: werkzeug raises 413
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        raise RequestEntityTooLarge()  # werkzeug cuts a chunked body at the limit silently
+    try:
+        data = _DECODER.decode(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the request body is not UTF-8 (bad byte at offset {exc.start}); "
+                         "send JSON encoded as UTF-8", field="body") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}", field="body") from None
+    except RecursionError:
+        raise InputError("the request body nests arrays or objects too deeply; a row is a "
+                         "flat object or list", field="body") from None
+    except ValueError:  # an integer literal over Python's 4300-digit limit
+        raise InputError("the request body holds a number with thousands of digits; send "
+                         "numbers that fit a float", field="body") from None
     if not isinstance(data, dict):
         raise InputError("the request body must be a JSON object with 'inputs'", field="body")
+    unknown = [k for k in data if k not in BODY_KEYS]
+    if unknown:
+        raise InputError(f"unknown key {_short(unknown[0])} in the request body; send "
+                         "'inputs' and optionally 'version'", field=unknown[0][:80])
     return data
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range to serve, or None for the whole artifact (RFC 9110 §14).
+
+    Other units, several ranges, and malformed or backwards ranges are ignored — the RFC
+    lets a server ignore ``Range``, and a full 200 is always correct. A well-formed range
+    that starts past the end, or an empty suffix, is unsatisfiable: 416.
+    """
+    if header is None:
+        return None
+    m = _RANGE_RE.fullmatch(header.replace(" ", ""))
+    if m is None or not (m.group(1) or m.group(2)):
+        return None
+    first, last = (_bounded_int(g) if g else None for g in m.groups())
+    unsatisfiable = HTTPError(f"Range {_short(header)} is past the end of the {size}-byte "
+                              "artifact; ask for bytes=0- or drop the Range header",
+                              status=416, code="range_not_satisfiable", field="Range")
+    if first is None:  # a suffix: the last N bytes
+        assert last is not None
+        if last == 0:
+            raise unsatisfiable
+        return max(size - last, 0), size - 1
+    if last is not None and last < first:
+        return None
+    if first >= size:
+        raise unsatisfiable
+    return first, size - 1 if last is None else min(last, size - 1)
+
+
+def _bounded_int(digits: str) -> int:
+    # int() refuses more than 4300 digits; anything past 10**18 is past every artifact anyway.
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: errors must not echo megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def _clipped(payload: dict[str, Any], limit: int = 500) -> dict[str, Any]:
+    """Cut an error body's long strings (a row's value echoed in a message can be huge)."""
+    body = payload["error"]
+    if len(body["message"]) > limit:
+        body["message"] = body["message"][:limit] + "..."
+    if "details" in body:  # a copy: the dict is the exception's own
+        body["details"] = {k: v[:80] + "..." if isinstance(v, str) and len(v) > 80 else v
+                           for k, v in body["details"].items()}
+    return payload
 
 
 def _gzipped(cache: Path, path: Path, sha256: str) -> Path | None:

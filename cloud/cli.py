@@ -1,4 +1,4 @@
-"""``hybridml-cloud``: train, precompute, list, promote and serve models.
+"""``hybridml-cloud``: train, precompute, list, promote and serve models; manage keys and tokens.
 
 Thin by design: parse arguments, call the library, print. Every command takes ``--registry``
 (default ``$HYBRIDML_REGISTRY``, else ``./registry``) and ``--json``.
@@ -103,11 +103,49 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", default="stable", help="alias to move (default: stable)")
     pr.set_defaults(func=cmd_promote)
 
+    rb = sub.add_parser("rollback", parents=[common],
+                        help="move an alias back to the version it pointed at before")
+    rb.add_argument("name")
+    rb.add_argument("--alias", default="stable", help="alias to move (default: stable)")
+    rb.add_argument("--version", default=None, help="roll back to this version instead")
+    rb.set_defaults(func=cmd_rollback)
+
+    k = sub.add_parser("keys", help="manifest signing keys (ed25519)")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("init", parents=[common], help="create a key pair (signs at once only "
+                         "if no key is active, or with --activate)")
+    ki.add_argument("--activate", action="store_true", help="sign with the new key at once")
+    ki.set_defaults(func=cmd_keys_init)
+    kl = ksub.add_parser("list", parents=[common], help="list the key pairs")
+    kl.set_defaults(func=cmd_keys_list)
+    ku = ksub.add_parser("use", parents=[common], help="sign with KEY_ID from now on")
+    ku.add_argument("key_id")
+    ku.set_defaults(func=cmd_keys_use)
+    kr = ksub.add_parser("remove", parents=[common], help="delete a retired key pair")
+    kr.add_argument("key_id")
+    kr.set_defaults(func=cmd_keys_remove)
+
+    tk = sub.add_parser("tokens", help="API tokens (device, admin)")
+    tsub = tk.add_subparsers(dest="tokens_command", required=True)
+    tc = tsub.add_parser("create", parents=[common],
+                         help="create a token; prints it once on stdout")
+    tc.add_argument("--role", required=True, choices=["device", "admin"])
+    tc.add_argument("--name", required=True, help="label: the device or person it is for")
+    tc.set_defaults(func=cmd_tokens_create)
+    tl = tsub.add_parser("list", parents=[common], help="list tokens (never their secrets)")
+    tl.set_defaults(func=cmd_tokens_list)
+    tr = tsub.add_parser("revoke", parents=[common], help="revoke a token by id or name")
+    tr.add_argument("token", metavar="ID_OR_NAME")
+    tr.set_defaults(func=cmd_tokens_revoke)
+
     s = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
     s.add_argument("--dev", action="store_true", help="Flask's development server instead")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve without token checks (and unsigned if there is no key); "
+                   "loopback hosts only")
     s.set_defaults(func=cmd_serve)
     return p
 
@@ -226,10 +264,103 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """``promote``: move an alias (default ``stable``) to a version."""
+    from .auth import promote
+
     reg = _registry(args)
-    version = reg.set_alias(args.name, args.alias, args.version)
-    _emit(args, {"name": args.name, "alias": args.alias, "version": version},
-          f"{args.name}: {args.alias} -> v{version}")
+    version, before = promote(reg, args.name, args.alias, args.version)
+    _emit(args, {"name": args.name, "alias": args.alias, "version": version,
+                 "previous": before}, f"{args.name}: {args.alias} -> v{version}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """``rollback``: move an alias back to its previous version (or to ``--version``)."""
+    from .auth import rollback
+
+    version, before = rollback(_registry(args), args.name, args.alias, args.version)
+    _emit(args, {"name": args.name, "alias": args.alias, "version": version,
+                 "previous": before}, f"{args.name}: {args.alias} -> v{version} (was v{before})")
+    return 0
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    """``keys init``: a new ed25519 key pair under ``<registry>/keys``."""
+    from .signing import KeyRing
+
+    info = KeyRing(_registry(args).root).init(activate=args.activate)
+    note = ("signs manifests from now on" if info.active else
+            f"not signing yet: give devices the .pub file, then run 'hybridml-cloud keys use "
+            f"{info.key_id}'")
+    _emit(args, info.to_json(), f"key {info.key_id}: {note}\npublic key for devices: "
+          f"{info.public_path}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """``keys list``: the key pairs, the active one marked."""
+    from .signing import KeyRing
+
+    keys = KeyRing(_registry(args).root).list()
+    rows = [[k.key_id, "yes" if k.active else "-", "yes" if k.has_private else "no",
+             k.created, str(k.public_path)] for k in keys]
+    text = (_table(["key_id", "active", "private", "created", "public key"], rows) if rows
+            else "no signing keys: run 'hybridml-cloud keys init'")
+    _emit(args, [k.to_json() for k in keys], text)
+    return 0
+
+
+def cmd_keys_use(args: argparse.Namespace) -> int:
+    """``keys use``: switch the signing key (running servers follow on the next request)."""
+    from .signing import KeyRing
+
+    info = KeyRing(_registry(args).root).use(args.key_id)
+    _emit(args, info.to_json(), f"manifests are now signed with key {info.key_id}")
+    return 0
+
+
+def cmd_keys_remove(args: argparse.Namespace) -> int:
+    """``keys remove``: delete a retired key pair."""
+    from .signing import KeyRing
+
+    KeyRing(_registry(args).root).remove(args.key_id)
+    _emit(args, {"removed": args.key_id}, f"removed key {args.key_id}")
+    return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    """``tokens create``: the token goes alone to stdout (for ``$(...)``), notes to stderr."""
+    from .tokens import TokenStore
+
+    info, token = TokenStore(_registry(args).root).create(args.role, args.name)
+    if args.json:
+        print(json.dumps({**info.to_json(), "token": token}, indent=2, sort_keys=True))
+    else:
+        print(token)
+        if not args.quiet:
+            print(f"created {info.role} token {info.id} ({info.name}); it is shown only once, "
+                  "store it now", file=sys.stderr)
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    """``tokens list``: ids, names, roles; never secrets (only their hashes are stored)."""
+    from .tokens import TokenStore
+
+    tokens = TokenStore(_registry(args).root).list()
+    rows = [[t.id, t.role, t.name, t.created[:19] + "Z", (t.revoked or "")[:19] + "Z"
+             if t.revoked else "-"] for t in tokens]
+    text = (_table(["id", "role", "name", "created", "revoked"], rows) if rows
+            else "no tokens: run 'hybridml-cloud tokens create --role device --name LABEL'")
+    _emit(args, [t.to_json() for t in tokens], text)
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    """``tokens revoke``: the token stops working on the next request."""
+    from .tokens import TokenStore
+
+    info = TokenStore(_registry(args).root).revoke(args.token)
+    _emit(args, info.to_json(), f"revoked {info.role} token {info.id} ({info.name})")
     return 0
 
 
@@ -238,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     return serve(registry=str(_registry(args).root), host=args.host, port=args.port,
-                 workers=args.workers, dev=args.dev)
+                 workers=args.workers, dev=args.dev, insecure=args.insecure)
 
 
 def _metric(m: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """The end-to-end demo behind ``make demo``: every step is a real CLI command, shown as run.
 
-train on built-in data -> precompute a table -> serve on loopback -> sync an edge store ->
+train on built-in data -> precompute a table -> a signing key and a device token -> serve on
+loopback (tokens checked, manifests signed) -> sync an edge store that trusts the key ->
 stop the cloud -> predict offline (table hits and local inference) -> restart the cloud ->
 an out-of-range row falls back to the cloud -> summary.
 """
@@ -129,11 +130,23 @@ def main(argv: Sequence[str] | None = None) -> int:
          "20", "--registry", str(reg)])
     run(["hybridml-cloud", "models", "--registry", str(reg)])
 
+    # Secure by default: the cloud signs manifests and wants a token; the edge gets both.
+    run(["hybridml-cloud", "keys", "init", "--registry", str(reg)])
+    pub = next((reg / "keys").glob("*.pub"))
+    token = run(["hybridml-cloud", "tokens", "create", "--role", "device", "--name",
+                 "demo-edge", "--registry", str(reg), "--quiet"], show=False).strip()
+    print(f"\n$ export HYBRIDML_TOKEN=$(hybridml-cloud tokens create --role device --name "
+          f"demo-edge --registry {reg})\n(device token {token[:17]}..., shown once)")
+    os.environ["HYBRIDML_TOKEN"] = token  # the edge commands below read it
+
     cloud = Cloud(reg, free_port())
     cloud.start()
     try:
+        anon = requests.get(cloud.url + "/v1/models", timeout=5)
+        print(f"\n$ curl {cloud.url}/v1/models   # no token\n{anon.status_code} "
+              f"{anon.json()['error']['code']}")
         run(["hybridml-edge", "sync", "--cloud", cloud.url, "--name", name, "--store",
-             str(store)])
+             str(store), "--trust", str(pub)])
         run(["hybridml-edge", "sync", "--cloud", cloud.url, "--name", name, "--store",
              str(store)])
     finally:
@@ -163,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("train v1, v2 (" + args.model + " on " + args.dataset + ")",
          f"v1 ships {trained['quantization']['chosen']}; v2 promoted to stable"),
         ("precompute + sync", "edge store on v2 with its table"),
+        ("security", f"no token -> {anon.status_code}; manifest signed by key {pub.stem}, "
+                     "verified on the edge"),
         ("offline, frequent row", sources[0]),
         ("offline, rare row", sources[1]),
         ("offline, out-of-range row", "edge, degraded" if "degraded" in offline_odd

@@ -1,22 +1,93 @@
-"""Run the API: gunicorn (the default, 2 sync workers) or Flask's development server.
+"""Run the API: gunicorn (the default: 2 workers of 2 threads) or Flask's development server.
 
 ``hybridml-cloud serve`` calls :func:`serve`; gunicorn can also load the app directly with
 ``gunicorn 'hybridml.cloud.serve:wsgi()'`` (the registry comes from ``$HYBRIDML_REGISTRY``).
+
+Secure by default: ``serve`` refuses to start until the registry has an API token and a
+signing key (``hybridml-cloud tokens create``, ``keys init``). ``--insecure`` skips token checks
+and is only allowed on a loopback address, for tests and local experiments. ``wsgi()`` always
+checks tokens unless ``HYBRIDML_INSECURE=1`` is set, which is then the operator's call.
+
+Overload: gunicorn runs :class:`SheddingWorker` (gthread), whose queue is bounded: a request
+that finds the worker full (``HYBRIDML_MAX_PENDING``) or waited too long for a thread
+(``HYBRIDML_MAX_QUEUE_MS``) gets 503 + ``Retry-After`` at once, instead of the queue, and
+every client's latency, growing without bound. With an external gunicorn, pass
+``--worker-class hybridml.cloud.serve.SheddingWorker`` to get the same.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 from flask import Flask
+from gunicorn.workers.gthread import ThreadWorker
 
 from hybridml.shared.errors import ConfigError
 
-from .app import create_app
+from .app import ServeConfig, ShedLog, create_app, overloaded
+from .auth import INSECURE_ENV
+from .signing import KeyRing
+from .tokens import TokenStore
 
 log = logging.getLogger("hybridml.cloud.serve")
+_handling = threading.local()  # (seconds queued, queue depth) of the request a thread runs
+
+
+class SheddingWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker with a bounded queue: past it, a 503 at once.
+
+    ``pending`` counts the requests this worker holds (queued for a thread or running); it
+    changes only on the worker's main thread: +1 when a connection with a request goes to
+    the thread pool, -1 when that request is done. A request that found ``max_pending``
+    already there, or that waited more than ``max_queue_ms`` for a thread, gets 503 +
+    ``Retry-After`` before it reaches the app: it is parsed and its body drained (the
+    connection stays usable) but there is no WSGI environ, no Flask, no JSON and no model,
+    so shedding costs a fraction of a prediction and an overloaded worker keeps serving.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending = 0
+        self.limits = ServeConfig.from_env()  # serve() read the same variables
+        self.shed = ShedLog()
+
+    def enqueue_req(self, conn: Any) -> None:
+        """Hand a connection to the thread pool, stamped with the time and the queue depth."""
+        self.pending += 1
+        conn.hybridml_queued = (time.monotonic(), self.pending)
+        super().enqueue_req(conn)
+
+    def finish_request(self, *args: Any) -> None:
+        """A request is done (main thread); gunicorn 22 passes (fs), 27 (conn, fs)."""
+        self.pending -= 1
+        super().finish_request(*args)
+
+    def handle(self, conn: Any) -> Any:
+        """Serve a connection's next request in a pool thread, noting how long it queued."""
+        queued_at, depth = getattr(conn, "hybridml_queued", (time.monotonic(), 1))
+        _handling.queued = (time.monotonic() - queued_at, depth)
+        return super().handle(conn)
+
+    def handle_request(self, req: Any, conn: Any) -> bool:
+        """Run the app, or answer 503 if the request found the worker full."""
+        waited, depth = getattr(_handling, "queued", (0.0, 1))
+        fits = depth <= self.limits.max_pending and waited * 1000 <= self.limits.max_queue_ms
+        if fits or req.path == "/healthz":
+            return bool(super().handle_request(req, conn))
+        self.shed.shed(depth, waited)
+        close = bool(req.should_close()) or not self.alive
+        body, headers = overloaded(depth, waited, self.limits.retry_after_s)
+        if close:
+            headers.append(("Connection", "close"))
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        conn.sock.sendall(f"HTTP/1.1 503 Service Unavailable\r\n{head}\r\n".encode()
+                          + (b"" if req.method == "HEAD" else body))
+        return not close  # kept alive: gunicorn drains the unread body before the next request
 
 
 def wsgi() -> Flask:
@@ -24,15 +95,55 @@ def wsgi() -> Flask:
     return create_app()
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_security(registry: str, host: str, insecure: bool) -> None:
+    """Refuse to serve without tokens and a signing key, unless ``insecure`` on loopback."""
+    if insecure:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"--insecure serves without checking tokens, so it only binds to loopback "
+                f"(127.0.0.1, ::1, localhost), not {host!r}; to serve on {host}, create a token "
+                "('hybridml-cloud tokens create --role device --name LABEL') and drop --insecure",
+                field="host")
+        log.warning("insecure mode: no token checks on %s (loopback only)", host)
+        return
+    if TokenStore(registry).count_active() == 0:
+        raise ConfigError(
+            f"no API tokens in {registry}: create one with 'hybridml-cloud tokens create --role "
+            "device --name LABEL' (and an admin one to promote over HTTP), or pass --insecure "
+            "to serve without tokens on loopback only", field="tokens")
+    if KeyRing(registry).active_id() is None:
+        raise ConfigError(
+            f"no signing key in {registry}: run 'hybridml-cloud keys init' and give devices "
+            "the .pub file it prints ('hybridml-edge trust add FILE'), or pass --insecure to "
+            "serve unsigned manifests on loopback only", field="keys")
+
+
 def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
-          dev: bool = False, timeout: int = 30) -> int:
-    """Serve ``registry`` on ``host:port`` until interrupted; returns an exit code."""
+          dev: bool = False, timeout: int = 30, insecure: bool = False) -> int:
+    """Serve ``registry`` on ``host:port`` until interrupted; returns an exit code.
+
+    Without ``insecure`` the registry needs an active token and a signing key; with it, only
+    a loopback ``host`` is allowed (see :func:`check_security`).
+    """
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port", field="port")
     if workers < 1:
         raise ConfigError("--workers must be at least 1", field="workers")
+    check_security(registry, host, insecure)
     os.environ["HYBRIDML_REGISTRY"] = registry
-    app = create_app(registry)
+    os.environ[INSECURE_ENV] = "1" if insecure else "0"
+    config = ServeConfig.from_env()
+    app = create_app(registry, config)
     if dev:
         log.warning("serving %s on http://%s:%d with Flask's development server", registry,
                     host, port)
@@ -56,7 +167,8 @@ def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int
     options = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
-        "worker_class": "sync",
+        "worker_class": SheddingWorker,
+        "threads": config.threads,
         "timeout": timeout,
         "graceful_timeout": 10,
         "keepalive": 5,
@@ -65,7 +177,8 @@ def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int
         "accesslog": None,
         "proc_name": "hybridml-cloud",
     }
-    log.warning("serving %s on http://%s:%d with gunicorn (%d workers)", registry, host, port,
-                workers)
+    log.warning("serving %s on http://%s:%d with gunicorn (%d workers x %d threads; 503 past "
+                "%d pending or %d ms queued per worker)", registry, host, port, workers,
+                config.threads, config.max_pending, config.max_queue_ms)
     _Gunicorn(app, options).run()
     return 0

@@ -1,4 +1,4 @@
-"""``hybridml-edge``: sync, predict, status, rollback and the sync agent on a device.
+"""``hybridml-edge``: sync, predict, status, rollback, the sync agent and trusted keys.
 
 The store defaults to ``$HYBRIDML_STORE``, else ``~/.hybridml``; the cloud URL to
 ``$HYBRIDML_CLOUD``. Exit codes: 0 ok, 2 bad input or failure.
@@ -27,6 +27,7 @@ from .fallback import FallbackPolicy
 from .runtime import EdgeRuntime, Prediction
 from .store import LocalStore
 from .sync import sync
+from .trust import TrustStore, describe
 
 log = logging.getLogger("hybridml.edge.cli")
 
@@ -61,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridml-edge", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sync", parents=[common], help="fetch and activate the cloud's version")
+    trust_flag = argparse.ArgumentParser(add_help=False)
+    trust_flag.add_argument("--trust", action="append", default=[], metavar="PUBKEY_FILE",
+                            help="trust this cloud signing key from now on, as 'trust add' "
+                            "does (repeatable)")
+
+    s = sub.add_parser("sync", parents=[common, trust_flag],
+                       help="fetch and activate the cloud's version")
     s.add_argument("--name", required=True)
     s.set_defaults(func=cmd_sync)
 
@@ -86,7 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--name", required=True)
     rb.set_defaults(func=cmd_rollback)
 
-    ag = sub.add_parser("agent", parents=[common], help="sync in a loop (for systemd)")
+    tr = sub.add_parser("trust", help="the cloud keys this device accepts manifests from")
+    tsub = tr.add_subparsers(dest="trust_command", required=True)
+    ta = tsub.add_parser("add", parents=[common], help="trust a public key file (PEM)")
+    ta.add_argument("file", metavar="PUBKEY_FILE")
+    ta.set_defaults(func=cmd_trust_add)
+    tl = tsub.add_parser("list", parents=[common], help="list trusted key ids")
+    tl.set_defaults(func=cmd_trust_list)
+    trm = tsub.add_parser("remove", parents=[common], help="stop trusting a key id")
+    trm.add_argument("key_id")
+    trm.set_defaults(func=cmd_trust_remove)
+
+    ag = sub.add_parser("agent", parents=[common, trust_flag],
+                        help="sync in a loop (for systemd)")
     ag.add_argument("--name", required=True)
     ag.add_argument("--interval", type=float, default=300.0, help="seconds between syncs")
     ag.add_argument("--max-cycles", type=int, default=None, help="stop after N syncs")
@@ -104,6 +123,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     """``sync``: one verified sync."""
     store = LocalStore(args.store)
     client = CloudClient(_need_cloud(args), token=args.token)
+    _add_trusted(store, args.trust)
     r = sync(store, client, args.name)
     if r.changed:
         text = (f"{args.name}: activated v{r.version}"
@@ -159,6 +179,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             entry["model_bytes"] = model.size if model else None
             entry["variant"] = model.variant if model else None
             entry["table_bytes"] = table.size if table else 0
+            entry["signature"] = describe(store.root, active)
         entry.update({k: v for k, v in store.sync_state(name).items() if k != "etag"})
         models.append(entry)
     if args.json:
@@ -179,6 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             line += (f"; {e['variant']} model {e['model_bytes']:,} B, "
                      f"table {e['table_bytes']:,} B")
         print(line)
+        if e.get("signature"):
+            print(f"  signature: {_signature_text(e['signature'])}")
         print(f"  last sync: {e.get('last_sync', 'never')}"
               + (f"; last error: {e['last_error']}" if e.get("last_error") else ""))
     return 0
@@ -198,10 +221,75 @@ def cmd_agent(args: argparse.Namespace) -> int:
     """``agent``: the sync loop."""
     store = LocalStore(args.store)
     client = CloudClient(_need_cloud(args), token=args.token)
+    _add_trusted(store, args.trust)
     agent = Agent(store, client, args.name, AgentSettings(interval=args.interval))
     cycles = agent.run(max_cycles=args.max_cycles)
     log.info("agent stopped after %d cycles", cycles)
     return 0
+
+
+def cmd_trust_add(args: argparse.Namespace) -> int:
+    """``trust add``: accept manifests signed by this key from now on."""
+    store = LocalStore(args.store)
+    key_id = _add_trusted(store, [args.file])[0]
+    print(json.dumps({"trusted": key_id}) if args.json else
+          f"trusting key {key_id}; manifests must now be signed by a trusted key")
+    return 0
+
+
+def cmd_trust_list(args: argparse.Namespace) -> int:
+    """``trust list``: the key ids this device accepts."""
+    keys = sorted(TrustStore(LocalStore(args.store).root).keys())
+    if args.json:
+        print(json.dumps({"trusted": keys}))
+    else:
+        print("\n".join(keys) if keys else
+              "no trusted keys: manifests are accepted unsigned (run 'hybridml-edge trust add "
+              "KEY.pub')")
+    return 0
+
+
+def cmd_trust_remove(args: argparse.Namespace) -> int:
+    """``trust remove``: refuse manifests signed by this key from now on."""
+    store = LocalStore(args.store)
+    TrustStore(store.root).remove(args.key_id)
+    _forget_etags(store)
+    left = sorted(TrustStore(store.root).keys())
+    print(json.dumps({"removed": args.key_id, "trusted": left}) if args.json else
+          f"no longer trusting key {args.key_id}; trusted: {', '.join(left) or 'none'}")
+    return 0
+
+
+def _add_trusted(store: LocalStore, files: Sequence[str]) -> list[str]:
+    """Install trusted keys; a new key makes the next sync fetch and check the manifest again."""
+    if not files:
+        return []
+    trust = TrustStore(store.root)
+    before = set(trust.keys())
+    ids = [trust.add(f) for f in files]
+    if set(ids) - before:
+        _forget_etags(store)
+    return ids
+
+
+def _forget_etags(store: LocalStore) -> None:
+    # A 304 would keep a manifest that was accepted under the old set of keys; without the
+    # ETag the next sync fetches the manifest and checks it against the new set.
+    for name in store.model_names():
+        with store.lock(name):
+            state = store.sync_state(name)
+            if state.pop("etag", None) is not None:
+                store.save_sync_state(name, state)
+
+
+def _signature_text(sig: dict[str, Any]) -> str:
+    key = sig.get("key_id")
+    return {"verified": f"verified (key {key})",
+            "unverified": f"signed by key {key}, not verified (this device trusts no key)",
+            "unsigned": "unsigned" + ("" if sig.get("trusted_keys") else
+                                      " (this device trusts no key)"),
+            "untrusted": f"signed by key {key}, which this device no longer trusts",
+            "invalid": f"INVALID signature by key {key}"}.get(sig.get("state", ""), "unknown")
 
 
 # -------------------------------------------------------------------------------- input

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hybridml.shared.errors import (
     CloudUnavailableError,
+    ConfigError,
     HybridMLError,
     InputError,
     NoModelError,
@@ -26,35 +27,99 @@ from hybridml.shared.manifest import Manifest
 from hybridml.shared.schema import EncodedBatch
 from hybridml.shared.table import Table
 
-from .client import CloudClient
+from .columnar import BatchPrediction, TableCost, predict_arrays
 from .fallback import CircuitBreaker, FallbackPolicy
+from .fastpath import RowPath
 from .session import ModelSession, Outputs
 from .store import LocalStore
-from .sync import SyncResult, sync
+
+if TYPE_CHECKING:  # the cloud side (requests, signature checks) loads only when used
+    from .client import CloudClient
+    from .sync import SyncResult
 
 log = logging.getLogger("hybridml.edge.runtime")
 
 Row = Mapping[str, Any] | Sequence[Any]
 
 
-@dataclass
 class Prediction:
-    """One row's answer. ``source`` is ``precomputed``, ``edge`` or ``cloud``."""
+    """One row's answer. ``source`` is ``precomputed``, ``edge`` or ``cloud``.
 
-    prediction: Any
-    source: str
-    model_version: int | None
-    probabilities: dict[str, float] | None = None
-    degraded: bool = False
-    reason: str | None = None
-    error: dict[str, Any] | None = field(default=None)
+    ``probabilities`` (classifiers) maps each class to its probability rounded to 6 digits; it
+    is built on first access, so callers that only read ``prediction`` never pay for it.
+    """
+
+    __slots__ = ("_classes", "_probs", "_raw", "degraded", "error", "model_version",
+                 "prediction", "reason", "source")
+
+    def __init__(self, prediction: Any, source: str, model_version: int | None,
+                 probabilities: dict[str, float] | None = None, degraded: bool = False,
+                 reason: str | None = None, error: dict[str, Any] | None = None) -> None:
+        self.prediction = prediction
+        self.source = source
+        self.model_version = model_version
+        self.degraded = degraded
+        self.reason = reason
+        self.error = error
+        self._probs = probabilities
+        self._raw: Any = None
+        self._classes: Sequence[Any] | None = None
+
+    @classmethod
+    def deferred(cls, prediction: Any, source: str, model_version: int | None, raw: Any,
+                 classes: Sequence[Any] | None) -> Prediction:
+        """A local answer whose probabilities dict is built from ``raw`` on first access.
+
+        ``raw`` is a row of class probabilities (built into a dict of ``classes``), a shared
+        dict (copied on access) or None.
+        """
+        p = cls.__new__(cls)
+        p.prediction, p.source, p.model_version = prediction, source, model_version
+        p.degraded, p.reason, p.error = False, None, None
+        p._probs, p._raw, p._classes = None, raw, classes
+        return p
+
+    @property
+    def probabilities(self) -> dict[str, float] | None:
+        """Class -> probability (classifiers), else None."""
+        raw = self._raw
+        if raw is not None:
+            self._raw = None
+            if isinstance(raw, dict):
+                self._probs = dict(raw)
+            else:
+                self._probs = {str(c): round(float(p), 6)
+                               for c, p in zip(self._classes or (), raw)}
+        return self._probs
+
+    @probabilities.setter
+    def probabilities(self, value: dict[str, float] | None) -> None:
+        self._probs, self._raw = value, None
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.prediction, self.source, self.model_version, self.probabilities,
+                self.degraded, self.reason, self.error)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Prediction):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        names = ("prediction", "source", "model_version", "probabilities", "degraded", "reason",
+                 "error")
+        return "Prediction(" + ", ".join(f"{k}={v!r}" for k, v in zip(names, self._fields())) \
+            + ")"
 
     def to_json(self) -> dict[str, Any]:
         """JSON form printed by ``predict --json``."""
         out: dict[str, Any] = {"prediction": self.prediction, "source": self.source,
                                "model_version": self.model_version}
-        if self.probabilities is not None:
-            out["probabilities"] = self.probabilities
+        probabilities = self.probabilities
+        if probabilities is not None:
+            out["probabilities"] = probabilities
         if self.degraded:
             out["degraded"] = True
         if self.reason:
@@ -73,15 +138,23 @@ class EdgeRuntime:
     def __init__(self, store: str | os.PathLike[str] | LocalStore, model: str,
                  cloud_url: str | None = None, *, policy: FallbackPolicy | None = None,
                  token: str | None = None, threads: int = 1) -> None:
+        self._fast: RowPath | None = None
+        self._fast_off = False  # the fast path failed to build for the current state
+        self._table_cost = TableCost()
+        self._state_lock = threading.Lock()  # reload vs compiling the fast path
         self.store = store if isinstance(store, LocalStore) else LocalStore(store)
         self.name = model
         self.policy = policy or FallbackPolicy.from_env()
-        self.client = CloudClient(cloud_url, token=token) if cloud_url else None
+        self.client: CloudClient | None = None
+        if cloud_url:
+            from .client import CloudClient
+
+            self.client = CloudClient(cloud_url, token=token)
         self.breaker = CircuitBreaker(self.policy.failures, self.policy.cooldown_s)
         self.threads = threads
         self.manifest: Manifest | None = None
         self.session: ModelSession | None = None
-        self.table: Table | None = None
+        self._table: Table | None = None
         self.cloud_failures = 0
         self.last_cloud_error: str | None = None
         self.reload()
@@ -91,7 +164,9 @@ class EdgeRuntime:
         """(Re)load the active version from the store; returns True if one is loaded."""
         manifest = self.store.active(self.name)
         if manifest is None:
-            self.manifest = self.session = self.table = None
+            with self._state_lock:
+                self.manifest = self.session = self._table = None
+                self._fast, self._fast_off = None, False
             return False
         if self.manifest is not None and manifest.dumps() == self.manifest.dumps():
             return True
@@ -104,8 +179,10 @@ class EdgeRuntime:
         tab = manifest.artifact("table")
         if tab is not None:
             table = Table.open(self.store.artifact_path(tab.sha256), model_sha256=model.sha256)
-        old_table = self.table
-        self.manifest, self.session, self.table = manifest, session, table
+        old_table = self._table
+        with self._state_lock:
+            self.manifest, self.session, self._table = manifest, session, table
+            self._fast, self._fast_off = None, False  # compiled on the next single-row call
         if old_table is not None and old_table is not table:
             old_table.close()
         log.info("loaded %s v%s%s", self.name, manifest.version,
@@ -116,6 +193,8 @@ class EdgeRuntime:
         """Sync with the cloud, then load the new version if one was activated."""
         if self.client is None:
             raise CloudUnavailableError("no cloud URL configured; pass cloud_url to sync")
+        from .sync import sync
+
         result = sync(self.store, self.client, self.name)
         if result.changed or self.manifest is None:
             self.reload()
@@ -127,6 +206,26 @@ class EdgeRuntime:
             manifest = self.store.rollback(self.name)
         self.reload()
         return manifest
+
+    @property
+    def table(self) -> Table | None:
+        """The loaded precomputed table, or None."""
+        return self._table
+
+    @table.setter
+    def table(self, value: Table | None) -> None:
+        with self._state_lock:
+            self._table, self._fast, self._fast_off = value, None, False
+
+    @property
+    def policy(self) -> FallbackPolicy:
+        """The fallback policy (replace it to change behaviour; the fast path follows)."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: FallbackPolicy) -> None:
+        with self._state_lock:
+            self._policy, self._fast, self._fast_off = value, None, False
 
     @property
     def version(self) -> int | None:
@@ -141,7 +240,16 @@ class EdgeRuntime:
         ``errors="report"`` returns a :class:`Prediction` with ``error`` set for bad rows and
         predicts the good ones.
         """
-        rows = list(rows)
+        if errors != "raise" and errors != "report":
+            raise ConfigError(f"errors={errors!r}: use 'raise' or 'report'", field="errors")
+        if type(rows) is not list:
+            rows = list(rows)
+        if len(rows) == 1:
+            fast = self._fast or (None if self._fast_off else self._compile_fast())
+            if fast is not None:
+                answer = fast.predict(rows[0], Prediction.deferred)
+                if answer is not None:
+                    return [answer]
         if self.manifest is None or self.session is None:
             return self._cloud_only(rows)
         schema = self.manifest.schema
@@ -158,6 +266,25 @@ class EdgeRuntime:
             for i, pred in zip(good, self._predict_batch(good_rows, batch)):
                 results[i] = pred
         return [r for r in results if r is not None]
+
+    def predict_arrays(self, num: Any = None, cat: Any = None) -> BatchPrediction:
+        """Predict a batch given as arrays: ``num`` float ``[N, n_numeric]`` and ``cat`` str
+        ``[N, n_categorical]``, each in schema order (see :mod:`hybridml.edge.columnar`).
+        """
+        return predict_arrays(self, num, cat, self._table_cost)
+
+    def _compile_fast(self) -> RowPath | None:
+        """Build the single-row fast path for the loaded version (None if it cannot apply)."""
+        with self._state_lock:
+            manifest, session = self.manifest, self.session
+            if manifest is None or session is None:
+                return None
+            try:
+                self._fast = RowPath(manifest, session, self._table, self._policy)
+            except Exception as exc:  # e.g. an onnxruntime without IO binding: stay correct
+                log.warning("single-row fast path unavailable: %s", exc)
+                self._fast, self._fast_off = None, True
+            return self._fast
 
     def predict_one(self, row: Row) -> Prediction:
         """Predict a single row."""
@@ -179,32 +306,32 @@ class EdgeRuntime:
         return good, bad
 
     def _predict_batch(self, rows: list[Row], batch: EncodedBatch) -> list[Prediction]:
-        assert self.manifest is not None and self.session is not None
+        manifest, session, table = self.manifest, self.session, self.table
+        assert manifest is not None and session is not None
         n = len(batch)
+        is_clf = manifest.task != "regression"
+        classes = tuple(manifest.classes or ())
         labels = np.zeros(n, dtype=np.int64)
         values = np.zeros(n, dtype=np.float32)
-        is_clf = self.manifest.task != "regression"
-        n_cls = len(self.manifest.classes or ())
-        probs = np.zeros((n, n_cls), dtype=np.float32) if is_clf else None
-        source = np.full(n, "edge", dtype=object)
+        probs = np.zeros((n, len(classes)), dtype=np.float32) if is_clf else None
         hit = np.full(n, -1, dtype=np.int64)
-        if self.table is not None:
-            keys = self.manifest.schema.keys(batch)
-            hit = (np.array([self.table.lookup(keys[0].tobytes())]) if n == 1
-                   else self.table.lookup_many(keys))
-            for i in np.flatnonzero(hit >= 0):
-                j = int(hit[i])
-                source[i] = "precomputed"
+        if table is not None:
+            keys = manifest.schema.keys(batch)
+            hit = (np.array([table.lookup(keys[0].tobytes())]) if n == 1
+                   else table.lookup_many(keys))
+            found = np.flatnonzero(hit >= 0)
+            if found.size:
+                t_labels, t_probs, t_values = table.take(hit[found])
                 if is_clf:
-                    labels[i] = self.table.label(j)
-                    probs[i] = self.table.probabilities(j)  # type: ignore[index]
+                    labels[found] = t_labels
+                    probs[found] = t_probs  # type: ignore[index]
                 else:
-                    values[i] = self.table.value(j)
+                    values[found] = t_values
         miss = np.flatnonzero(hit < 0)
         local_failed = False
         if miss.size:
             try:
-                out: Outputs = self.session.run(batch if miss.size == n else batch.take(miss))
+                out: Outputs = session.run(batch if miss.size == n else batch.take(miss))
                 if is_clf:
                     labels[miss] = out.labels  # type: ignore[assignment]
                     probs[miss] = out.probabilities  # type: ignore[index]
@@ -213,18 +340,17 @@ class EdgeRuntime:
             except Exception as exc:  # onnxruntime raises its own types; fall back below
                 log.warning("local inference failed: %s", exc)
                 local_failed = True
-        results = [self._local(i, labels, values, probs, str(source[i])) for i in range(n)]
+        version = manifest.version
+        sources = ["precomputed" if h else "edge" for h in (hit >= 0).tolist()]
+        make = Prediction.deferred
+        if is_clf:
+            assert probs is not None
+            results = [make(classes[label], src, version, row, classes)
+                       for label, src, row in zip(labels.tolist(), sources, probs)]
+        else:
+            results = [Prediction(v, src, version) for v, src in zip(values.tolist(), sources)]
         self._apply_fallback(rows, batch, results, probs, local_failed)
         return results
-
-    def _local(self, i: int, labels: np.ndarray, values: np.ndarray, probs: np.ndarray | None,
-               source: str) -> Prediction:
-        assert self.manifest is not None
-        if probs is None:
-            return Prediction(float(values[i]), source, self.manifest.version)
-        classes = self.manifest.classes or ()
-        return Prediction(classes[int(labels[i])], source, self.manifest.version,
-                          {str(c): round(float(p), 6) for c, p in zip(classes, probs[i])})
 
     # ------------------------------------------------------------------------------- fallback
     def _reasons(self, batch: EncodedBatch, probs: np.ndarray | None,
@@ -236,14 +362,14 @@ class EdgeRuntime:
         reasons: list[str | None] = [None] * n
         if not p.enabled:
             return reasons
-        conf = probs.max(axis=1) if probs is not None and probs.size else None
-        for i in range(n):
-            if p.on_out_of_range and batch.out_of_range[i]:
-                reasons[i] = "out_of_range"
-            elif p.on_unseen and batch.unseen[i]:
-                reasons[i] = "unseen_category"
-            elif conf is not None and conf[i] < p.min_confidence:
-                reasons[i] = "low_confidence"
+        oor = batch.out_of_range if p.on_out_of_range else np.zeros(n, dtype=bool)
+        unseen = batch.unseen if p.on_unseen else np.zeros(n, dtype=bool)
+        low = (probs.max(axis=1) < p.min_confidence if probs is not None and probs.size
+               else np.zeros(n, dtype=bool))
+        # The first matching reason wins, in this order.
+        for i in np.flatnonzero(oor | unseen | low).tolist():
+            reasons[i] = ("out_of_range" if oor[i] else
+                          "unseen_category" if unseen[i] else "low_confidence")
         return reasons
 
     def _apply_fallback(self, rows: list[Row], batch: EncodedBatch, results: list[Prediction],

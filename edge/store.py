@@ -11,18 +11,24 @@ Layout::
 
 Every pointer is written to a temp file, fsynced and renamed over the old one, and the
 directory is fsynced; activation writes ``previous.json`` before ``active.json``. A crash
-(power loss, SIGKILL) at any instant therefore leaves the store on the old or the new version.
+(power loss, SIGKILL) at any instant therefore leaves the store on the old or the new version;
+the next sync under the lock removes temp files a crash left behind.
+
+Test hook: :func:`crash_point` kills the process with SIGKILL at a named step when
+``$HYBRIDML_TEST_CRASH_AT`` names that step (``mid_download``, ``after_download``,
+``after_commit``, ``after_verify``, ``after_previous``, ``before_replace:<file>``,
+``after_active``, ``rollback_between``). It does nothing unless the variable is set; the
+fault tests use it to prove the claim above at every step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import tempfile
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,13 @@ from hybridml.shared.errors import IntegrityError, ManifestError, NoModelError
 from hybridml.shared.manifest import SHA256_RE, Manifest, check_name
 
 log = logging.getLogger("hybridml.edge.store")
+CRASH_ENV = "HYBRIDML_TEST_CRASH_AT"
+
+
+def crash_point(point: str) -> None:
+    """Test hook: SIGKILL this process here if ``$HYBRIDML_TEST_CRASH_AT`` equals ``point``."""
+    if os.environ.get(CRASH_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,12 +57,15 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
+    import tempfile  # here, not at the top: a process that only predicts never writes
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point(f"before_replace:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -154,6 +170,7 @@ class LocalStore:
             old = current.read_bytes()
             if Manifest.loads(old).version != manifest.version:
                 atomic_write(d / "previous.json", old)
+                crash_point("after_previous")
         atomic_write(current, manifest.dumps())
         log.info("activated %s v%s", manifest.name, manifest.version)
 
@@ -161,15 +178,18 @@ class LocalStore:
         """Swap active and previous; raises :class:`NoModelError` when there is no previous."""
         d = self.model_dir(name)
         prev, cur = self.previous(name), self.active(name)
-        if prev is None or cur is None:
+        if prev is None or cur is None or prev.version == cur.version:
+            # equal versions: a crash mid-activation or mid-rollback left one pointer twice
             raise NoModelError(f"model {name!r} has no previous version to roll back to",
                                name=name)
         for a in prev.artifacts:
             if a.role in ("model", "table") and not self.has_artifact(a.sha256, a.size):
                 raise NoModelError(f"previous version v{prev.version} of {name!r} is missing "
                                    f"artifact {a.sha256[:12]}; run sync instead", name=name)
-        # previous first: a crash in between leaves both pointers on valid versions.
+        # previous first: a crash in between leaves both pointers on the current version —
+        # a whole version is served, only the way back is lost (rollback then refuses).
         atomic_write(d / "previous.json", cur.dumps())
+        crash_point("rollback_between")
         atomic_write(d / "active.json", prev.dumps())
         log.info("rolled %s back from v%s to v%s", name, cur.version, prev.version)
         return prev
@@ -187,6 +207,18 @@ class LocalStore:
         d = self.model_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write(d / "sync.json", json.dumps(state, sort_keys=True).encode())
+
+    def clean_temp(self, name: str) -> int:
+        """Remove temp files a crash left in ``name``'s directory (call under :meth:`lock`)."""
+        removed = 0
+        d = self.model_dir(name)
+        if d.is_dir():
+            for p in d.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("removed %d temp file(s) a crash left in %s", removed, d)
+        return removed
 
     def model_names(self) -> list[str]:
         """Names of models that have a directory in the store."""
@@ -225,6 +257,8 @@ class LocalStore:
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
+    import hashlib  # here: it loads OpenSSL (~3.5 MB RSS), which predicting never needs
+
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

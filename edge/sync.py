@@ -9,11 +9,18 @@ One sync:
    table bound to the model's sha256;
 5. only then write the pointers (previous first, then active).
 
-Any failure leaves the active version untouched and raises a typed error.
+Any failure leaves the active version untouched and raises a typed error (an ``OSError``
+such as a full disk becomes :class:`ArtifactError`). What stays in the store after a failure:
+a ``.part`` file cut by a broken connection (the next sync resumes it); never a ``.part`` that
+failed verification (wrong size or sha256, undecodable, too long) or that a full disk stopped;
+and artifacts that passed their sha256 check stay even when the model then fails its golden
+rows — they are complete, immutable and content-addressed, so a retry need not fetch them
+again. Temp files a SIGKILL left behind are removed by the next sync.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -22,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from hybridml.shared.errors import HybridMLError, ManifestError, ModelLoadError
+from hybridml.shared.errors import ArtifactError, HybridMLError, ManifestError, ModelLoadError
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.table import Table
 
 from .client import CloudClient
 from .session import ModelSession
-from .store import LocalStore
+from .store import LocalStore, crash_point
+from .trust import check_manifest
 
 log = logging.getLogger("hybridml.edge.sync")
 EDGE_ROLES = ("model", "table")
@@ -65,18 +73,37 @@ def sync(store: LocalStore, client: CloudClient, name: str) -> SyncResult:
     store.ensure()
     t0 = time.perf_counter()
     with store.lock(name):
+        store.clean_temp(name)
         state = store.sync_state(name)
         state["last_attempt"] = now_iso()
         try:
-            result = _sync_locked(store, client, name, state, t0)
+            try:
+                result = _sync_locked(store, client, name, state, t0)
+            except OSError as exc:
+                raise _os_error(exc, store) from exc
         except HybridMLError as exc:
             state["last_error"] = f"{exc.code}: {exc.message}"
-            store.save_sync_state(name, state)
+            try:
+                store.save_sync_state(name, state)
+            except OSError as save_exc:  # e.g. the disk is still full: report the first error
+                log.warning("could not record the sync error for %s: %s", name, save_exc)
             raise
         state.pop("last_error", None)
         state["last_sync"] = now_iso()
-        store.save_sync_state(name, state)
+        try:
+            store.save_sync_state(name, state)
+        except OSError as exc:  # the version is active; only the bookkeeping failed
+            log.warning("activated %s but could not record the sync state: %s", name, exc)
     return result
+
+
+def _os_error(exc: OSError, store: LocalStore) -> ArtifactError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ArtifactError(f"the disk holding the store {store.root} is full "
+                             f"({exc.strerror}); free space and sync again", errno=exc.errno)
+    return ArtifactError(f"cannot write the store {store.root}: {exc.strerror or exc} "
+                         f"({getattr(exc, 'filename', None) or 'no file name'}); check its "
+                         "permissions and free space", errno=exc.errno)
 
 
 def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[str, Any],
@@ -89,6 +116,7 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
         return SyncResult(name, False, active.version if active else None, None, (), 0,
                           resp.wire_bytes, time.perf_counter() - t0)
     manifest = Manifest.loads(resp.body)
+    check_manifest(store.root, manifest)  # SignatureError before anything is fetched
     if manifest.name != name:
         raise ManifestError(f"asked for {name!r}, the cloud sent a manifest for "
                             f"{manifest.name!r}", field="name")
@@ -102,11 +130,15 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
         if art.role not in EDGE_ROLES or store.has_artifact(art.sha256, art.size):
             continue
         received += client.download(art.sha256, store.part_path(art.sha256), art.size)
+        crash_point("after_download")
         store.commit_part(art.sha256, art.size)
+        crash_point("after_commit")
         fetched.append(art.role)
         log.info("fetched %s %s (%d bytes)", art.role, art.sha256[:12], art.size)
     verify_model(store, manifest)
+    crash_point("after_verify")
     store.activate(manifest)
+    crash_point("after_active")
     state["etag"] = resp.etag
     return SyncResult(name, True, manifest.version, active.version if active else None,
                       tuple(fetched), received, resp.wire_bytes + received,

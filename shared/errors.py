@@ -20,12 +20,15 @@ the cloud said.
     ├── ArtifactError                  artifact          502
     │   └── IntegrityError             integrity         502
     ├── ManifestError                  manifest          502
+    │   └── SignatureError             signature         502   (unsigned, unknown key, bad sig)
     ├── TableError                     table             500
     ├── ModelLoadError                 model_load        500
     ├── NoModelError                   no_model          404
     ├── RemoteError                    remote            502
     │   ├── CloudUnavailableError      cloud_unavailable 503
     │   └── CloudTimeoutError          cloud_timeout     504
+    ├── AuthError                      unauthorized      401   (missing, unknown, revoked token)
+    │   └── ForbiddenError             forbidden         403   (a device token on an admin call)
     └── HTTPError                      http              400   (API-level: 405, 413, 415 ...)
 """
 
@@ -178,6 +181,13 @@ class ManifestError(HybridMLError):
     status = 502
 
 
+class SignatureError(ManifestError):
+    """A manifest is unsigned, signed by a key this device does not trust, or badly signed."""
+
+    code = "signature"
+    status = 502
+
+
 class TableError(HybridMLError):
     """A precomputed table is malformed or bound to another model."""
 
@@ -216,6 +226,20 @@ class CloudTimeoutError(RemoteError):
 
     code = "cloud_timeout"
     status = 504
+
+
+class AuthError(HybridMLError):
+    """The request carries no bearer token, or one the cloud does not know (or revoked)."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class ForbiddenError(AuthError):
+    """The token is valid but its role may not do this (e.g. a device token promoting)."""
+
+    code = "forbidden"
+    status = 403
 
 
 class HTTPError(HybridMLError):

@@ -30,16 +30,19 @@ import mmap
 import os
 import re
 import sys
-import tempfile
 from bisect import bisect_left
 from collections.abc import Sequence
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import TableError
+
+try:  # CPython's built-in BLAKE2: the same digests as hashlib's, without loading OpenSSL
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - other interpreters
+    from hashlib import blake2b
 
 MAGIC = b"HMLTBL01"
 FORMAT = 1
@@ -49,6 +52,11 @@ _PREFIX = len(MAGIC) + 8
 _MAX_HEADER = 1 << 20  # a real header is a few hundred bytes; more means corruption
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _TASKS = ("binary", "multiclass", "regression")
+# Tables whose keys fit in about this much Python memory are also indexed by a dict on first
+# lookup: ~0.05 µs per lookup instead of ~1 µs for hash + binary search. Bigger tables stay
+# purely memory-mapped (a 1M-row table must not cost the device its RAM).
+INDEX_MAX_BYTES = 2 << 20
+_INDEX_ENTRY_OVERHEAD = 100  # bytes object header + dict slot, per key
 _DTYPES = {"hashes": "<u8", "keys": "|u1", "labels": "<i4", "probabilities": "<f4",
            "values": "<f4"}
 
@@ -155,6 +163,8 @@ def _column(arr: np.ndarray, name: str, dtype: type, shape: tuple[int, ...]) -> 
 
 def _atomic_write(path: Path, start: int, head: bytes, arrays: dict[str, np.ndarray],
                   layout: dict[str, Any], data_bytes: int) -> None:
+    import tempfile  # here, not at the top: the edge only reads tables
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -208,6 +218,8 @@ class Table:
             self._hash_view = memoryview(mm)[start + header["arrays"]["hashes"]["offset"]:][
                 :8 * self._n].cast("Q")
             self._hash_seq = self._hash_view
+        self._index: dict[bytes, int] | None = None
+        self._indexable = self._n * (self._width + _INDEX_ENTRY_OVERHEAD) <= INDEX_MAX_BYTES
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_sha256: str | None = None) -> Table:
@@ -247,6 +259,11 @@ class Table:
         """Return the row index of ``key`` (canonical key bytes), or -1 when it is absent."""
         if type(key) is not bytes:
             key = bytes(key)
+        index = self._index
+        if index is not None:
+            return index.get(key, -1)
+        if self._indexable:
+            return self._build_index().get(key, -1)
         h = int.from_bytes(blake2b(key, digest_size=8).digest(), "little")
         hashes, n, w = self._hash_seq, self._n, self._width
         i = bisect_left(hashes, h)  # type: ignore[arg-type]
@@ -257,6 +274,27 @@ class Table:
                 return i
             i += 1
         return -1
+
+    def key_index(self) -> dict[bytes, int] | None:
+        """The in-memory ``key -> row`` dict of a small table (built on first use), or None
+        for a table too big to index (use :meth:`lookup`). Do not modify it."""
+        if self._index is None and self._indexable:
+            self._build_index()
+        return self._index
+
+    def _build_index(self) -> dict[bytes, int]:
+        """Map every key to its row (a small table only); the first row wins, as in lookup.
+
+        A row whose stored hash is not its key's hash is left out: the binary search could
+        never find it either, so both paths give the same answers even on a forged file.
+        """
+        w = self._width
+        keys = self._arrays["keys"] if self._n else np.empty((0, w), dtype=np.uint8)
+        data = keys.tobytes()
+        good = (hash_keys(keys) == self._hashes).tolist() if self._n else []
+        index = {data[i * w:(i + 1) * w]: i for i in range(self._n - 1, -1, -1) if good[i]}
+        self._index = index
+        return index
 
     def lookup_many(self, keys: np.ndarray) -> np.ndarray:
         """Return the row index of each key row (``uint8 [M, key_width]``), -1 where absent."""
@@ -269,6 +307,11 @@ class Table:
         out = np.full(m, -1, dtype=np.int64)
         if not m or not self._n:
             return out
+        if self._indexable:
+            index = self._index if self._index is not None else self._build_index()
+            data, w = keys.tobytes(), self._width
+            return np.fromiter((index.get(data[i:i + w], -1) for i in range(0, m * w, w)),
+                               dtype=np.int64, count=m)
         h = hash_keys(keys)
         idx = np.searchsorted(self._hashes, h)
         pos = np.minimum(idx, self._n - 1)
@@ -354,6 +397,8 @@ class Table:
             self._hash_view.release()
             self._hash_view = None
         self._hash_seq = ()
+        self._index = None
+        self._indexable = False
         self._arrays = {}
         self._hashes = np.empty(0, dtype=np.uint64)
         self._n = 0

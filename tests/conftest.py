@@ -52,6 +52,8 @@ class CloudServer:
     registry: Path
     port: int
     proc: subprocess.Popen[bytes] | None
+    # Test servers run with --insecure (loopback, no tokens) unless a test asks for tokens.
+    insecure: bool = True
 
     def stop(self) -> None:
         """Stop gunicorn and its workers."""
@@ -68,7 +70,7 @@ class CloudServer:
         """Start (or restart) the server and wait for /healthz."""
         self.stop()
         cmd = [str(BIN / "hybridml-cloud"), "serve", "--registry", str(self.registry),
-               "--port", str(self.port), *extra]
+               "--port", str(self.port), *(["--insecure"] if self.insecure else []), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
         deadline = time.monotonic() + 30
@@ -84,10 +86,11 @@ class CloudServer:
         raise RuntimeError("cloud did not answer /healthz within 30 s")
 
 
-def start_cloud(registry: Path, *extra: str) -> CloudServer:
-    """Start a server over ``registry`` on a free port."""
+def start_cloud(registry: Path, *extra: str, insecure: bool = True) -> CloudServer:
+    """Start a server over ``registry`` on a free port (``insecure=False``: tokens required)."""
     port = free_port()
-    return CloudServer(f"http://127.0.0.1:{port}", registry, port, None).start(*extra)
+    return CloudServer(f"http://127.0.0.1:{port}", registry, port, None,
+                       insecure).start(*extra)
 
 
 @pytest.fixture(scope="session")

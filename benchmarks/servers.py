@@ -1,0 +1,165 @@
+"""Real servers on loopback for the benchmarks: the cloud, the bare floor app, a byte counter.
+
+Every server runs in its own process group and is stopped by :meth:`stop` (the suites use them
+as context managers), so nothing outlives a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from .common import PY, ROOT, child_env, free_port, group_cpu_seconds, stop_group, wait_http
+
+BIN = Path(PY).parent
+
+
+@functools.lru_cache(maxsize=1)
+def _insecure_flag() -> list[str]:
+    """``--insecure`` when this kit's ``serve`` has it (loopback serving without tokens)."""
+    out = subprocess.run([str(BIN / "hybridml-cloud"), "serve", "--help"], capture_output=True,
+                         text=True, check=False)
+    return ["--insecure"] if "--insecure" in out.stdout else []
+
+
+class Server:
+    """A child process serving HTTP on ``127.0.0.1:port``."""
+
+    def __init__(self, cmd: list[str], port: int, health: str, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.cmd, self.port, self.health = cmd, port, health
+        self.url = f"http://127.0.0.1:{port}"
+        self.env, self.cwd = env, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
+
+    def start(self) -> Server:
+        """Start and wait for the health URL."""
+        # stderr goes to a file, not a pipe nobody reads: a chatty server would block on it.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.log,
+                                     start_new_session=True, env=self.env or child_env(),
+                                     cwd=self.cwd or ROOT)
+        try:
+            wait_http(self.url + self.health, self.proc)
+        except RuntimeError as exc:
+            self.log.seek(0)
+            err = self.log.read().decode(errors="replace")[-2000:]
+            self.stop()
+            raise RuntimeError(f"{exc}; server stderr: {err}") from exc
+        return self
+
+    def stop(self) -> None:
+        """Stop the process group."""
+        stop_group(self.proc)
+        self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the server and its workers."""
+        return group_cpu_seconds(self.proc.pid) if self.proc else 0.0
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def cloud(registry: Path, *, dev: bool = False, workers: int = 2) -> Server:
+    """``hybridml-cloud serve`` (gunicorn, or Flask's dev server with ``dev``)."""
+    port = free_port()
+    cmd = [str(BIN / "hybridml-cloud"), "serve", "--registry", str(registry), "--port",
+           str(port), "--workers", str(workers), *_insecure_flag(), *(["--dev"] if dev else [])]
+    return Server(cmd, port, "/healthz")
+
+
+def floor(model_path: Path, num_idx: list[int], cat_idx: list[int], workers: int = 2) -> Server:
+    """The bare Flask + onnxruntime endpoint under gunicorn: the serving floor."""
+    port = free_port()
+    env = child_env(FLOOR_MODEL=str(model_path), FLOOR_NUM=",".join(map(str, num_idx)),
+                    FLOOR_CAT=",".join(map(str, cat_idx)))
+    cmd = [str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level",
+           "warning", "benchmarks.floor_app:app"]
+    return Server(cmd, port, "/healthz", env=env)
+
+
+class CountingProxy:
+    """A TCP forwarder on loopback that counts the bytes each way: bytes on the wire."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = int(self._sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.up = self.down = 0
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        with self._lock:
+            self.up = self.down = 0
+
+    def totals(self) -> dict[str, int]:
+        """Bytes sent by the client (up) and by the server (down) since the last reset."""
+        with self._lock:
+            return {"up": self.up, "down": self.down, "total": self.up + self.down}
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(src, dst, up), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                with self._lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        """Stop accepting."""
+        self._stop = True
+        self._sock.close()
+
+    def __enter__(self) -> CountingProxy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def cpu_of(server: Server) -> float:
+    """Alias used by the suites: CPU seconds of ``server``."""
+    return server.cpu_seconds()

@@ -1,0 +1,261 @@
+"""Manifest signing: the registry's ed25519 keys and the signer the API serves manifests with.
+
+Layout under the registry root::
+
+    <registry>/keys/<key_id>.key    private key, PEM (PKCS#8), mode 0600
+    <registry>/keys/<key_id>.pub    public key, PEM (SubjectPublicKeyInfo): give this to devices
+    <registry>/keys/active          the key_id that signs (written atomically)
+
+``key_id`` is the first 16 hex digits of the sha256 of the raw 32-byte public key, so a key
+names itself and the edge can pick the right trusted key without trying them all.
+
+A served manifest carries its signature in the body::
+
+    "signature": {"alg": "ed25519", "key_id": "3f2a...", "value": "<base64 of 64 bytes>"}
+
+over ``canonical_json(manifest without "signature")``. The manifest lists every artifact's
+sha256 and size, so the signature also pins the artifacts: swapping one breaks either the
+signature or the edge's hash check. The signature lives in the body, not in a header, so it is
+stored with the manifest on the device (``active.json``) and can be re-checked offline, and it
+survives proxies and copies that drop headers. ed25519 is deterministic: the same manifest and
+key give the same bytes, so ETags stay stable until the manifest or the signing key changes.
+
+Rotation: ``keys init`` (a new key, not yet signing) -> devices ``trust add`` the new ``.pub``
+-> ``keys use NEW`` -> devices ``trust remove OLD`` -> ``keys remove OLD``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from hybridml.shared.errors import ConfigError, NotFoundError
+from hybridml.shared.manifest import canonical_json
+
+log = logging.getLogger("hybridml.cloud.signing")
+
+ALG = "ed25519"
+KEYS_DIR = "keys"
+ACTIVE_FILE = "active"
+KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def key_id_of(public_raw: bytes) -> str:
+    """The key id of a raw 32-byte ed25519 public key: 16 hex digits of its sha256."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def signed_payload(manifest: Mapping[str, Any]) -> bytes:
+    """The bytes a signature covers: the canonical JSON of the manifest minus ``signature``."""
+    return canonical_json({k: v for k, v in manifest.items() if k != "signature"})
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key pair of the registry."""
+
+    key_id: str
+    public_path: Path
+    has_private: bool
+    active: bool
+    created: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for ``keys list --json``."""
+        return {"key_id": self.key_id, "public_key": str(self.public_path),
+                "has_private": self.has_private, "active": self.active,
+                "created": self.created}
+
+
+class KeyRing:
+    """The signing keys kept under ``<registry>/keys``."""
+
+    def __init__(self, registry_root: str | os.PathLike[str]) -> None:
+        self.dir = Path(registry_root).expanduser().resolve() / KEYS_DIR
+
+    def init(self, *, activate: bool = False) -> KeyInfo:
+        """Create a key pair; it signs at once if ``activate`` or if no key is active yet.
+
+        A new key does not replace an active one by default: devices must trust it first.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        private = Ed25519PrivateKey.generate()
+        public_raw = private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                       serialization.PublicFormat.Raw)
+        key_id = key_id_of(public_raw)
+        pem = private.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        # O_EXCL + 0600 at creation: the private key is never readable by others, not even
+        # for the instant between create and chmod.
+        fd = os.open(self.dir / f"{key_id}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _atomic_write(self.dir / f"{key_id}.pub", private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+        if activate or self.active_id() is None:
+            self.use(key_id)
+        log.info("created signing key %s", key_id)
+        return self.info(key_id)
+
+    def active_id(self) -> str | None:
+        """The key id that signs, or None when no key is active."""
+        try:
+            text = (self.dir / ACTIVE_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text if KEY_ID_RE.fullmatch(text) else None
+
+    def use(self, key_id: str) -> KeyInfo:
+        """Make ``key_id`` the signing key (running servers pick it up on the next request)."""
+        self.info(key_id)  # NotFoundError listing the keys there are
+        self.private_key(key_id)  # raises if the private half is missing or unreadable
+        _atomic_write(self.dir / ACTIVE_FILE, (key_id + "\n").encode(), 0o600)
+        log.info("signing key is now %s", key_id)
+        return self.info(key_id)
+
+    def remove(self, key_id: str) -> None:
+        """Delete a retired key pair; the active key cannot be removed."""
+        self._check_id(key_id)
+        if key_id == self.active_id():
+            raise ConfigError(f"key {key_id} is the active signing key; run 'hybridml-cloud "
+                              "keys use OTHER_ID' first", field="key_id")
+        self.info(key_id)
+        for suffix in (".key", ".pub"):
+            (self.dir / f"{key_id}{suffix}").unlink(missing_ok=True)
+        log.info("removed signing key %s", key_id)
+
+    def list(self) -> list[KeyInfo]:
+        """Every key pair, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        infos = [self.info(p.stem) for p in self.dir.glob("*.pub") if KEY_ID_RE.fullmatch(p.stem)]
+        return sorted(infos, key=lambda k: (k.created, k.key_id))
+
+    def info(self, key_id: str) -> KeyInfo:
+        """Describe one key; :class:`NotFoundError` lists the keys that exist."""
+        self._check_id(key_id)
+        pub = self.dir / f"{key_id}.pub"
+        if not pub.is_file():
+            known = sorted(p.stem for p in self.dir.glob("*.pub")) if self.dir.is_dir() else []
+            raise NotFoundError(f"no signing key {key_id!r} in {self.dir}; keys: "
+                                f"{', '.join(known) or 'none (run hybridml-cloud keys init)'}",
+                                field="key_id")
+        created = datetime.fromtimestamp(pub.stat().st_mtime, timezone.utc)
+        return KeyInfo(key_id, pub, (self.dir / f"{key_id}.key").is_file(),
+                       key_id == self.active_id(), created.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    def private_key(self, key_id: str) -> Ed25519PrivateKey:
+        """Load the private key ``key_id``."""
+        self._check_id(key_id)
+        path = self.dir / f"{key_id}.key"
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except FileNotFoundError:
+            raise NotFoundError(f"no private key {path}; run 'hybridml-cloud keys list' to see "
+                                "the keys this registry can sign with", field="key_id") from None
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not a PEM private key: {exc}", field="key_id") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"{path} is not an ed25519 key", field="key_id")
+        return key
+
+    @staticmethod
+    def _check_id(key_id: str) -> None:
+        if not isinstance(key_id, str) or not KEY_ID_RE.fullmatch(key_id):
+            raise ConfigError(f"invalid key id {key_id!r}: use the 16 hex digits shown by "
+                              "'hybridml-cloud keys list'", field="key_id")
+
+
+class Signer:
+    """Signs manifests with the registry's active key; follows ``keys use`` without a restart.
+
+    Each call stats ``keys/active`` (microseconds) and reloads the key only when that file
+    changed, so every gunicorn worker switches keys on its next request.
+    """
+
+    def __init__(self, registry_root: str | os.PathLike[str]) -> None:
+        self.keys = KeyRing(registry_root)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._current: tuple[str, Ed25519PrivateKey] | None = None
+        self._warned = False
+
+    def current(self) -> tuple[str, Ed25519PrivateKey] | None:
+        """The active ``(key_id, private key)``, or None when the registry has no key."""
+        try:
+            st = (self.keys.dir / ACTIVE_FILE).stat()
+            stamp: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp:
+                key_id = self.keys.active_id() if stamp else None
+                self._current = (key_id, self.keys.private_key(key_id)) if key_id else None
+                self._stamp = stamp
+                if key_id:
+                    log.info("signing manifests with key %s", key_id)
+            if self._current is None and not self._warned:
+                log.warning("no signing key in %s: serving unsigned manifests; run "
+                            "'hybridml-cloud keys init'", self.keys.dir)
+                self._warned = True
+            return self._current
+
+    @property
+    def key_id(self) -> str | None:
+        """The id of the signing key, or None."""
+        cur = self.current()
+        return cur[0] if cur else None
+
+    def sign(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Return a copy of ``manifest`` with a ``signature`` (unchanged when there is no key)."""
+        body = {k: v for k, v in manifest.items() if k != "signature"}
+        cur = self.current()
+        if cur is None:
+            return body
+        key_id, key = cur
+        value = key.sign(signed_payload(body))
+        body["signature"] = {"alg": ALG, "key_id": key_id,
+                             "value": base64.b64encode(value).decode("ascii")}
+        return body
+
+    def etag(self, manifest_etag: str) -> str:
+        """The ETag of the signed manifest: the manifest's own ETag plus the key id.
+
+        Signatures are deterministic, so (manifest, key) fixes the served bytes; a key change
+        makes devices fetch the manifest again and store the new signature.
+        """
+        key_id = self.key_id
+        return f"{manifest_etag}.{key_id}" if key_id else manifest_etag
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,167 @@
+"""API tokens: who may call the cloud, stored hashed in ``<registry>/tokens.db``.
+
+A token looks like ``hml_<id>_<secret>``: ``id`` (12 hex digits) is public and names the token
+in logs and listings; ``secret`` is 32 random bytes (``secrets.token_urlsafe``). Only the sha256
+of the whole token is stored. A slow password hash (bcrypt, argon2) protects low-entropy
+passwords against guessing; a 256-bit random secret cannot be guessed, so a plain sha256 is as
+strong here and costs microseconds per request instead of tens of milliseconds. Lookup is by
+the public id, and the hashes are compared with :func:`hmac.compare_digest` (constant time).
+
+Roles: ``device`` may read manifests and artifacts, predict and post telemetry; ``admin`` may
+also promote, roll back and upload. Revocation is immediate: every request reads the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hybridml.shared.errors import ConfigError, NotFoundError
+
+log = logging.getLogger("hybridml.cloud.tokens")
+
+DB_NAME = "tokens.db"
+ROLES = ("device", "admin")
+PREFIX = "hml"
+_TOKEN_RE = re.compile(r"^hml_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.@:-]{0,63}$")
+_SCHEMA = """CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, sha256 TEXT NOT NULL,
+    created TEXT NOT NULL, revoked TEXT)"""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A stored token, without its secret."""
+
+    id: str
+    name: str
+    role: str
+    created: str
+    revoked: str | None
+
+    @property
+    def active(self) -> bool:
+        """True until the token is revoked."""
+        return self.revoked is None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for ``tokens list --json``."""
+        return {"id": self.id, "name": self.name, "role": self.role, "created": self.created,
+                "revoked": self.revoked}
+
+
+def hash_token(token: str) -> str:
+    """Hex sha256 of a token (what is stored)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenStore:
+    """Create, list, revoke and check tokens kept in one small SQLite file."""
+
+    def __init__(self, registry_root: str | os.PathLike[str]) -> None:
+        self.path = Path(registry_root).expanduser().resolve() / DB_NAME
+
+    @contextlib.contextmanager
+    def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per call: fork-safe under gunicorn, and a request costs
+        # one indexed read on a tiny file.
+        if not self.path.exists() and not write:
+            conn = sqlite3.connect(":memory:")  # no tokens yet: read an empty table
+        else:
+            if not self.path.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Hashes only, but nobody else needs to read who may call the cloud.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute(_SCHEMA)
+            if write:
+                conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            if write:
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
+    def create(self, role: str, name: str) -> tuple[TokenInfo, str]:
+        """Create a token; returns its info and the token itself (shown only this once)."""
+        if role not in ROLES:
+            raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}", field="role")
+        if not isinstance(name, str) or not _LABEL_RE.fullmatch(name):
+            raise ConfigError(f"token name {name!r}: use 1-64 letters, digits, spaces or "
+                              "'_.@:-', e.g. the device's host name", field="name")
+        ident = secrets.token_hex(6)
+        token = f"{PREFIX}_{ident}_{secrets.token_urlsafe(32)}"
+        info = TokenInfo(ident, name, role, _utcnow(), None)
+        with self._db(write=True) as c:
+            c.execute("INSERT INTO tokens (id, name, role, sha256, created) VALUES (?,?,?,?,?)",
+                      (ident, name, role, hash_token(token), info.created))
+        log.info("created %s token %s (%s)", role, ident, name)
+        return info, token
+
+    def list(self) -> list[TokenInfo]:
+        """Every token, revoked ones included, oldest first."""
+        with self._db() as c:
+            rows = c.execute("SELECT id, name, role, created, revoked FROM tokens "
+                             "ORDER BY created, id").fetchall()
+        return [TokenInfo(*r) for r in rows]
+
+    def count_active(self) -> int:
+        """How many tokens are not revoked."""
+        return sum(1 for t in self.list() if t.active)
+
+    def revoke(self, ref: str) -> TokenInfo:
+        """Revoke a token by id, or by name when exactly one active token has it."""
+        with self._db(write=True) as c:
+            rows = c.execute("SELECT id, name, role, created, revoked FROM tokens WHERE id = ?",
+                             (ref,)).fetchall()
+            if not rows:
+                rows = c.execute("SELECT id, name, role, created, revoked FROM tokens "
+                                 "WHERE name = ? AND revoked IS NULL", (ref,)).fetchall()
+            if not rows:
+                raise NotFoundError(f"no token with id or active name {ref!r}; see "
+                                    "'hybridml-cloud tokens list'", field="token")
+            if len(rows) > 1:
+                ids = ", ".join(r[0] for r in rows)
+                raise ConfigError(f"{len(rows)} active tokens are named {ref!r} ({ids}); "
+                                  "revoke by id", field="token")
+            info = TokenInfo(*rows[0])
+            if info.active:
+                info = TokenInfo(info.id, info.name, info.role, info.created, _utcnow())
+                c.execute("UPDATE tokens SET revoked = ? WHERE id = ?", (info.revoked, info.id))
+        log.info("revoked token %s (%s)", info.id, info.name)
+        return info
+
+    def authenticate(self, token: str) -> TokenInfo | None:
+        """The active token matching ``token``, or None (malformed, unknown or revoked)."""
+        m = _TOKEN_RE.fullmatch(token)
+        if m is None:
+            return None
+        with self._db() as c:
+            row = c.execute("SELECT id, name, role, created, revoked, sha256 FROM tokens "
+                            "WHERE id = ?", (m.group(1),)).fetchone()
+        if row is None:
+            return None
+        if not hmac.compare_digest(row[5], hash_token(token)) or row[4] is not None:
+            return None
+        return TokenInfo(*row[:5])
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

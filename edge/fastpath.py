@@ -1,0 +1,319 @@
+"""The single-row fast path of :meth:`EdgeRuntime.predict`: one row in a few microseconds.
+
+The general path (encode a batch with numpy, look keys up, run, build results, apply the
+fallback policy) costs ~30 µs of Python and numpy bookkeeping per call, several times the
+model itself. One row needs none of it. :class:`RowPath` is compiled once per loaded version:
+
+* values come out of the row with ``operator.itemgetter`` and are checked by type in C
+  (``set(map(type, ...))``); the float32 bytes of the numeric part are packed with ``struct``
+  and *are* the canonical key prefix (NaN and -0.0 are normalised as in
+  :meth:`InputSchema.keys`), so the key is built without numpy;
+* a precomputed hit is answered from a per-version cache of ready results (key -> prediction,
+  shared probabilities, whether the policy wants the cloud), filled from the table on first use;
+* a miss copies the packed bytes into a preallocated input buffer that onnxruntime reads
+  through IO binding (numeric-only models), or feeds small arrays (models with strings).
+
+Anything unusual — a row the schema would reject, a non-canonical NaN, an out-of-range value,
+an unseen category, low confidence, a failed run, another thread holding the buffer — returns
+``None`` and the caller takes the general path, which gives the same answers and errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from hybridml.shared.manifest import Manifest
+from hybridml.shared.schema import CATEGORICAL, MISSING_CATEGORY, NUMERIC, UNSEEN_CODE
+from hybridml.shared.table import Table
+
+from .fallback import FallbackPolicy
+from .session import ModelSession
+
+log = logging.getLogger("hybridml.edge.fastpath")
+
+HIT_CACHE_ROWS = 4096  # ready results kept per version; a hit costs a dict lookup after that
+_PLAIN = frozenset({int, float})
+_PLAIN_OR_NONE = frozenset({int, float, type(None)})
+_STR = frozenset({str})
+_STR_OR_NONE = frozenset({str, type(None)})
+_CANONICAL_NAN = np.float32(np.nan)
+_NAN = math.nan
+_SPECIAL_HIGH = frozenset(b"\x80\x7f\xff")  # float32 high bytes worth a closer look
+_SMALL = 8  # up to this many numeric features, range checks run in plain Python
+
+
+def _getter(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
+    """``itemgetter`` that always returns a tuple (it returns a bare item for one key)."""
+    if len(keys) == 1:
+        k = keys[0]
+        return lambda obj: (obj[k],)
+    return operator.itemgetter(*keys)
+
+
+class RowPath:
+    """Single-row inference compiled for one loaded version, table and policy."""
+
+    def __init__(self, manifest: Manifest, session: ModelSession, table: Table | None,
+                 policy: FallbackPolicy) -> None:
+        self.manifest, self.session, self.table, self.policy = manifest, session, table, policy
+        schema = manifest.schema
+        feats = schema.features
+        self.version = manifest.version
+        self.classes: tuple[Any, ...] = tuple(manifest.classes or ())
+        self.is_clf = manifest.task != "regression"
+        self._n = len(feats)
+        self._names = schema.names
+        self._by_name = _getter(self._names)
+        num_pos = [i for i, f in enumerate(feats) if f.kind == NUMERIC]
+        cat_pos = [i for i, f in enumerate(feats) if f.kind == CATEGORICAL]
+        self._n_num, self._n_cat = len(num_pos), len(cat_pos)
+        self._nums = None if not num_pos else (
+            None if len(num_pos) == self._n else _getter(num_pos))
+        self._cats = _getter(cat_pos) if cat_pos else None
+        self._pack = struct.Struct(f"<{self._n_num}f").pack
+        self._unpack = struct.Struct(f"<{self._n_num}f").unpack
+        self._pack_codes = struct.Struct(f"<{self._n_cat}i").pack
+        self._cat_index = tuple({c: j for j, c in enumerate(feats[i].categories)}
+                                for i in cat_pos)
+        lo = [feats[i].min for i in num_pos]
+        hi = [feats[i].max for i in num_pos]
+        self._lo = np.array([[-np.inf if v is None else v for v in lo]], dtype=np.float32)
+        self._hi = np.array([[np.inf if v is None else v for v in hi]], dtype=np.float32)
+        # Python floats holding the float32 bounds: comparing unpacked float32 values with
+        # them is exactly numpy's float32 comparison.
+        self._lo_py = [float(v) for v in self._lo[0]]
+        self._hi_py = [float(v) for v in self._hi[0]]
+        self._check_oor = policy.enabled and policy.on_out_of_range
+        self._check_unseen = policy.enabled and policy.on_unseen
+        self._min_conf = policy.min_confidence if policy.enabled else 0.0
+        self._hits: dict[bytes, tuple[Any, Any, bool]] = {}
+        # A small table's key dict, looked up without a method call; None: Table.lookup.
+        index = table.key_index() if table is not None else None
+        self._index_get = index.get if index is not None else None
+        # Input buffers the session reads; only the thread holding the lock touches them.
+        self._lock = threading.Lock()
+        self._buf = np.zeros((1, self._n_num), dtype=np.float32)
+        self._buf_bytes = memoryview(self._buf).cast("B")  # type: ignore[arg-type]
+        self._tmp = np.empty_like(self._buf)
+        self._tmp_bytes = memoryview(self._tmp).cast("B")  # type: ignore[arg-type]
+        self._cat_buf = np.empty((1, self._n_cat), dtype=object)
+        self._reused_outputs = False
+        self._run = self._compile_run(session)
+
+    # ---------------------------------------------------------------------------- compile
+    def _compile_run(self, session: ModelSession) -> Callable[[], list[np.ndarray]]:
+        """A no-argument call running the model on the input buffers."""
+        sess: ort.InferenceSession = session._sess  # package-internal: the edge owns both
+        outs = list(session._outs)
+        c_sess = getattr(sess, "_sess", None)
+        if self._n_cat == 0:
+            return self._compile_bound(sess, c_sess, outs)
+        # Strings cannot be bound: feed the buffers. The C session's run skips the Python
+        # wrapper's per-call input validation (the schema already validated the row).
+        run = c_sess.run if c_sess is not None else sess.run
+        feeds = {"cat": self._cat_buf}
+        if self._n_num:
+            feeds["num"] = self._buf
+        return lambda: run(outs, feeds, None)  # type: ignore[no-any-return]
+
+    def _compile_bound(self, sess: ort.InferenceSession, c_sess: Any, outs: list[str]
+                       ) -> Callable[[], list[np.ndarray]]:
+        """IO binding: the input bound once to our buffer (no feed dict, no per-call input
+        checks, no copy: the OrtValue shares the buffer) and, when a trial run shows their
+        shapes, the outputs bound to preallocated arrays too (no allocation per call). The
+        returned arrays are then reused: callers copy what they keep while holding the lock.
+        """
+        io = sess.io_binding()
+        io.bind_ortvalue_input("num", ort.OrtValue.ortvalue_from_numpy(self._buf))
+        for name in outs:
+            io.bind_output(name)
+        sess.run_with_iobinding(io)
+        trial = io.copy_outputs_to_cpu()
+        c_io = getattr(io, "_iobinding", None)
+        if c_sess is None or c_io is None or not hasattr(c_sess, "run_with_iobinding"):
+            def run_public() -> list[np.ndarray]:
+                sess.run_with_iobinding(io)
+                return io.copy_outputs_to_cpu()  # type: ignore[no-any-return]
+            return run_public
+        options = ort.RunOptions()
+        if all(isinstance(a, np.ndarray) and a.dtype != object for a in trial):
+            buffers = [np.empty_like(a) for a in trial]
+            io.clear_binding_outputs()
+            for name, buf in zip(outs, buffers):
+                io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf))
+            self._reused_outputs = True
+
+            def run_prebound() -> list[np.ndarray]:
+                c_sess.run_with_iobinding(c_io, options)
+                return buffers
+            return run_prebound
+
+        def run_bound() -> list[np.ndarray]:
+            c_sess.run_with_iobinding(c_io, options)
+            return c_io.copy_outputs_to_cpu()  # type: ignore[no-any-return]
+        return run_bound
+
+    # ---------------------------------------------------------------------------- predict
+    def predict(self, row: Any, make: Callable[..., Any]) -> Any:
+        """The answer for ``row`` built with ``make``, or None to take the general path."""
+        t = type(row)
+        if t is dict:
+            if len(row) != self._n:
+                return None
+            try:
+                values = self._by_name(row)
+            except KeyError:
+                return None
+        elif t is list or t is tuple:
+            if len(row) != self._n:
+                return None
+            values = row
+        else:
+            return None
+        packed = b""
+        nums: Any = ()
+        if self._n_num:
+            nums = values if self._nums is None else self._nums(values)
+            packed = self._pack_numeric(nums)  # type: ignore[assignment]
+            if packed is None:
+                return None
+        cats: Any = None
+        unseen = False
+        key = packed
+        if self._n_cat:
+            cats = self._cats(values)  # type: ignore[misc]
+            if not _STR.issuperset(map(type, cats)):
+                if not _STR_OR_NONE.issuperset(map(type, cats)):
+                    return None
+                cats = tuple(MISSING_CATEGORY if v is None else v for v in cats)
+            codes = list(map(dict.get, self._cat_index, cats))
+            if None in codes:
+                unseen = True
+                codes = [UNSEEN_CODE if c is None else c for c in codes]
+            key = packed + self._pack_codes(*codes)
+        entry = self._hits.get(key)
+        if entry is None and self.table is not None:
+            index_get = self._index_get
+            j = index_get(key, -1) if index_get is not None else self.table.lookup(key)
+            if j >= 0:
+                try:
+                    entry = self._hit_entry(self.table, j, packed, unseen)
+                except Exception:  # the table was closed by a reload under us
+                    return None
+                if len(self._hits) < HIT_CACHE_ROWS:
+                    self._hits[key] = entry
+        if entry is not None:
+            if entry[2]:
+                return None
+            return make(entry[0], "precomputed", self.version, entry[1], self.classes)
+        if unseen and self._check_unseen:
+            return None
+        if self._check_oor and 0 < self._n_num <= _SMALL:
+            try:  # the raw values inside [lo, hi] are inside after float32 rounding too
+                clear = all(map(operator.ge, nums, self._lo_py)) and \
+                    all(map(operator.le, nums, self._hi_py))
+            except TypeError:  # None for missing: compare the packed values instead
+                clear = False
+            if not clear and self._out_of_range_py(packed):
+                return None
+        lock = self._lock
+        if not lock.acquire(blocking=False):
+            return None  # another thread is in the fast path: the general path is safe
+        try:
+            if self._n_num:
+                self._buf_bytes[:] = packed
+                if self._check_oor and self._n_num > _SMALL and self._out_of_range_buf():
+                    return None
+            if self._n_cat:
+                self._cat_buf[0] = cats
+            out = self._run()
+            first = out[0].item(0)
+            # Reused output buffers: keep a copy, taken before another thread can run.
+            probs = (out[1][0].copy() if self._reused_outputs else out[1][0]) \
+                if self.is_clf else None
+        except Exception:  # onnxruntime's own error types; the general path reports it
+            return None
+        finally:
+            lock.release()
+        if probs is None:
+            return make(first, "edge", self.version, None, None)
+        if self._min_conf and float(probs.max()) < self._min_conf:
+            return None
+        return make(self.classes[int(first)], "edge", self.version, probs, self.classes)
+
+    def _pack_numeric(self, nums: Sequence[Any]) -> bytes | None:
+        """Canonical float32 bytes of the numeric values, or None for the general path."""
+        if not _PLAIN.issuperset(map(type, nums)):
+            if not _PLAIN_OR_NONE.issuperset(map(type, nums)):
+                return None  # bool, str, numpy scalars...: the general path decides
+            try:
+                return self._canonical(self._pack(*[_NAN if v is None else v for v in nums]))
+            except (OverflowError, TypeError, struct.error):
+                return None
+        try:
+            packed: bytes = self._pack(*nums)
+        except (OverflowError, TypeError, struct.error):
+            return None  # beyond float32: the general path raises the InputError
+        # The high byte of each float32 holds the sign and top exponent bits: 0x80 there is
+        # -0.0 (or a tiny negative), 0x7f/0xff a huge value, inf or NaN. Rare: check exactly.
+        if not _SPECIAL_HIGH.isdisjoint(packed[3::4]):
+            return self._canonical(packed)
+        return packed
+
+    def _canonical(self, packed: bytes) -> bytes | None:
+        """NaN -> one NaN, -0.0 -> +0.0 (as InputSchema.keys); None when a value is infinite."""
+        arr = np.frombuffer(packed, dtype=np.float32).copy()
+        if np.isinf(arr).any():
+            return None
+        arr[np.isnan(arr)] = _CANONICAL_NAN
+        arr += np.float32(0.0)
+        return arr.tobytes()
+
+    def _out_of_range_py(self, packed: bytes) -> bool:
+        """Range check in Python: cheapest for a few features."""
+        vals = self._unpack(packed)
+        return any(map(operator.lt, vals, self._lo_py)) or \
+            any(map(operator.gt, vals, self._hi_py))
+
+    def _out_of_range_buf(self) -> bool:
+        """Range check of the input buffer (caller holds the lock): two ufuncs, one compare."""
+        # Clamp into [lo, hi] and compare bytes: equal means in range. NaN stays NaN (not out
+        # of range); if a NaN's bits changed, the exact comparison below decides.
+        tmp = self._tmp
+        np.maximum(self._buf, self._lo, out=tmp)
+        np.minimum(tmp, self._hi, out=tmp)
+        if self._tmp_bytes == self._buf_bytes:
+            return False
+        with np.errstate(invalid="ignore"):
+            return bool(((self._buf < self._lo) | (self._buf > self._hi)).any())
+
+    def _out_of_range(self, packed: bytes) -> bool:
+        if not self._n_num:
+            return False
+        if self._n_num <= _SMALL:
+            return self._out_of_range_py(packed)
+        with self._lock:
+            self._buf_bytes[:] = packed
+            return self._out_of_range_buf()
+
+    def _hit_entry(self, table: Table, j: int, packed: bytes, unseen: bool
+                   ) -> tuple[Any, Any, bool]:
+        """(prediction, probabilities dict, needs the general path) of table row ``j``."""
+        flagged = (unseen and self._check_unseen) or \
+            (self._check_oor and self._out_of_range(packed))
+        if not self.is_clf:
+            return table.value(j), None, flagged
+        probs = table.probabilities(j)
+        if self._min_conf and float(probs.max()) < self._min_conf:
+            flagged = True
+        shared = {str(c): round(float(p), 6) for c, p in zip(self.classes, probs)}
+        return self.classes[table.label(j)], shared, flagged

@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end on tiny settings, so they cannot rot.
+
+No timing is asserted: numbers from a tiny run mean nothing. What is checked is that every
+suite runs against real servers and processes, writes its JSON, and that REPORT.md is built.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
+          "fallback")
+
+
+def test_quick_path_on_tiny_settings_writes_every_result_and_the_report(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--no-wrk", "--workdir",
+         str(tmp_path / "work"), "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
+    assert header["mode"] == "tiny"
+    assert {"cpu", "cores", "versions"} <= set(header["environment"])
+    for suite in SUITES:
+        doc = json.loads((results / f"{suite}.json").read_text())
+        assert doc["suite"] == suite and doc["mode"] == "tiny"
+    latency = json.loads((results / "latency.json").read_text())
+    row = latency["single_row"][0]
+    assert {"sklearn", "ort", "edge_miss", "edge_hit"} <= set(row["stats_us"])
+    serving = json.loads((results / "serving.json").read_text())
+    assert serving["generator"] == "python"
+    assert all(s["requests"] > 0 and s["errors"] == 0 for s in serving["servers"].values())
+    fallback = json.loads((results / "fallback.json").read_text())
+    assert fallback["refused"]["breaker"] == "open"
+    assert fallback["refused"]["cloud_failures"] == 1
+    size = json.loads((results / "size.json").read_text())
+    assert size["wire"]["unchanged_sync"]["changed"] is False
+    report = (results / "REPORT.md").read_text()
+    assert "## Targets" in report and "## 9. Fallback cost" in report
