@@ -35,6 +35,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flask import Flask, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -327,7 +328,8 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         out = session.run(man.schema.encode(rows))
         answer: dict[str, Any] = {"name": name, "model_version": version}
         if out.values is not None:
-            answer["predictions"] = [float(v) for v in out.values]
+            # float32 outputs: the shortest text that round-trips (23.372, not 23.37200164)
+            answer["predictions"] = [float(str(v)) for v in out.values.astype(np.float32)]
         else:
             classes = list(man.classes or ())
             assert out.labels is not None and out.probabilities is not None
