@@ -26,7 +26,7 @@ test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(VENV)/.dev-installed
-	$(VENV)/bin/ruff check cloud edge shared hybridml_pkg tests
+	$(VENV)/bin/ruff check cloud edge shared hybridml_pkg tests benchmarks
 	$(VENV)/bin/mypy cloud edge shared hybridml_pkg
 
 $(VENV)/.bench-installed: $(PY) pyproject.toml
