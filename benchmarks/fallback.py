@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .common import Stats, free_port, log, ratio, time_calls
+from hybridml.cloud.serve import free_port
+
+from .common import Stats, log, ratio, time_calls
 from .servers import cloud
 from .workspace import Model
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from .common import PY, ROOT, child_env, free_port, group_cpu_seconds, stop_group, wait_http
+from hybridml.cloud.serve import free_port
+
+from .common import PY, ROOT, child_env, group_cpu_seconds, stop_group, wait_http
 
 BIN = Path(PY).parent
 

@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,10 @@ from typing import Any
 
 import requests
 
+from hybridml.cloud.serve import free_port
 from hybridml.shared.errors import HybridMLError
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(cmd: Sequence[str], stdin: str | None = None, show: bool = True) -> str:

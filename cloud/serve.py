@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -88,6 +89,13 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         conn.sock.sendall(f"HTTP/1.1 503 Service Unavailable\r\n{head}\r\n".encode()
                           + (b"" if req.method == "HEAD" else body))
         return not close  # kept alive: gunicorn drains the unread body before the next request
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for demos, tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def wsgi() -> Flask:

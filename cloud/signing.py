@@ -27,12 +27,10 @@ Rotation: ``keys init`` (a new key, not yet signing) -> devices ``trust add`` th
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hybridml.edge.store import atomic_write
 from hybridml.shared.errors import ConfigError, NotFoundError
 from hybridml.shared.manifest import canonical_json
 
@@ -108,7 +107,7 @@ class KeyRing:
             fh.write(pem)
             fh.flush()
             os.fsync(fh.fileno())
-        _atomic_write(self.dir / f"{key_id}.pub", private.public_key().public_bytes(
+        atomic_write(self.dir / f"{key_id}.pub", private.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
         if activate or self.active_id() is None:
             self.use(key_id)
@@ -127,7 +126,7 @@ class KeyRing:
         """Make ``key_id`` the signing key (running servers pick it up on the next request)."""
         self.info(key_id)  # NotFoundError listing the keys there are
         self.private_key(key_id)  # raises if the private half is missing or unreadable
-        _atomic_write(self.dir / ACTIVE_FILE, (key_id + "\n").encode(), 0o600)
+        atomic_write(self.dir / ACTIVE_FILE, (key_id + "\n").encode(), 0o600)
         log.info("signing key is now %s", key_id)
         return self.info(key_id)
 
@@ -245,17 +244,3 @@ class Signer:
         key_id = self.key_id
         return f"{manifest_etag}.{key_id}" if key_id else manifest_etag
 
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

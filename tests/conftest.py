@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,9 @@ import numpy as np
 import pytest
 import requests
 
+from hybridml.cloud.serve import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_orders_csv(path: Path, n: int = 400, seed: int = 0) -> Path:
