@@ -8,8 +8,9 @@ checks, table, model and fallback policy, answered as a :class:`BatchPrediction`
 The table is consulted only while it pays: a lookup costs ~0.2 µs a row, a linear model about
 as much in a batch. The per-row costs of both and the hit rate are measured as batches go by,
 and a batch skips the table when the model time its hits would save is less than the lookups
-cost (the table holds the same model's answers, so only ``source`` differs). Every 32nd batch
-probes the table again.
+cost (the table holds the same model's answers, so only ``source`` differs). Every 32nd skipped
+batch looks up a sample of 64 of its rows, so a hit rate that comes back is noticed at ~1/16
+of a full lookup's cost.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hybridml.edge.columnar")
 
 PROBE_EVERY = 32
+SAMPLE_ROWS = 64  # rows a probe looks up: enough to see a hit rate worth the lookups
 _SOURCES = np.array(["precomputed", "edge", "cloud"], dtype=object)
 
 
@@ -97,13 +99,17 @@ class TableCost:
     hit_rate: float = 1.0
     batches: int = 0
 
-    def use_table(self) -> bool:
-        """True when this batch should consult the table: a lookup on every row must cost
-        less than the model time the hits save."""
+    def plan(self, rows: int) -> str | None:
+        """How this batch uses the table: ``"all"`` rows are looked up when a lookup costs
+        less than the model time the hits save; otherwise every ``PROBE_EVERY``-th batch
+        looks up a ``"sample"`` to notice when the hit rate comes back; else None."""
         self.batches += 1
-        if self.lookup is None or self.model is None or self.batches % PROBE_EVERY == 0:
-            return True
-        return self.lookup < self.hit_rate * self.model
+        if self.lookup is None or self.model is None or \
+                self.lookup < self.hit_rate * self.model:
+            return "all"
+        if self.batches % PROBE_EVERY == 0:
+            return "sample" if rows > 2 * SAMPLE_ROWS else "all"
+        return None
 
     @staticmethod
     def _mix(old: float | None, new: float) -> float:
@@ -154,8 +160,9 @@ def predict_arrays(rt: EdgeRuntime, num: Any = None, cat: Any = None,
         cat, batch = _clean_categories(manifest.schema, num, cat, batch)
     # With finite training bounds an infinite value is also out of range: only rows the range
     # check flagged can hold one, so the whole-array isinf pass is skipped on clean batches.
-    suspect = batch.out_of_range if _finite_bounds(manifest.schema) else slice(None)
-    if num.size and np.isinf(num[suspect]).any():
+    finite = manifest.schema.finite_bounds
+    suspect = batch.out_of_range if finite else slice(None)
+    if num.size and not (finite and batch.clean) and np.isinf(num[suspect]).any():
         r, j = np.argwhere(np.isinf(num))[0]
         names = manifest.schema.numeric_names
         raise InputError(f"row {r} column {names[j]!r} is infinite or too large for float32; "
@@ -168,7 +175,11 @@ def predict_arrays(rt: EdgeRuntime, num: Any = None, cat: Any = None,
     miss: np.ndarray | slice = slice(None)
     code = np.ones(n, dtype=np.uint8)  # 1 = edge
     n_miss = n
-    if table is not None and n and cost.use_table():
+    plan = cost.plan(n) if table is not None and n else None
+    if plan == "sample":
+        _probe(table, manifest.schema, batch, cost)
+    elif plan == "all":
+        assert table is not None
         t0 = time.perf_counter()
         hit = table.lookup_many(manifest.schema.keys(batch))
         cost.lookup = cost._mix(cost.lookup, (time.perf_counter() - t0) / n)
@@ -214,6 +225,16 @@ def predict_arrays(rt: EdgeRuntime, num: Any = None, cat: Any = None,
     if ask.size:
         _fallback(rt, result, batch, num, cat, ask, local_failed)
     return result
+
+
+def _probe(table: Any, schema: Any, batch: Any, cost: TableCost) -> None:
+    """Refresh the hit rate from a spread sample of the batch (the model answers every row).
+
+    Only the hit rate is updated: a small lookup's per-row cost would overstate a full one.
+    """
+    pick = np.linspace(0, len(batch) - 1, SAMPLE_ROWS).astype(np.intp)
+    hit = table.lookup_many(schema.keys(batch.take(pick)))
+    cost.hit_rate = cost._mix(cost.hit_rate, float((hit >= 0).mean()))
 
 
 def _fallback(rt: EdgeRuntime, result: BatchPrediction, batch: Any, num: np.ndarray,
@@ -266,10 +287,6 @@ def _clean_categories(schema: Any, num: np.ndarray, cat: np.ndarray, batch: Any
     return cat, batch
 
 
-def _finite_bounds(schema: Any) -> bool:
-    return bool(np.isfinite(schema._lo).all() and np.isfinite(schema._hi).all())
-
-
 def _flagged(rt: EdgeRuntime, batch: Any, probs: np.ndarray | None,
              local_failed: bool) -> np.ndarray:
     """Rows the fallback policy sends to the cloud (vectorised; reasons are named later)."""
@@ -277,7 +294,7 @@ def _flagged(rt: EdgeRuntime, batch: Any, probs: np.ndarray | None,
     n = len(batch)
     if local_failed:
         return np.arange(n)
-    if not p.enabled:
+    if not p.enabled or (batch.clean and not (p.min_confidence and probs is not None)):
         return np.empty(0, dtype=np.intp)
     flag = np.zeros(n, dtype=bool)
     if p.on_out_of_range:

@@ -240,30 +240,36 @@ class EdgeRuntime:
         ``errors="report"`` returns a :class:`Prediction` with ``error`` set for bad rows and
         predicts the good ones.
         """
+        if type(rows) is list and len(rows) == 1:  # the single-row fast path, checked first
+            fast = self._fast or (None if self._fast_off else self._compile_fast())
+            if fast is not None and (errors == "raise" or errors == "report"):
+                answer = fast.predict(rows[0])
+                if answer is not None:
+                    return [answer]
         if errors != "raise" and errors != "report":
             raise ConfigError(f"errors={errors!r}: use 'raise' or 'report'", field="errors")
         if type(rows) is not list:
             rows = list(rows)
-        if len(rows) == 1:
-            fast = self._fast or (None if self._fast_off else self._compile_fast())
-            if fast is not None:
-                answer = fast.predict(rows[0], Prediction.deferred)
-                if answer is not None:
-                    return [answer]
+            if len(rows) == 1:
+                return self.predict(rows, errors=errors)
         if self.manifest is None or self.session is None:
             return self._cloud_only(rows)
         schema = self.manifest.schema
-        if errors == "report":
-            good, bad = self._split_bad(rows)
+        try:
+            batch = schema.encode(rows)
+        except InputError:
+            if errors == "raise":
+                raise
         else:
-            good, bad = list(range(len(rows))), {}
+            return self._predict_batch(rows, batch)
+        # Report mode with a bad row among them: find the bad ones row by row.
+        good, bad = self._split_bad(rows)
         results: list[Prediction | None] = [None] * len(rows)
         for i, err in bad.items():
             results[i] = Prediction(None, "edge", self.version, error=err.to_json()["error"])
         if good:
-            good_rows = [rows[i] for i in good] if bad else rows
-            batch = schema.encode(good_rows)
-            for i, pred in zip(good, self._predict_batch(good_rows, batch)):
+            good_rows = [rows[i] for i in good]
+            for i, pred in zip(good, self._predict_batch(good_rows, schema.encode(good_rows))):
                 results[i] = pred
         return [r for r in results if r is not None]
 
@@ -280,7 +286,8 @@ class EdgeRuntime:
             if manifest is None or session is None:
                 return None
             try:
-                self._fast = RowPath(manifest, session, self._table, self._policy)
+                self._fast = RowPath(manifest, session, self._table, self._policy,
+                                     Prediction.deferred)
             except Exception as exc:  # e.g. an onnxruntime without IO binding: stay correct
                 log.warning("single-row fast path unavailable: %s", exc)
                 self._fast, self._fast_off = None, True

@@ -6,19 +6,23 @@ Layout::
     <store>/artifacts/<sha256>.part       an interrupted download, resumed with a Range request
     <store>/models/<name>/active.json     the active manifest (replaced atomically)
     <store>/models/<name>/previous.json   the one before it, for rollback
+    <store>/models/<name>/rollback.json   a committed rollback not yet applied to the two above
     <store>/models/<name>/sync.json       ETag, last sync time, last error
     <store>/models/<name>/.lock           held while syncing or rolling back
 
 Every pointer is written to a temp file, fsynced and renamed over the old one, and the
 directory is fsynced; activation writes ``previous.json`` before ``active.json``. A crash
 (power loss, SIGKILL) at any instant therefore leaves the store on the old or the new version;
-the next sync under the lock removes temp files a crash left behind.
+the next sync under the lock removes temp files a crash left behind. A rollback swaps both
+pointers, so it commits in one atomic write of ``rollback.json`` (both manifests), which readers
+prefer to the pointers until the next change applies it: after a crash the store is on the old
+or the rolled-back version, and the way back is kept either way.
 
 Test hook: :func:`crash_point` kills the process with SIGKILL at a named step when
 ``$HYBRIDML_TEST_CRASH_AT`` names that step (``mid_download``, ``after_download``,
 ``after_commit``, ``after_verify``, ``after_previous``, ``before_replace:<file>``,
-``after_active``, ``rollback_between``). It does nothing unless the variable is set; the
-fault tests use it to prove the claim above at every step.
+``after_active``, ``rollback_journal``, ``rollback_between``). It does nothing unless the
+variable is set; the fault tests use it to prove the claim above at every step.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from hybridml.shared.manifest import SHA256_RE, Manifest, check_name
 
 log = logging.getLogger("hybridml.edge.store")
 CRASH_ENV = "HYBRIDML_TEST_CRASH_AT"
+JOURNAL = "rollback.json"
 
 
 def crash_point(point: str) -> None:
@@ -137,11 +142,15 @@ class LocalStore:
         return self.models / check_name(name)
 
     def _read_pointer(self, name: str, which: str) -> Manifest | None:
-        p = self.model_dir(name) / f"{which}.json"
-        try:
-            text = p.read_bytes()
-        except FileNotFoundError:
-            return None
+        d = self.model_dir(name)
+        journal = self._journal(d)
+        if journal is not None:  # a rollback committed but not yet applied: it holds both
+            text = journal[which].encode()
+        else:
+            try:
+                text = (d / f"{which}.json").read_bytes()
+            except FileNotFoundError:
+                return None
         try:
             return Manifest.loads(text)
         except ManifestError as exc:
@@ -170,6 +179,7 @@ class LocalStore:
         """Make ``manifest`` active and keep the current one as previous (crash-safe order)."""
         d = self.model_dir(manifest.name)
         d.mkdir(parents=True, exist_ok=True)
+        self._apply_journal(d)
         current = d / "active.json"
         if current.exists():
             old = current.read_bytes()
@@ -182,6 +192,7 @@ class LocalStore:
     def rollback(self, name: str) -> Manifest:
         """Swap active and previous; raises :class:`NoModelError` when there is no previous."""
         d = self.model_dir(name)
+        self._apply_journal(d)
         prev, cur = self.previous(name), self.active(name)
         if prev is None or cur is None or prev.version == cur.version:
             # equal versions: a crash mid-activation or mid-rollback left one pointer twice
@@ -191,13 +202,45 @@ class LocalStore:
             if a.role in ("model", "table") and not self.has_artifact(a.sha256, a.size):
                 raise NoModelError(f"previous version v{prev.version} of {name!r} is missing "
                                    f"artifact {a.sha256[:12]}; run sync instead", name=name)
-        # previous first: a crash in between leaves both pointers on the current version —
-        # a whole version is served, only the way back is lost (rollback then refuses).
-        atomic_write(d / "previous.json", cur.dumps())
-        crash_point("rollback_between")
-        atomic_write(d / "active.json", prev.dumps())
+        # Swapping takes two pointer writes; a crash between them would leave one version in
+        # both. So the swap is first committed in one atomic journal write holding both
+        # pointers: readers take the journal over the pointers, and the next change applies it.
+        journal = {"active": prev.dumps().decode(), "previous": cur.dumps().decode()}
+        atomic_write(d / JOURNAL, json.dumps(journal).encode())
+        crash_point("rollback_journal")
+        self._apply_journal(d)
         log.info("rolled %s back from v%s to v%s", name, cur.version, prev.version)
         return prev
+
+    @staticmethod
+    def _journal(d: Path) -> dict[str, str] | None:
+        """The committed rollback in ``d`` not yet applied to the pointers, or None."""
+        try:
+            data = json.loads((d / JOURNAL).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:  # written atomically, so only tampering gets here
+            raise ManifestError(f"the rollback journal {d / JOURNAL} is unreadable ({exc}); "
+                                "delete it and run sync") from exc
+        if not isinstance(data, dict) or not all(
+                isinstance(data.get(k), str) for k in ("active", "previous")):
+            raise ManifestError(f"the rollback journal {d / JOURNAL} is malformed; delete it "
+                                "and run sync")
+        return data
+
+    def _apply_journal(self, d: Path) -> None:
+        """Write a committed rollback to the pointers and drop the journal (under the lock).
+
+        Idempotent: a crash at any step leaves the journal, and the next call redoes it all.
+        """
+        journal = self._journal(d)
+        if journal is None:
+            return
+        atomic_write(d / "previous.json", journal["previous"].encode())
+        crash_point("rollback_between")
+        atomic_write(d / "active.json", journal["active"].encode())
+        (d / JOURNAL).unlink()
+        fsync_dir(d)
 
     def sync_state(self, name: str) -> dict[str, Any]:
         """ETag, last sync and last error recorded for ``name``."""

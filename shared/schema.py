@@ -91,15 +91,33 @@ class Feature:
         return cls(name, "categorical", categories=tuple(cats))
 
 
-@dataclass
 class EncodedBatch:
-    """Rows encoded for the model, plus what the fallback policy needs to know about them."""
+    """Rows encoded for the model, plus what the fallback policy needs to know about them.
 
-    num: np.ndarray  # float32 [N, n_num]
-    cat: np.ndarray  # object (str) [N, n_cat]
-    codes: np.ndarray  # int32 [N, n_cat]; UNSEEN_CODE for categories training never saw
-    out_of_range: np.ndarray  # bool [N]: a numeric value outside the training range
-    unseen: np.ndarray  # bool [N]: a category training never saw
+    ``codes`` (int32 ``[N, n_cat]``, ``UNSEEN_CODE`` for categories training never saw) is
+    only needed for table keys; when every category is known it is built on first access.
+    """
+
+    __slots__ = ("_cat_index", "_codes", "cat", "clean", "num", "out_of_range", "unseen")
+
+    def __init__(self, num: np.ndarray, cat: np.ndarray, codes: np.ndarray | None,
+                 out_of_range: np.ndarray, unseen: np.ndarray,
+                 cat_index: Sequence[Mapping[str, int]] = (), clean: bool = False) -> None:
+        self.num = num  # float32 [N, n_num]
+        self.cat = cat  # object (str) [N, n_cat]
+        self.out_of_range = out_of_range  # bool [N]: a numeric value outside the training range
+        self.unseen = unseen  # bool [N]: a category training never saw
+        self._codes = codes
+        self._cat_index = cat_index
+        # True when known without a scan that no row is out of range or unseen.
+        self.clean = clean
+
+    @property
+    def codes(self) -> np.ndarray:
+        """int32 ``[N, n_cat]`` category codes; ``UNSEEN_CODE`` where training never saw it."""
+        if self._codes is None:
+            self._codes = category_codes(self.cat, self._cat_index)
+        return self._codes
 
     def __len__(self) -> int:
         return int(self.num.shape[0])
@@ -116,8 +134,20 @@ class EncodedBatch:
     def take(self, index: np.ndarray | Sequence[int]) -> EncodedBatch:
         """Return the subset of rows at ``index``."""
         idx = np.asarray(index, dtype=np.intp)
-        return EncodedBatch(self.num[idx], self.cat[idx], self.codes[idx],
-                            self.out_of_range[idx], self.unseen[idx])
+        codes = None if self._codes is None else self._codes[idx]
+        return EncodedBatch(self.num[idx], self.cat[idx], codes, self.out_of_range[idx],
+                            self.unseen[idx], self._cat_index, self.clean)
+
+
+def category_codes(cat: np.ndarray, cat_index: Sequence[Mapping[str, int]]) -> np.ndarray:
+    """int32 codes of a ``cat`` block, one dict per column; ``UNSEEN_CODE`` where absent."""
+    n_rows = cat.shape[0]
+    codes = np.empty((n_rows, len(cat_index)), dtype=np.int32)
+    for j, index in enumerate(cat_index):
+        # map(dict.get, values, repeat(default)) runs in C: ~3x a comprehension.
+        codes[:, j] = np.fromiter(map(index.get, cat[:, j], repeat(UNSEEN_CODE, n_rows)),
+                                  dtype=np.int32, count=n_rows)
+    return codes
 
 
 @dataclass(frozen=True)
@@ -128,9 +158,11 @@ class InputSchema:
     _numeric: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _categorical: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _cat_index: tuple[dict[str, int], ...] = field(init=False, repr=False, compare=False)
+    _cat_known: tuple[frozenset[str], ...] = field(init=False, repr=False, compare=False)
     _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _lo: np.ndarray = field(init=False, repr=False, compare=False)
     _hi: np.ndarray = field(init=False, repr=False, compare=False)
+    _finite: bool = field(init=False, repr=False, compare=False)
     # C-speed extractors (operator.itemgetter) for encode: dict -> values, values -> blocks.
     _get_all: Callable[[Any], tuple[Any, ...]] = field(init=False, repr=False, compare=False)
     _get_num: Callable[[Any], tuple[Any, ...]] = field(init=False, repr=False, compare=False)
@@ -154,10 +186,13 @@ class InputSchema:
         set_(self, "_get_cat", _tuple_getter(categorical))
         set_(self, "_cat_index", tuple(
             {c: j for j, c in enumerate(self.features[i].categories)} for i in categorical))
+        set_(self, "_cat_known", tuple(frozenset(self.features[i].categories)
+                                       for i in categorical))
         lo = [self.features[i].min for i in numeric]
         hi = [self.features[i].max for i in numeric]
         set_(self, "_lo", np.array([-np.inf if v is None else v for v in lo], dtype=np.float32))
         set_(self, "_hi", np.array([np.inf if v is None else v for v in hi], dtype=np.float32))
+        set_(self, "_finite", bool(np.isfinite(self._lo).all() and np.isfinite(self._hi).all()))
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -184,6 +219,11 @@ class InputSchema:
     def n_categorical(self) -> int:
         """Number of categorical features."""
         return len(self._categorical)
+
+    @property
+    def finite_bounds(self) -> bool:
+        """True when every numeric feature has a finite training min and max."""
+        return self._finite
 
     @property
     def key_width(self) -> int:
@@ -367,28 +407,61 @@ class InputSchema:
 
     def _columns_in_range(self, num: np.ndarray) -> bool:
         """True when every column's NaN-ignoring min and max lie within the training range."""
-        with np.errstate(invalid="ignore"):
-            lo = np.fmin.reduce(num, axis=0)
-            hi = np.fmax.reduce(num, axis=0)
-            return not bool((lo < self._lo).any() or (hi > self._hi).any())
+        lo, hi = column_bounds(num)  # comparisons with NaN are False, and numpy is silent
+        return not bool((lo < self._lo).any() or (hi > self._hi).any())
 
     def _from_arrays(self, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
         n_rows = num.shape[0]
         oor: np.ndarray
-        if n_rows > 16 and num.shape[1] and self._columns_in_range(num):
+        in_range = not num.shape[1] or (n_rows > 16 and self._columns_in_range(num))
+        if in_range:
             oor = np.zeros(n_rows, dtype=bool)  # the common case, in two passes instead of four
         else:
             with np.errstate(invalid="ignore"):
                 oor = np.asarray(((num < self._lo) | (num > self._hi)).any(axis=1))
-        codes = np.empty((n_rows, self.n_categorical), dtype=np.int32)
         unseen: np.ndarray = np.zeros(n_rows, dtype=bool)
-        for j, index in enumerate(self._cat_index):
-            # map(dict.get, values, repeat(default)) runs in C: ~3x a comprehension.
-            codes[:, j] = np.fromiter(map(index.get, cat[:, j], repeat(UNSEEN_CODE, n_rows)),
-                                      dtype=np.int32, count=n_rows)
-        if self.n_categorical:
-            unseen = (codes == UNSEEN_CODE).any(axis=1)
-        return EncodedBatch(num, cat, codes, oor, unseen)
+        if not self.n_categorical or self._all_known(cat):
+            # Every category is known (the common case): no row is unseen, and the codes are
+            # only built if a table lookup asks for them.
+            return EncodedBatch(num, cat, None, oor, unseen, self._cat_index, in_range)
+        codes = category_codes(cat, self._cat_index)
+        unseen = (codes == UNSEEN_CODE).any(axis=1)
+        return EncodedBatch(num, cat, codes, oor, unseen, self._cat_index)
+
+    def _all_known(self, cat: np.ndarray) -> bool:
+        """True when every cell is one of its column's training categories.
+
+        A set's ``issuperset`` over a column list runs in C at ~10 ns a cell, 4x the
+        per-cell code lookup; an unhashable cell (not a string anyway) answers False.
+        """
+        try:
+            return all(known.issuperset(col)
+                       for known, col in zip(self._cat_known, cat.T.tolist()))
+        except TypeError:
+            return False
+
+
+def column_bounds(num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-ignoring per-column min and max of a 2-D float array (NaN for all-NaN columns).
+
+    numpy reduces ``axis=0`` one short row at a time (~25 µs for 1,000 rows however narrow).
+    A narrow array is transposed first so each column is one contiguous run; a wide one has
+    blocks of rows folded side by side so the inner loop is ~2,000 values long. Both are 3-10x
+    faster for the arrays tabular models take.
+    """
+    n, c = num.shape
+    if not n:
+        return np.full(c, np.nan, dtype=num.dtype), np.full(c, np.nan, dtype=num.dtype)
+    if c <= 8:
+        cols = np.ascontiguousarray(num.T)
+        return np.fmin.reduce(cols, axis=1), np.fmax.reduce(cols, axis=1)
+    k = max(1, 2048 // c)  # rows folded side by side
+    m = (n // k) * k
+    block = num[:m].reshape(-1, k * c)
+    # The (k, c) partials and the < k rows left over: a few short rows, cheap on any path.
+    lo = np.concatenate([np.fmin.reduce(block, axis=0).reshape(k, c), num[m:]]) if m else num
+    hi = np.concatenate([np.fmax.reduce(block, axis=0).reshape(k, c), num[m:]]) if m else num
+    return np.fmin.reduce(lo, axis=0), np.fmax.reduce(hi, axis=0)
 
 
 def _tuple_getter(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:

@@ -89,20 +89,25 @@ def test_sigkill_during_sync_leaves_old_or_new_version_and_next_sync_finishes(
     assert status(store)["active_version"] == 2
 
 
-def test_sigkill_between_rollback_writes_keeps_a_whole_version(
-        two_versions: TwoVersions, tmp_path: Path) -> None:
+@pytest.mark.parametrize("step", ["rollback_journal", "rollback_between"])
+def test_sigkill_mid_rollback_serves_the_rolled_back_version_and_keeps_the_way_back(
+        two_versions: TwoVersions, tmp_path: Path, step: str) -> None:
     tv = two_versions
     store = fresh_store(tv, tmp_path / "s")
     EdgeRuntime(store, NAME, tv.cloud.url).sync()
-    killed = edge("rollback", "--store", str(store.root), "--name", NAME,
-                  crash_at="rollback_between")
+    killed = edge("rollback", "--store", str(store.root), "--name", NAME, crash_at=step)
     assert killed.returncode == -signal.SIGKILL
+    # The journal committed the swap: v1 is served and v2 is still the way back, whether or
+    # not the pointers were rewritten yet.
     st = status(store)
-    # previous.json already names v2, active.json still does: the store serves v2.
-    assert st["active_version"] == 2 and st["previous_version"] == 2
-    assert_intact(store, 2, tv.row())
+    assert st["active_version"] == 1 and st["previous_version"] == 2
+    assert_intact(store, 1, tv.row())
     again = edge("rollback", "--store", str(store.root), "--name", NAME)
-    assert again.returncode == 2 and "no previous version" in again.stderr
+    assert again.returncode == 0, again.stderr
+    st = status(store)
+    assert st["active_version"] == 2 and st["previous_version"] == 1
+    assert_intact(store, 2, tv.row())
+    assert not (store.model_dir(NAME) / "rollback.json").exists()
     assert leftovers(store) == []
 
 
