@@ -79,10 +79,12 @@ class Server:
 
 
 def cloud(registry: Path, *, dev: bool = False, workers: int = 2) -> Server:
-    """``hybridml-cloud serve`` (gunicorn, or Flask's dev server with ``dev``)."""
+    """``hybridml-cloud serve`` (gunicorn, or Flask's dev server with ``dev``), with the
+    request log on (``--verbose``: one INFO line per request, written to a file)."""
     port = free_port()
-    cmd = [str(BIN / "hybridml-cloud"), "serve", "--registry", str(registry), "--port",
-           str(port), "--workers", str(workers), *_insecure_flag(), *(["--dev"] if dev else [])]
+    cmd = [str(BIN / "hybridml-cloud"), "serve", "--verbose", "--registry", str(registry),
+           "--port", str(port), "--workers", str(workers), *_insecure_flag(),
+           *(["--dev"] if dev else [])]
     return Server(cmd, port, "/healthz")
 
 

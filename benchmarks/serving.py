@@ -4,6 +4,11 @@ Three servers on the same model, one after another, each loaded by a generator i
 process (wrk when installed, else :mod:`benchmarks.loadgen`): our API under gunicorn with 2
 workers (validation and logging on), our API on Flask's development server, and a bare Flask +
 onnxruntime endpoint under gunicorn with 2 workers — the floor.
+
+Each server runs as it would in production, which is its fastest setup here: the floor with
+gunicorn's sync workers (its gthread workers measured slower on 2 cores), ours with
+``hybridml-cloud serve``'s defaults (``SheddingWorker``: gthread, kept-alive connections,
+bounded queue). The result records each one's setup next to its numbers.
 """
 
 from __future__ import annotations
@@ -54,6 +59,13 @@ def run(model: Model, *, connections: int, seconds: float, max_requests: int,
     cat_idx = [schema.names.index(n) for n in schema.categorical_names]
     body = json.dumps({"inputs": [_body_list(model)]})
     api = f"/v1/models/{model.name}/predict"
+    from hybridml.cloud.app import ServeConfig
+
+    threads = ServeConfig.from_env().threads
+    setups = {"floor_gunicorn": "gunicorn sync, 2 workers, no validation, no logging",
+              "hybridml_gunicorn": f"hybridml-cloud serve: SheddingWorker (gthread), 2 workers "
+                                   f"x {threads} threads, keep-alive",
+              "hybridml_flask_dev": "hybridml-cloud serve --dev: Flask's threaded dev server"}
     results: dict[str, Any] = {}
     for name, server, path in (
             ("floor_gunicorn", floor(model.onnx_path, num_idx, cat_idx), "/predict"),
@@ -62,6 +74,7 @@ def run(model: Model, *, connections: int, seconds: float, max_requests: int,
         log(f"serving: {name}")
         results[name] = _measure(server, path, body, connections, seconds, max_requests,
                                  use_wrk)
+        results[name]["setup"] = setups[name]
     rps = {k: v.get("rps", 0.0) for k, v in results.items()}
     return {"model": model.name, "connections": connections, "seconds": seconds,
             "generator": results["floor_gunicorn"].get("tool"), "servers": results,

@@ -17,7 +17,12 @@ Every error is a JSON body ``{"error": {"code", "message", "details"?}}`` with a
 bad input; only a bug answers 500. Bodies are strict JSON (``NaN``/``Infinity`` literals are
 refused, ``null`` means missing); malformed ``Range`` headers are ignored (RFC 9110 §14.2) and
 a range past the end is 416. A full worker answers 503 + ``Retry-After`` instead of queueing
-without bound (:class:`LoadShedder` here, ``SheddingWorker`` in :mod:`hybridml.cloud.serve`).
+without bound (:mod:`hybridml.cloud.shedding`; ``SheddingWorker`` in :mod:`hybridml.cloud.serve`).
+
+Predict is the hot path, so it does per request only what depends on the request: the alias
+is resolved from a per-thread memo that any commit to the registry invalidates
+(:meth:`Registry.resolve_cached`), each version's predictor (manifest, schema, session,
+class names) is built once, and the answer is encoded by one prebuilt JSON encoder.
 """
 
 from __future__ import annotations
@@ -28,18 +33,15 @@ import logging
 import os
 import re
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flask import Flask, Response, g, jsonify, request, send_file
+from flask import Flask, Request, Response, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from hybridml.edge.session import ModelSession
 from hybridml.shared.errors import (
     ConfigError,
     HTTPError,
@@ -51,7 +53,11 @@ from hybridml.shared.manifest import Manifest
 
 from . import auth
 from .registry import Ref, Registry
+from .shedding import LoadShedder
 from .signing import Signer
+
+if TYPE_CHECKING:  # imported where a model is loaded: never in gunicorn's master (see below)
+    from hybridml.edge.session import ModelSession
 
 log = logging.getLogger("hybridml.cloud.app")
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -60,7 +66,9 @@ MAX_NAME = 64  # the registry's limit on model names
 # A version number or an alias (the registry's own rules, checked here to answer 400 early).
 _REF_RE = re.compile(r"[0-9]{1,18}|[a-z][a-z0-9_]{0,31}")
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
-WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+# Flask's JSON responses, byte for byte (compact, ASCII, keys in insertion order, a newline),
+# without building an encoder per call as json.dumps(..., separators=...) does.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -103,17 +111,49 @@ class ServeConfig:
         return cls(**kwargs)
 
 
+class Predictor:
+    """One model version ready to answer: manifest, schema, session and class names, built once.
+
+    Everything that does not depend on the request is done here, not per call.
+    """
+
+    __slots__ = ("_keys", "classes", "manifest", "name", "schema", "session", "version")
+
+    def __init__(self, name: str, version: int, manifest: Manifest, session: ModelSession
+                 ) -> None:
+        self.name, self.version, self.manifest = name, version, manifest
+        self.schema, self.session = manifest.schema, session
+        self.classes = list(manifest.classes or ())
+        self._keys = [str(c) for c in self.classes]
+
+    def answer(self, rows: list[Any]) -> dict[str, Any]:
+        """Validate and encode ``rows`` (InputError names the row and column), run, shape."""
+        out = self.session.run(self.schema.encode(rows))
+        answer: dict[str, Any] = {"name": self.name, "model_version": self.version}
+        if out.values is not None:
+            # float32 outputs: the shortest text that round-trips (23.372, not 23.37200164)
+            answer["predictions"] = [float(str(v)) for v in out.values.astype(np.float32)]
+            return answer
+        assert out.labels is not None and out.probabilities is not None
+        classes, keys = self.classes, self._keys
+        answer["predictions"] = [classes[i] for i in out.labels.tolist()]
+        answer["probabilities"] = [{k: round(p, 6) for k, p in zip(keys, ps)}
+                                   for ps in out.probabilities.tolist()]
+        answer["classes"] = classes
+        return answer
+
+
 class ModelCache:
-    """LRU of loaded fp32 sessions keyed by (name, version); thread-safe."""
+    """LRU of :class:`Predictor` s over the fp32 models, keyed by (name, version); thread-safe."""
 
     def __init__(self, registry: Registry, size: int) -> None:
         self.registry = registry
         self.size = size
-        self._items: OrderedDict[tuple[str, int], tuple[Manifest, ModelSession]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, int], Predictor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, name: str, version: int) -> tuple[Manifest, ModelSession]:
-        """The manifest and a loaded session of the version's fp32 model."""
+    def get(self, name: str, version: int) -> Predictor:
+        """The predictor of version ``version`` of ``name`` (loaded on first use)."""
         key = (name, version)
         with self._lock:
             hit = self._items.get(key)
@@ -123,83 +163,19 @@ class ModelCache:
         manifest = Manifest.from_json(self.registry.manifest(name, version))
         art = manifest.artifact("model_fp32") or manifest.artifact("model")
         assert art is not None
+        # onnxruntime is imported here, in a worker, not when the app is built: a process
+        # forked from one that imported it hangs or aborts in its C++ destructors at exit,
+        # which kept every gunicorn worker alive for the whole graceful timeout on stop.
+        from hybridml.edge.session import ModelSession
+
         session = ModelSession(self.registry.blob_path(art.sha256), manifest.schema,
                                manifest.task)
+        predictor = Predictor(name, version, manifest, session)
         with self._lock:
-            self._items[key] = (manifest, session)
+            self._items[key] = predictor
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return manifest, session
-
-
-def overloaded(pending: int, waited_s: float, retry_after_s: int
-               ) -> tuple[bytes, list[tuple[str, str]]]:
-    """Body and headers of a load-shedding 503 (the same from the worker and the middleware)."""
-    body = json.dumps(HTTPError(
-        f"the server is at capacity ({pending} requests pending in this worker, "
-        f"{waited_s * 1000:.0f} ms queued); retry after {retry_after_s} s",
-        status=503, code="overloaded", retry_after_s=retry_after_s).to_json()).encode()
-    return body, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                  ("Retry-After", str(retry_after_s)), ("Cache-Control", "no-store")]
-
-
-class ShedLog:
-    """Counts shed requests; logs at most one line per 5 s, not one per request."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._lock = threading.Lock()
-        self._logged_at = 0.0
-        self._logged = 0
-
-    def shed(self, pending: int, waited_s: float) -> None:
-        """Count one shed request."""
-        with self._lock:
-            self.count += 1
-            now = time.monotonic()
-            if now - self._logged_at < 5.0:
-                return
-            n, self._logged_at, self._logged = self.count - self._logged, now, self.count
-        log.warning("overloaded: shed %d requests (now %d pending, %.0f ms queued)", n,
-                    pending, waited_s * 1000)
-
-
-class LoadShedder:
-    """WSGI middleware: past ``max_pending`` requests in flight in this process, answer 503.
-
-    The guard for any WSGI server (Flask's, an external gunicorn with many threads). Under
-    ``hybridml-cloud serve`` the gunicorn worker (:class:`hybridml.cloud.serve.SheddingWorker`)
-    sheds earlier and cheaper, counting the requests *queued* for its threads too; its
-    threads never exceed ``max_pending``, so this guard stays idle there. ``/healthz`` is
-    never shed: it says the process lives, not that it has room.
-    """
-
-    def __init__(self, app: WSGIApp, config: ServeConfig) -> None:
-        self.app = app
-        self.max_pending = config.max_pending
-        self.retry_after_s = config.retry_after_s
-        self.log = ShedLog()
-        self._inflight = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
-                 ) -> Iterable[bytes]:
-        """Admit the request to the app, or answer 503 at once."""
-        if environ.get("PATH_INFO") == "/healthz":
-            return self.app(environ, start_response)
-        with self._lock:
-            self._inflight += 1
-            pending = self._inflight
-        try:
-            if pending > self.max_pending:
-                self.log.shed(pending, 0.0)
-                body, headers = overloaded(pending, 0.0, self.retry_after_s)
-                start_response("503 SERVICE UNAVAILABLE", headers)
-                return [body]
-            return self.app(environ, start_response)
-        finally:
-            with self._lock:
-                self._inflight -= 1
+        return predictor
 
 
 def create_app(registry: str | os.PathLike[str] | Registry | None = None,
@@ -209,6 +185,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     cfg = config or ServeConfig.from_env()
     app = Flask("hybridml.cloud")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+    # Outermost: sheds before Flask runs, and logs one line per admitted request.
     app.wsgi_app = LoadShedder(app.wsgi_app, cfg)  # type: ignore[method-assign]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["hybridml"] = {"registry": reg, "config": cfg}
@@ -216,10 +193,8 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     signer = Signer(reg.root)  # signs every manifest served (hybridml.cloud.signing)
     gz_dir = reg.root / "cache" / "gzip"
 
-    @app.before_request
-    def _start() -> None:
-        g.t0 = time.perf_counter()
-
+    # No per-request timing/logging hooks here: LoadShedder, the outermost layer, writes the
+    # one line per request, and costs nothing more when INFO is off.
     @app.url_value_preprocessor
     def _short_names(endpoint: str | None, values: dict[str, Any] | None) -> None:
         # The registry's own message quotes the name twice: keep a huge one out of it.
@@ -227,12 +202,6 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         if isinstance(name, str) and len(name) > MAX_NAME:
             raise NotFoundError(f"no model can exist under a {len(name)}-character name; "
                                 f"model names have 1-{MAX_NAME} characters", field="name")
-
-    @app.after_request
-    def _log(resp: Response) -> Response:
-        ms = (time.perf_counter() - g.get("t0", time.perf_counter())) * 1000
-        log.info("%s %s %d %.1fms", request.method, request.path, resp.status_code, ms)
-        return resp
 
     @app.errorhandler(HybridMLError)
     def _our_error(exc: HybridMLError) -> tuple[Response, int]:
@@ -267,7 +236,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
 
     @app.get("/v1/models/<name>/manifest")
     def manifest(name: str) -> Response:
-        ref = _ref()
+        ref = _ref(request)
         etag = signer.etag(reg.manifest_etag(name, ref))
         if request.if_none_match.contains(etag):
             resp = Response(status=304)
@@ -313,7 +282,8 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
 
     @app.post("/v1/models/<name>/predict")
     def predict(name: str) -> Response:
-        body = _json_body()
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]
+        body = _json_body(req)
         rows = body.get("inputs")
         if not isinstance(rows, list) or not rows:
             raise InputError("'inputs' must be a non-empty list of rows (objects by column "
@@ -322,34 +292,24 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             raise HTTPError(f"{len(rows)} rows exceed the batch limit of {cfg.max_batch}; "
                             "split the request", status=413, code="batch_too_large",
                             field="inputs")
-        ref = _check_ref(body["version"], "version") if "version" in body else _ref()
-        version = reg.resolve(name, ref)
-        man, session = models.get(name, version)
-        out = session.run(man.schema.encode(rows))
-        answer: dict[str, Any] = {"name": name, "model_version": version}
-        if out.values is not None:
-            # float32 outputs: the shortest text that round-trips (23.372, not 23.37200164)
-            answer["predictions"] = [float(str(v)) for v in out.values.astype(np.float32)]
-        else:
-            classes = list(man.classes or ())
-            assert out.labels is not None and out.probabilities is not None
-            answer["predictions"] = [classes[int(i)] for i in out.labels]
-            answer["probabilities"] = [{str(c): round(float(p), 6) for c, p in zip(classes, ps)}
-                                       for ps in out.probabilities]
-            answer["classes"] = classes
-        return jsonify(answer)
+        ref = _check_ref(body["version"], "version") if "version" in body else _ref(req)
+        answer = models.get(name, reg.resolve_cached(name, ref)).answer(rows)
+        return Response(_ENCODER.encode(answer) + "\n", mimetype="application/json")
 
     auth.install(app, reg)  # bearer tokens + admin routes (hybridml.cloud.auth)
     return app
 
 
-def _ref() -> Ref:
+def _ref(req: Request) -> Ref:
     """The version asked for by ``?version=`` or ``?alias=`` (default ``stable``)."""
+    if not req.query_string:
+        return "stable"  # the common case, without parsing a query string
+    args = req.args
     for key in ("version", "alias"):
-        if len(request.args.getlist(key)) > 1:
+        if len(args.getlist(key)) > 1:
             raise InputError(f"?{key}= is given more than once; pass it once", field=key)
-    version = request.args.get("version")
-    alias = request.args.get("alias")
+    version = args.get("version")
+    alias = args.get("alias")
     if version is not None and alias is not None:
         raise InputError("pass either ?version= or ?alias=, not both", field="version")
     if version is not None:
@@ -387,15 +347,16 @@ class _NotJSON:
 _DECODER = json.JSONDecoder(parse_constant=_NotJSON)
 
 
-def _json_body() -> dict[str, Any]:
+def _json_body(req: Request) -> dict[str, Any]:
     """The request body as a JSON object with known keys; 4xx naming what is wrong."""
-    if not request.is_json:
+    if not req.is_json:
         raise HTTPError("send the body as JSON with 'Content-Type: application/json'",
                         status=415, code="unsupported_media_type", field="Content-Type")
-    raw = request.get_data()  # over MAX_CONTENT_LENGTH: werkzeug raises 413
-    limit = request.max_content_length
-    if request.content_length is None and limit is not None and len(raw) >= limit:
-        raise RequestEntityTooLarge()  # werkzeug cuts a chunked body at the limit silently
+    raw = req.get_data()  # over MAX_CONTENT_LENGTH: werkzeug raises 413
+    if req.content_length is None:
+        limit = req.max_content_length
+        if limit is not None and len(raw) >= limit:
+            raise RequestEntityTooLarge()  # werkzeug cuts a chunked body at the limit silently
     try:
         data = _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

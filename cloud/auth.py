@@ -60,14 +60,17 @@ def install(app: Flask, registry: Registry, *, insecure: bool | None = None) -> 
     ``insecure`` (default: :func:`insecure_from_env`) turns the check off; ``serve`` only
     allows that on a loopback address.
     """
-    tokens = TokenStore(registry.root)
     off = insecure_from_env() if insecure is None else insecure
+    app.register_blueprint(_admin_blueprint(registry))
     if off:
+        # No hooks at all: nothing to check, and every request would still pay for the calls.
         log.warning("API tokens are NOT checked (insecure mode): every caller is an admin")
+        return
+    tokens = TokenStore(registry.root)
 
     def authenticate() -> None:
         endpoint = request.endpoint
-        if off or endpoint in OPEN_ENDPOINTS:
+        if endpoint in OPEN_ENDPOINTS:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
@@ -96,7 +99,6 @@ def install(app: Flask, registry: Registry, *, insecure: bool | None = None) -> 
     # First in line: an anonymous caller learns nothing from body or content-type checks.
     app.before_request_funcs.setdefault(None, []).insert(0, authenticate)
     app.after_request(challenge)
-    app.register_blueprint(_admin_blueprint(registry))
 
 
 # ------------------------------------------------------------------------- admin actions

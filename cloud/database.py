@@ -90,6 +90,12 @@ class Database:
         local.conn, local.pid = conn, pid
         return conn
 
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` on this thread's connection: it changes whenever
+        another connection commits (not for this connection's own commits). One cheap read,
+        outside any transaction; raises ``sqlite3.Error`` like any query."""
+        return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
+
     @contextlib.contextmanager
     def tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
         """One transaction; writes take the lock up front so they never fail half-way."""

@@ -15,6 +15,10 @@ Several processes share one registry (gunicorn workers serve it while a cron job
 * A crash mid-train never leaves a half-written version visible: blobs are stored (fsynced)
   first; the version row, its blob references and the first ``stable`` alias are then inserted
   in one transaction. Blobs orphaned by a crash are removed by :meth:`Registry.gc`.
+* Serving resolves an alias on every request: :meth:`Registry.resolve_cached` answers from a
+  per-thread memo that is dropped as soon as anything commits to the database — another
+  process (SQLite's ``PRAGMA data_version``) or this object (its own write counter) — so a
+  promote or rollback is seen by the next request of every worker.
 
 Version references (``ref``) are an int, a digit string, an alias name (``"stable"``,
 ``"canary"``) or ``"latest"``.
@@ -22,14 +26,17 @@ Version references (``ref``) are an int, a digit string, an alias name (``"stabl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,6 +75,7 @@ _ALIAS_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_VERSION = 2**62
+_MEMO_MAX = 4096  # resolved (name, ref) pairs kept per thread; refs like "007" add variants
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS versions (
         name TEXT NOT NULL, version INTEGER NOT NULL CHECK (version >= 1),
@@ -143,7 +151,11 @@ class Registry:
         self.blobs.dir.mkdir(exist_ok=True)
         self._db = Database(self.db_path, create=create, schema=_SCHEMA,
                             version=SCHEMA_VERSION, error=RegistryError)
-        self._tx = self._db.tx
+        # Bumped after each write through this object: SQLite's data_version does not change
+        # for a connection's own commits, and this thread may be the one that promoted.
+        self._writes = itertools.count()
+        self._write_stamp = 0
+        self._memo = threading.local()
 
     @classmethod
     def from_env(cls, path: str | os.PathLike[str] | None = None, *,
@@ -235,6 +247,33 @@ class Registry:
         name = _lookup_name(name)
         with self._tx(write=False) as c:
             return self._resolve(c, name, ref)
+
+    def resolve_cached(self, name: str, ref: Ref = "stable") -> int:
+        """:meth:`resolve`, answered from a per-thread memo while the database is unchanged.
+
+        The memo is dropped when any connection — another thread, process or this object —
+        has committed since it was filled, so a promote, rollback or new version is seen by
+        the next call anywhere. A check costs one ``PRAGMA data_version`` instead of a
+        transaction with a lookup. Failures are not remembered.
+        """
+        memo = self._memo
+        # Outside a transaction: the pragma is then one read transaction of its own, at a
+        # third of the cost of BEGIN/pragma/COMMIT.
+        try:
+            data_version = self._db.data_version()
+        except sqlite3.Error:
+            return self.resolve(name, ref)  # which says what failed, as a RegistryError
+        stamp = (data_version, self._write_stamp)
+        cache: dict[tuple[str, type, Ref], int] | None = getattr(memo, "cache", None)
+        if cache is None or memo.stamp != stamp or len(cache) >= _MEMO_MAX:
+            cache = memo.cache = {}
+            memo.stamp = stamp
+        # The type is part of the key: True == 1 as a dict key, but True is no version.
+        key = (name, type(ref), ref)
+        version = cache.get(key)
+        if version is None:
+            version = cache[key] = self.resolve(name, ref)
+        return version
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Return every version of ``name``, oldest first."""
@@ -358,6 +397,19 @@ class Registry:
         return removed
 
     # ---------------------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """A transaction; after a write, the stamp that invalidates resolve memos moves."""
+        if not write:
+            with self._db.tx(write=False) as c:
+                yield c
+            return
+        try:
+            with self._db.tx(write=True) as c:
+                yield c
+        finally:
+            self._write_stamp = next(self._writes) + 1
+
     def _column(self, name: str, ref: Ref, column: str) -> str:
         name = _lookup_name(name)
         with self._tx(write=False) as c:

@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -30,13 +31,23 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from hybridml.shared.errors import ConfigError
 
-from .app import ServeConfig, ShedLog, create_app, overloaded
+from .app import ServeConfig, create_app
 from .auth import INSECURE_ENV
+from .shedding import HEALTH_PATH, ShedLog, overloaded
 from .signing import KeyRing
 from .tokens import TokenStore
 
 log = logging.getLogger("hybridml.cloud.serve")
 _handling = threading.local()  # (seconds queued, queue depth) of the request a thread runs
+# A worker whose threads are all busy leaves a new connection to the other workers for
+# ACCEPT_DEFER_STEP_S per request it holds (at most ACCEPT_DEFER_MAX_S), then takes one: the
+# least loaded worker wakes first. Past max_pending connections waiting to be accepted, all
+# take them at once, to shed what does not fit with 503s instead of leaving it in the kernel.
+ACCEPT_DEFER_STEP_S = 0.001
+ACCEPT_DEFER_MAX_S = 0.02
+# gunicorn >= 23's gthread lets a worker stop and resume accepting; 22's does not (no deferral).
+_CAN_DEFER = all(hasattr(ThreadWorker, m) for m in ("set_accept_enabled",
+                                                    "wait_for_and_dispatch_events"))
 
 
 class SheddingWorker(ThreadWorker):  # type: ignore[misc]
@@ -49,6 +60,12 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
     ``Retry-After`` before it reaches the app: it is parsed and its body drained (the
     connection stays usable) but there is no WSGI environ, no Flask, no JSON and no model,
     so shedding costs a fraction of a prediction and an overloaded worker keeps serving.
+
+    New connections go to the least busy worker: all watch the shared listening socket, and
+    one without an idle thread leaves a new connection to the others for a while that grows
+    with its load (:data:`ACCEPT_DEFER_STEP_S`), then takes one. Otherwise the first worker to
+    wake takes most of a burst of connections, and kept-alive clients stay where they landed:
+    with 16 clients, one worker served 14-16 of them while the other idled.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -56,6 +73,7 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         self.pending = 0
         self.limits = ServeConfig.from_env()  # serve() read the same variables
         self.shed = ShedLog()
+        self._defer_until: float | None = None  # set while busy and leaving accepts to others
 
     def enqueue_req(self, conn: Any) -> None:
         """Hand a connection to the thread pool, stamped with the time and the queue depth."""
@@ -66,7 +84,37 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
     def finish_request(self, *args: Any) -> None:
         """A request is done (main thread); gunicorn 22 passes (fs), 27 (conn, fs)."""
         self.pending -= 1
+        if self.pending < self.cfg.threads:
+            self._defer_until = None  # idle again: accept at once
         super().finish_request(*args)
+
+    # ------------------------------------------------------ accepting (main thread only)
+    def accept(self, *args: Any) -> None:
+        """Take a new connection, unless busy and another worker may take it sooner."""
+        if _CAN_DEFER and self.pending >= self.cfg.threads:
+            now = time.monotonic()
+            if self._defer_until is None:
+                self._defer_until = now + min(
+                    ACCEPT_DEFER_MAX_S,
+                    ACCEPT_DEFER_STEP_S * (self.pending - self.cfg.threads + 1))
+            if now < self._defer_until and _waiting(args[-1]) <= self.limits.max_pending:
+                self.set_accept_enabled(False)  # no busy loop on a readable listener
+                return
+            self._defer_until = None  # this one is taken; the next waits its turn again
+        super().accept(*args)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gunicorn's switch, held off while this worker leaves new connections to others."""
+        if enabled and self._defer_until is not None and self.pending >= self.cfg.threads \
+                and time.monotonic() < self._defer_until:
+            enabled = False
+        super().set_accept_enabled(enabled)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        """Wait no longer than the deferral, so a connection still waiting is then taken."""
+        if self._defer_until is not None and not self._accepting:
+            timeout = max(0.0, min(timeout, self._defer_until - time.monotonic()))
+        super().wait_for_and_dispatch_events(timeout)
 
     def handle(self, conn: Any) -> Any:
         """Serve a connection's next request in a pool thread, noting how long it queued."""
@@ -78,7 +126,7 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         """Run the app, or answer 503 if the request found the worker full."""
         waited, depth = getattr(_handling, "queued", (0.0, 1))
         fits = depth <= self.limits.max_pending and waited * 1000 <= self.limits.max_queue_ms
-        if fits or req.path == "/healthz":
+        if fits or req.path == HEALTH_PATH:
             return bool(super().handle_request(req, conn))
         self.shed.shed(depth, waited)
         close = bool(req.should_close()) or not self.alive
@@ -89,6 +137,16 @@ class SheddingWorker(ThreadWorker):  # type: ignore[misc]
         conn.sock.sendall(f"HTTP/1.1 503 Service Unavailable\r\n{head}\r\n".encode()
                           + (b"" if req.method == "HEAD" else body))
         return not close  # kept alive: gunicorn drains the unread body before the next request
+
+
+def _waiting(listener: Any) -> int:
+    """Connections waiting to be accepted on a TCP listener (Linux); 0 when unknown."""
+    try:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        # struct tcp_info: for a listening socket, tcpi_unacked is the accept queue length
+        return int(struct.unpack_from("=I", info, 24)[0])
+    except (AttributeError, OSError, struct.error):  # not Linux, or a Unix socket
+        return 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:

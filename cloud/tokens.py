@@ -6,6 +6,9 @@ of the whole token is stored. A slow password hash (bcrypt, argon2) protects low
 passwords against guessing; a 256-bit random secret cannot be guessed, so a plain sha256 is as
 strong here and costs microseconds per request instead of tens of milliseconds. Lookup is by
 the public id, and the hashes are compared with :func:`hmac.compare_digest` (constant time).
+The check reads through one connection per thread, kept open while the file stays the same
+one (a replaced or deleted file is noticed at the next request), so it costs an indexed read,
+not a connection per request.
 
 Roles: ``device`` may read manifests and artifacts, predict and post telemetry; ``admin`` may
 also promote, roll back and upload. Revocation is immediate: every request reads the table.
@@ -21,6 +24,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +40,9 @@ ROLES = ("device", "admin")
 PREFIX = "hml"
 _TOKEN_RE = re.compile(r"^hml_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.@:-]{0,63}$")
+# Read connections inherited across fork are kept referenced and never used or closed again
+# (closing one in the child could disturb the parent's locks).
+_ABANDONED: list[sqlite3.Connection] = []
 _SCHEMA = """CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, sha256 TEXT NOT NULL,
     created TEXT NOT NULL, revoked TEXT)"""
@@ -72,6 +79,7 @@ class TokenStore:
 
     def __init__(self, registry_root: str | os.PathLike[str]) -> None:
         self.path = Path(registry_root).expanduser().resolve() / DB_NAME
+        self._local = threading.local()  # this thread's reader: (file identity, connection)
 
     @contextlib.contextmanager
     def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -153,14 +161,46 @@ class TokenStore:
         m = _TOKEN_RE.fullmatch(token)
         if m is None:
             return None
-        with self._db() as c:
-            row = c.execute("SELECT id, name, role, created, revoked, sha256 FROM tokens "
-                            "WHERE id = ?", (m.group(1),)).fetchone()
-        if row is None:
+        query = "SELECT id, name, role, created, revoked, sha256 FROM tokens WHERE id = ?"
+        try:
+            reader = self._reader()
+            rows = [] if reader is None else reader.execute(query, (m.group(1),)).fetchall()
+        except sqlite3.Error:  # e.g. a file without the table yet: the creating path
+            with self._db() as c:
+                rows = c.execute(query, (m.group(1),)).fetchall()
+        if not rows:
             return None
+        row = rows[0]
         if not hmac.compare_digest(row[5], hash_token(token)) or row[4] is not None:
             return None
         return TokenInfo(*row[:5])
+
+    def _reader(self) -> sqlite3.Connection | None:
+        """This thread's read connection to the token file; None while there is no file.
+
+        Reopened when the file is another one than last time (deleted and recreated, say:
+        a connection to the old inode would keep honouring its tokens) or after a fork.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        ident = (st.st_dev, st.st_ino, os.getpid())
+        local = self._local
+        held: tuple[tuple[int, int, int], sqlite3.Connection] | None = getattr(
+            local, "held", None)
+        if held is not None:
+            if held[0] == ident:
+                return held[1]
+            if held[0][2] == ident[2]:
+                held[1].close()
+            else:
+                _ABANDONED.append(held[1])
+            local.held = None
+        conn = sqlite3.connect(f"{self.path.as_uri()}?mode=rw", uri=True, timeout=30.0,
+                               isolation_level=None)
+        local.held = (ident, conn)
+        return conn
 
 
 def _utcnow() -> str:

@@ -125,8 +125,15 @@ def _check_arrays(rt: EdgeRuntime, num: Any, cat: Any) -> tuple[np.ndarray, np.n
         if num is None:
             raise InputError(f"num= is required: the model takes {n_num} numeric columns "
                              f"({', '.join(schema.numeric_names)})", field="num")
-        with np.errstate(over="ignore"):
-            num = np.ascontiguousarray(num, dtype=np.float32)
+        if type(num) is np.ndarray and num.dtype == np.float32:
+            num = np.ascontiguousarray(num)  # nothing to convert: no overflow to silence
+        else:
+            try:
+                with np.errstate(over="ignore"):  # past float32 becomes inf, refused below
+                    num = np.ascontiguousarray(num, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"num holds a value that is not a number ({exc}); send "
+                                 "numbers, with NaN or None for missing", field="num") from None
         if num.ndim != 2 or num.shape[1] != n_num:
             raise InputError(f"num has shape {num.shape}; send [N, {n_num}] in the order "
                              f"{', '.join(schema.numeric_names)}", field="num")
@@ -217,6 +224,10 @@ def predict_arrays(rt: EdgeRuntime, num: Any = None, cat: Any = None,
                 values = np.zeros(n, dtype=np.float32)
                 probs = np.zeros((n, len(classes)), dtype=np.float32) if is_clf else None
         cost.model = cost._mix(cost.model, (time.perf_counter() - t0) / n_miss)
+    if labels is None and values is None:  # no row ran: an empty batch
+        labels = np.zeros(n, dtype=np.int64)
+        values = np.zeros(n, dtype=np.float32)
+        probs = np.zeros((n, len(classes)), dtype=np.float32) if is_clf else None
     if not is_clf:
         labels = None
     result = BatchPrediction(labels, probs, values if not is_clf else None, classes, code,

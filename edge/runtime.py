@@ -115,11 +115,13 @@ class Prediction:
 
     def to_json(self) -> dict[str, Any]:
         """JSON form printed by ``predict --json``."""
-        out: dict[str, Any] = {"prediction": self.prediction, "source": self.source,
+        pred = self.prediction
+        out: dict[str, Any] = {"prediction": None if pred != pred else pred,
+                               "source": self.source,
                                "model_version": self.model_version}
         probabilities = self.probabilities
-        if probabilities is not None:
-            out["probabilities"] = probabilities
+        if probabilities is not None:  # NaN (a model overflowing) is not JSON: null
+            out["probabilities"] = {k: None if v != v else v for k, v in probabilities.items()}
         if self.degraded:
             out["degraded"] = True
         if self.reason:
@@ -252,6 +254,8 @@ class EdgeRuntime:
             rows = list(rows)
             if len(rows) == 1:
                 return self.predict(rows, errors=errors)
+        if not rows:
+            return []
         if self.manifest is None or self.session is None:
             return self._cloud_only(rows)
         schema = self.manifest.schema

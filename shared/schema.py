@@ -144,10 +144,19 @@ def category_codes(cat: np.ndarray, cat_index: Sequence[Mapping[str, int]]) -> n
     n_rows = cat.shape[0]
     codes = np.empty((n_rows, len(cat_index)), dtype=np.int32)
     for j, index in enumerate(cat_index):
-        # map(dict.get, values, repeat(default)) runs in C: ~3x a comprehension.
-        codes[:, j] = np.fromiter(map(index.get, cat[:, j], repeat(UNSEEN_CODE, n_rows)),
-                                  dtype=np.int32, count=n_rows)
+        try:  # map(dict.get, values, repeat(default)) runs in C: ~3x a comprehension.
+            codes[:, j] = np.fromiter(map(index.get, cat[:, j], repeat(UNSEEN_CODE, n_rows)),
+                                      dtype=np.int32, count=n_rows)
+        except TypeError:  # an unhashable cell (a list...) matches nothing; callers refuse it
+            codes[:, j] = [_code(index, v) for v in cat[:, j]]
     return codes
+
+
+def _code(index: Mapping[str, int], value: Any) -> int:
+    try:
+        return index.get(value, UNSEEN_CODE)
+    except TypeError:
+        return UNSEEN_CODE
 
 
 @dataclass(frozen=True)
