@@ -95,6 +95,7 @@ class RowPath:
         # them is exactly numpy's float32 comparison.
         self._lo_py = [float(v) for v in self._lo[0]]
         self._hi_py = [float(v) for v in self._hi[0]]
+        self._in_range = _range_test(self._lo_py, self._hi_py)
         self._check_oor = policy.enabled and policy.on_out_of_range
         self._check_unseen = policy.enabled and policy.on_unseen
         self._min_conf = policy.min_confidence if policy.enabled else 0.0
@@ -109,6 +110,7 @@ class RowPath:
         self._tmp = np.empty_like(self._buf)
         self._tmp_bytes = memoryview(self._tmp).cast("B")  # type: ignore[arg-type]
         self._cat_buf = np.empty((1, self._n_cat), dtype=object)
+        self._set_cats = _cell_setter(self._cat_buf.reshape(-1), self._n_cat)
         self._reused_outputs = False
         self._run = self._compile_run(session)
 
@@ -192,9 +194,22 @@ class RowPath:
             return None
         packed = b""
         if self._n_num:
-            packed = self._pack_numeric(nums)  # type: ignore[assignment]
-            if packed is None:
-                return None
+            if _PLAIN.issuperset(map(type, nums)):  # the common case, inline
+                try:
+                    packed = self._pack(*nums)
+                except (OverflowError, struct.error):
+                    return None  # beyond float32: the general path raises the InputError
+                # The high byte of each float32 holds the sign and top exponent bits: 0x80
+                # there is -0.0 (or a tiny negative), 0x7f/0xff a huge value, inf or NaN.
+                # Rare: check exactly. bytes.translate runs in C, ~4x a set test.
+                if len(packed[3::4].translate(None, _SPECIAL_HIGH)) != self._n_num:
+                    packed = self._canonical(packed)  # type: ignore[assignment]
+                    if packed is None:
+                        return None
+            else:
+                packed = self._pack_numeric(nums)  # type: ignore[assignment]
+                if packed is None:
+                    return None
         unseen = False
         key = packed
         if self._n_cat:
@@ -226,8 +241,7 @@ class RowPath:
             return None
         if self._check_oor and 0 < self._n_num <= _SMALL:
             try:  # the raw values inside [lo, hi] are inside after float32 rounding too
-                clear = all(map(operator.ge, nums, self._lo_py)) and \
-                    all(map(operator.le, nums, self._hi_py))
+                clear = self._in_range(nums)
             except TypeError:  # None for missing: compare the packed values instead
                 clear = False
             if not clear and self._out_of_range_py(packed):
@@ -241,7 +255,7 @@ class RowPath:
                 if self._check_oor and self._n_num > _SMALL and self._out_of_range_buf():
                     return None
             if self._n_cat:
-                self._cat_buf[0] = cats
+                self._set_cats(cats)
             out = self._run()
             first = out[0].item(0)
             # Reused output buffers: keep a copy, taken before another thread can run.
@@ -325,3 +339,29 @@ class RowPath:
             flagged = True
         shared = {str(c): round(float(p), 6) for c, p in zip(self.classes, probs)}
         return self.classes[table.label(j)], shared, flagged
+
+
+def _range_test(lo: Sequence[float], hi: Sequence[float]) -> Callable[[Sequence[Any]], bool]:
+    """``lambda v: lo[0] <= v[0] <= hi[0] and ...`` compiled with the bounds as literals.
+
+    Chained comparisons against constants run ~2.5x faster than ``all(map(operator.ge, ...))``
+    for the few features this is used for. The bounds are Python floats, whose ``repr`` is an
+    exact literal; an infinite bound is left out. None in ``v`` raises TypeError as before.
+    """
+    terms = []
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        left = f"{float(a)!r} <= " if math.isfinite(a) else ""
+        right = f" <= {float(b)!r}" if math.isfinite(b) else ""
+        if left or right:
+            terms.append(f"{left}v[{i}]{right}")
+    return eval(f"lambda v: {' and '.join(terms) or 'True'}")  # type: ignore[no-any-return]
+
+
+def _cell_setter(flat: np.ndarray, n: int) -> Callable[[Sequence[Any]], None]:
+    """``flat[0], ..., flat[n-1] = values``: one unpacking store, ~3x numpy's row assignment."""
+    if n == 0:
+        return lambda values: None
+    scope: dict[str, Any] = {"flat": flat}
+    targets = ", ".join(f"flat[{j}]" for j in range(n))
+    exec(f"def set_cells(values):\n    {targets}, = values", scope)
+    return scope["set_cells"]  # type: ignore[no-any-return]
