@@ -189,13 +189,20 @@ def _size(d: Doc) -> str:
 def _serving(d: Doc) -> str:
     rows = [[k, v.get("rps"), v.get("p50_ms"), v.get("p99_ms"), v.get("requests"),
              v.get("errors"), v.get("server_cpu_s")] for k, v in d["servers"].items()]
+    rounds = d.get("rounds", 1)
+    per_round = ", ".join(_f(x) for x in d.get("ratio_rounds", []))
     return (f"## 6. Cloud serving: single-row POST predict, {d['connections']} connections, "
-            f"{_f(d['seconds'], 0)} s, generator {d['generator']} ({d['model']})\n\n"
+            f"{rounds} rounds of {_f(d['seconds'], 0)} s, generator {d['generator']} "
+            f"({d['model']})\n\n"
             + _table(["server", "req/s", "p50 ms", "p99 ms", "requests", "errors",
                       "server CPU s"], rows)
-            + f"\n\nOurs under gunicorn vs the floor: {_f(d['ratio_gunicorn_vs_floor'])}×; "
-              f"Flask dev server vs the floor: {_f(d['ratio_dev_vs_floor'])}×. Load generator "
-              "and servers share the machine's cores.\n")
+            + f"\n\nOurs under gunicorn vs the floor: {_f(d['ratio_gunicorn_vs_floor'])}× "
+              f"(median of the rounds: {per_round}); Flask dev server vs the floor: "
+              f"{_f(d['ratio_dev_vs_floor'])}×. The floor and ours run side by side and are "
+              "loaded in turn; req/s, p50 and p99 are medians over the rounds, requests and "
+              "CPU totals. Load generator and servers share the machine's cores. Setups: "
+              + "; ".join(f"{k}: {v.get('setup', '?')}" for k, v in d["servers"].items())
+              + ".\n")
 
 
 def _fleet(d: Doc) -> str:

@@ -50,7 +50,7 @@ class Settings:
     def for_mode(cls, mode: str) -> Settings:
         """``full``, ``quick`` or ``tiny``."""
         if mode == "full":
-            return cls("full", 20000, 100, 100, 5, 1_000_000, 11, 15.0, 16, 300_000,
+            return cls("full", 20000, 100, 100, 5, 1_000_000, 11, 10.0, 16, 300_000,
                        (10, 100, 1000), 6000, 3000, 300)
         if mode == "quick":
             return cls("quick", 1000, 20, 10, 2, 100_000, 3, 3.0, 16, 50_000, (10, 100), 400,

@@ -193,19 +193,14 @@ class RowPath:
         else:
             return None
         packed = b""
+        unchecked = False  # packed as sent: not yet known to be canonical
         if self._n_num:
             if _PLAIN.issuperset(map(type, nums)):  # the common case, inline
                 try:
                     packed = self._pack(*nums)
                 except (OverflowError, struct.error):
                     return None  # beyond float32: the general path raises the InputError
-                # The high byte of each float32 holds the sign and top exponent bits: 0x80
-                # there is -0.0 (or a tiny negative), 0x7f/0xff a huge value, inf or NaN.
-                # Rare: check exactly. bytes.translate runs in C, ~4x a set test.
-                if len(packed[3::4].translate(None, _SPECIAL_HIGH)) != self._n_num:
-                    packed = self._canonical(packed)  # type: ignore[assignment]
-                    if packed is None:
-                        return None
+                unchecked = True
             else:
                 packed = self._pack_numeric(nums)  # type: ignore[assignment]
                 if packed is None:
@@ -222,7 +217,18 @@ class RowPath:
                 unseen = True
                 codes = [UNSEEN_CODE if c is None else c for c in codes]
             key = packed + self._pack_codes(*codes)
-        entry = self._hits.get(key)
+        entry = self._hits.get(key)  # cached keys are canonical: a hit needs no check
+        # The high byte of each float32 holds the sign and top exponent bits: 0x80 there is
+        # -0.0 (or a tiny negative), 0x7f/0xff a huge value, inf or NaN. Rare: check exactly.
+        # bytes.translate runs in C, ~4x a set test over the byte values.
+        if entry is None and unchecked and \
+                len(packed[3::4].translate(None, _SPECIAL_HIGH)) != self._n_num:
+            canonical = self._canonical(packed)
+            if canonical is None:
+                return None
+            key = canonical + key[len(packed):]
+            packed = canonical
+            entry = self._hits.get(key)
         if entry is None and self.table is not None:
             index_get = self._index_get
             j = index_get(key, -1) if index_get is not None else self.table.lookup(key)
