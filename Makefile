@@ -28,6 +28,7 @@ test: $(VENV)/.dev-installed
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check cloud edge shared hybridml_pkg tests benchmarks
 	$(VENV)/bin/mypy cloud edge shared hybridml_pkg
+	$(VENV)/bin/mypy tests/*.py tests/*/*.py benchmarks/*.py
 
 $(VENV)/.bench-installed: $(PY) pyproject.toml
 	$(PIP) install -e '.[bench]'

@@ -7,9 +7,10 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
-from flask import Flask
+from flask import Flask, Response
 from flask.testing import FlaskClient
 
 from hybridml.cloud import app as app_module
@@ -58,7 +59,10 @@ def test_predict_answer_is_encoded_as_flask_would(app: Flask, client: FlaskClien
     assert len(answer["predictions"]) == 2 and set(answer["probabilities"][0]) == \
         set(answer["classes"])
     with app.app_context():
-        assert resp.data == app.json.response(answer).data  # compact, key order, newline
+        # flask types json.response() as werkzeug's sansio Response (no .data); it is a
+        # flask.Response at run time.
+        expected = cast(Response, app.json.response(answer))
+        assert resp.data == expected.data  # compact, key order, newline
 
 
 def test_promote_over_http_is_seen_by_the_next_predict(client: FlaskClient) -> None:

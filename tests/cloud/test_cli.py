@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -56,8 +57,9 @@ def test_models_table_and_promote(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "iris" in table and "stable=v1" in table and "accuracy=" in table
     assert main(["promote", "iris", "2", "--registry", reg]) == 0
     assert "stable -> v2" in capsys.readouterr().out
-    versions = run_json(capsys, "models", "iris", "--registry", reg)
-    assert [v["aliases"] for v in versions] == [[], ["stable"]]  # type: ignore[union-attr]
+    listed = run_json(capsys, "models", "iris", "--registry", reg)
+    versions = cast("list[dict[str, object]]", listed)  # `models NAME --json`: one dict a version
+    assert [v["aliases"] for v in versions] == [[], ["stable"]]
 
 
 def test_precompute_attaches_a_table_and_reports_coverage(

@@ -94,7 +94,7 @@ def mixed() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return num, cat, y.astype(np.int64)
 
 
-def test_mlp_int8_candidates_are_smaller_and_one_ships_within_tolerance(digits_mlp: Case):
+def test_mlp_int8_candidates_are_smaller_and_one_ships_within_tolerance(digits_mlp: Case) -> None:
     variant, data, report = digits_mlp.run(tolerance=0.05)
     fp32_size = len(digits_mlp.fp32)
     for name in INT8:
@@ -111,7 +111,8 @@ def test_mlp_int8_candidates_are_smaller_and_one_ships_within_tolerance(digits_m
     assert np.mean(out.labels == digits_mlp.y_test) == report.candidate(variant).metric_value
 
 
-def test_default_tolerance_ships_the_smallest_candidate_within_half_a_point(digits_mlp: Case):
+def test_default_tolerance_ships_the_smallest_candidate_within_half_a_point(
+        digits_mlp: Case) -> None:
     variant, _, report = digits_mlp.run()
     assert report.tolerance == 0.005
     within = [c for c in report.candidates if c.drop is not None and c.drop <= 0.005]
@@ -122,7 +123,7 @@ def test_default_tolerance_ships_the_smallest_candidate_within_half_a_point(digi
         assert (c.status == "rejected") == (c.drop is not None and c.drop > 0.005)
 
 
-def test_zero_tolerance_rejects_every_int8_candidate_that_drops(digits_mlp: Case):
+def test_zero_tolerance_rejects_every_int8_candidate_that_drops(digits_mlp: Case) -> None:
     _, _, report = digits_mlp.run(tolerance=0.0)
     for name in INT8:
         c = report.candidate(name)
@@ -134,7 +135,7 @@ def test_zero_tolerance_rejects_every_int8_candidate_that_drops(digits_mlp: Case
 
 @pytest.mark.parametrize("tolerance", [0.0, None])
 def test_badly_calibrated_static_model_is_rejected_and_fp32_ships(digits_mlp: Case,
-                                                                  tolerance: float | None):
+                                                                  tolerance: float | None) -> None:
     # Calibrating on one repeated row gives activation ranges far too narrow: a real drop.
     mean_row = digits_mlp.train.num.mean(axis=0)
     calibration = digits_mlp.schema.encode(np.tile(mean_row, (8, 1)).tolist())
@@ -148,7 +149,7 @@ def test_badly_calibrated_static_model_is_rejected_and_fp32_ships(digits_mlp: Ca
     assert report.candidate("fp32").status == "chosen"
 
 
-def test_negative_tolerance_is_a_config_error(digits_mlp: Case):
+def test_negative_tolerance_is_a_config_error(digits_mlp: Case) -> None:
     with pytest.raises(ConfigError, match="tolerance") as err:
         digits_mlp.run(tolerance=-0.01)
     assert err.value.details["field"] == "tolerance"
@@ -156,7 +157,7 @@ def test_negative_tolerance_is_a_config_error(digits_mlp: Case):
 
 @pytest.mark.parametrize("family", ["rf", "logreg"])
 def test_tree_and_linear_graphs_get_not_applicable_candidates_and_ship_fp32(family: str,
-                                                                           mixed: Any):
+                                                                           mixed: Any) -> None:
     num, cat, y = mixed
     case = _case(family, "binary", num, cat, y, 300, {"n_estimators": 5} if family == "rf"
                  else {})
@@ -170,7 +171,7 @@ def test_tree_and_linear_graphs_get_not_applicable_candidates_and_ship_fp32(fami
     assert NOT_QUANTIZABLE in report.preprocess
 
 
-def test_int8_that_is_not_smaller_is_not_applicable(mixed: Any):
+def test_int8_that_is_not_smaller_is_not_applicable(mixed: Any) -> None:
     # A 2+6-input SGD classifier has one tiny MatMul: quantizing only adds nodes.
     num, cat, y = mixed
     case = _case("sgd", "binary", num, cat, y, 300, {})
@@ -182,7 +183,7 @@ def test_int8_that_is_not_smaller_is_not_applicable(mixed: Any):
         assert "not smaller than fp32" in c.reason
 
 
-def test_regression_mlp_is_judged_by_relative_rmse_rise():
+def test_regression_mlp_is_judged_by_relative_rmse_rise() -> None:
     x, y = load_diabetes(return_X_y=True)
     case = _case("mlp", "regression", x.astype(np.float32), _no_cat(len(x)), y, 340,
                  {"hidden_layer_sizes": (64, 32), "max_iter": 200, "early_stopping": False})
@@ -198,7 +199,7 @@ def test_regression_mlp_is_judged_by_relative_rmse_rise():
     assert report.candidate(variant).status == "chosen"
 
 
-def test_categorical_string_input_still_quantizes_and_stays_out_of_int8(mixed: Any):
+def test_categorical_string_input_still_quantizes_and_stays_out_of_int8(mixed: Any) -> None:
     num, cat, y = mixed
     case = _case("mlp", "binary", num, cat, y, 300,
                  {"hidden_layer_sizes": (64, 32), "max_iter": 100})
@@ -220,7 +221,7 @@ def test_categorical_string_input_still_quantizes_and_stays_out_of_int8(mixed: A
         assert out.labels is not None and len(out.labels) == len(case.test)
 
 
-def test_static_candidate_without_calibration_rows_fails_without_breaking(digits_mlp: Case):
+def test_static_candidate_without_calibration_rows_fails_without_breaking(digits_mlp: Case) -> None:
     variant, _, report = digits_mlp.run(calibration=digits_mlp.train.take([]), tolerance=0.05)
     static = report.candidate("int8_static")
     assert static.status == "failed"
@@ -228,7 +229,7 @@ def test_static_candidate_without_calibration_rows_fails_without_breaking(digits
     assert variant == "int8_dynamic"
 
 
-def test_report_json_round_trips(digits_mlp: Case):
+def test_report_json_round_trips(digits_mlp: Case) -> None:
     _, _, report = digits_mlp.run(calibration=digits_mlp.train.take([]))
     text = json.dumps(report.to_json(), allow_nan=False)
     again = QuantizationReport.from_json(json.loads(text))
@@ -236,7 +237,7 @@ def test_report_json_round_trips(digits_mlp: Case):
     assert [c["variant"] for c in json.loads(text)["candidates"]] == ["fp32", *INT8]
 
 
-def test_report_to_table_lists_every_candidate_with_its_reason(digits_mlp: Case):
+def test_report_to_table_lists_every_candidate_with_its_reason(digits_mlp: Case) -> None:
     _, _, report = digits_mlp.run(tolerance=0.0)
     table = report.to_table()
     lines = table.splitlines()
@@ -245,12 +246,12 @@ def test_report_to_table_lists_every_candidate_with_its_reason(digits_mlp: Case)
         assert any(line.strip().startswith(c.variant) and c.reason in line for line in lines)
 
 
-def test_from_json_names_what_is_missing():
+def test_from_json_names_what_is_missing() -> None:
     with pytest.raises(QuantizationError, match="not a quantization report"):
         QuantizationReport.from_json({"metric": "accuracy"})
 
 
-def test_guard_prefers_fp32_on_size_tie_and_rejects_non_finite_metrics():
+def test_guard_prefers_fp32_on_size_tie_and_rejects_non_finite_metrics() -> None:
     base = Candidate("fp32", "accepted", "baseline", size=100, metric_value=2.0, drop=0.0)
     same = Candidate("int8_dynamic", "accepted", "", size=100, metric_value=2.0)
     nan = Candidate("int8_static", "accepted", "", size=10, metric_value=math.nan)
@@ -261,7 +262,7 @@ def test_guard_prefers_fp32_on_size_tie_and_rejects_non_finite_metrics():
     assert report.to_json()["candidates"][2]["metric_value"] is None
 
 
-def test_bad_arguments_name_the_field(digits_mlp: Case):
+def test_bad_arguments_name_the_field(digits_mlp: Case) -> None:
     with pytest.raises(ConfigError, match="int4") as err:
         digits_mlp.run(variants=("int4",))
     assert err.value.details["field"] == "variants"

@@ -120,13 +120,13 @@ def test_healthz_is_open_and_the_rest_needs_a_token(client: FlaskClient) -> None
                  "/v1/nothing-here"):
         r = client.get(path)
         assert r.status_code == 401, path
-        assert r.json["error"]["code"] == "unauthorized"
-        assert "Authorization: Bearer" in r.json["error"]["message"]
+        assert r.get_json()["error"]["code"] == "unauthorized"
+        assert "Authorization: Bearer" in r.get_json()["error"]["message"]
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
     r = client.get("/v1/models", headers={"Authorization": "Basic dXNlcjpwYXNz"})
     assert r.status_code == 401
     r = client.get("/v1/models", headers=bearer("hml_000000000000_" + "x" * 43))
-    assert r.status_code == 401 and "unknown or revoked" in r.json["error"]["message"]
+    assert r.status_code == 401 and "unknown or revoked" in r.get_json()["error"]["message"]
 
 
 def test_device_token_reads_and_predicts_but_cannot_promote(client: FlaskClient,
@@ -134,16 +134,16 @@ def test_device_token_reads_and_predicts_but_cannot_promote(client: FlaskClient,
     dev = bearer(tokens["device"])
     assert client.get("/v1/models", headers=dev).status_code == 200
     man = client.get("/v1/models/iris/manifest", headers=dev)
-    assert man.status_code == 200 and "signature" not in man.json  # no key in this registry
-    sha = man.json["artifacts"][0]["sha256"]
+    assert man.status_code == 200 and "signature" not in man.get_json()  # no key in this registry
+    sha = man.get_json()["artifacts"][0]["sha256"]
     assert client.get(f"/v1/artifacts/{sha}", headers=dev).status_code == 200
     r = client.post("/v1/models/iris/predict", json={"inputs": [ROW]}, headers=dev)
-    assert r.status_code == 200 and r.json["model_version"] == 1
+    assert r.status_code == 200 and r.get_json()["model_version"] == 1
     for path, body in (("/v1/models/iris/aliases/stable", {"version": 2}),
                        ("/v1/models/iris/rollback", {})):
         r = client.post(path, json=body, headers=dev)
-        assert r.status_code == 403 and r.json["error"]["code"] == "forbidden"
-        assert "needs an admin token" in r.json["error"]["message"]
+        assert r.status_code == 403 and r.get_json()["error"]["code"] == "forbidden"
+        assert "needs an admin token" in r.get_json()["error"]["message"]
     assert client.get("/v1/nothing-here", headers=dev).status_code == 404
 
 
@@ -151,17 +151,17 @@ def test_admin_promotes_and_rolls_back_stable(client: FlaskClient, tokens: dict[
                                               reg_root: Path) -> None:
     adm = bearer(tokens["admin"])
     r = client.post("/v1/models/iris/aliases/stable", json={"version": 2}, headers=adm)
-    assert r.status_code == 200 and r.json == {"name": "iris", "alias": "stable",
+    assert r.status_code == 200 and r.get_json() == {"name": "iris", "alias": "stable",
                                                "version": 2, "previous": 1}
     assert Registry(reg_root).aliases("iris") == {"stable": 2}  # no helper aliases
     r = client.post("/v1/models/iris/rollback", headers=adm)
-    assert r.status_code == 200 and r.json["version"] == 1 and r.json["previous"] == 2
+    assert r.status_code == 200 and r.get_json()["version"] == 1 and r.get_json()["previous"] == 2
     r = client.post("/v1/models/iris/rollback", headers=adm)  # a second rollback undoes it
-    assert r.json["version"] == 2
+    assert r.get_json()["version"] == 2
     r = client.post("/v1/models/iris/rollback", json={"version": 1}, headers=adm)
-    assert r.json["version"] == 1
+    assert r.get_json()["version"] == 1
     r = client.post("/v1/models/iris/aliases/canary", json={"version": "latest"}, headers=adm)
-    assert r.json["version"] == 2 and r.json["previous"] is None
+    assert r.get_json()["version"] == 2 and r.get_json()["previous"] is None
     admin_id = TokenStore(reg_root).list()[1].id
     log = AuditLog(reg_root).entries("iris")
     assert [(e["action"], e["alias"], e["from"], e["to"]) for e in log] == [
@@ -191,10 +191,10 @@ def test_admin_calls_with_bad_input_are_4xx_json(client: FlaskClient,
              ("/v1/models/iris/rollback", {"alias": 3}, 400)]
     for path, body, status in cases:
         r = client.post(path, json=body, headers=adm)
-        assert r.status_code == status, (path, body, r.json)
-        assert r.json["error"]["message"]
+        assert r.status_code == status, (path, body, r.get_json())
+        assert r.get_json()["error"]["message"]
     r = client.post("/v1/models/iris/aliases/stable", data="[1", headers=adm)
-    assert r.status_code == 400 and r.json["error"]["details"]["field"] == "body"
+    assert r.status_code == 400 and r.get_json()["error"]["details"]["field"] == "body"
 
 
 def test_revocation_is_immediate(client: FlaskClient, tokens: dict[str, str],
@@ -210,7 +210,7 @@ def test_insecure_mode_checks_nothing(reg_root: Path, monkeypatch: pytest.Monkey
     with create_app(reg_root).test_client() as c:
         assert c.get("/v1/models").status_code == 200
         r = c.post("/v1/models/iris/aliases/stable", json={"version": 2})
-        assert r.status_code == 200 and r.json["version"] == 2
+        assert r.status_code == 200 and r.get_json()["version"] == 2
 
 
 # ----------------------------------------------------------------------- serve and the CLI

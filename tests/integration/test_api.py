@@ -16,8 +16,10 @@ IRIS_ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.
             "petal_width_cm": 0.2}
 
 
-def post(cloud: CloudServer, name: str, body: object, **kw: object) -> requests.Response:
-    return requests.post(f"{cloud.url}/v1/models/{name}/predict", json=body, timeout=10, **kw)
+def post(cloud: CloudServer, name: str, body: object,
+         headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.post(f"{cloud.url}/v1/models/{name}/predict", json=body, timeout=10,
+                         headers=headers)
 
 
 def test_healthz_and_model_list(cloud: CloudServer) -> None:

@@ -7,10 +7,11 @@ whole artifact), a well-formed range past the end is 416 with ``Content-Range: b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -45,7 +46,8 @@ class Case:
     path: str = PREDICT
     method: str = "POST"
     body: Any = None  # JSON-encoded unless bytes
-    headers: dict[str, str] = field(default_factory=lambda: dict(JSON))
+    # dataclasses.field, spelled out: the `field` attribute above shadows the bare name.
+    headers: dict[str, str] = dataclasses.field(default_factory=lambda: dict(JSON))
     row: int | None = None
 
 
