@@ -16,23 +16,9 @@ from flask.testing import FlaskClient
 from hybridml.cloud import app as app_module
 from hybridml.cloud import shedding
 from hybridml.cloud.app import create_app
-from hybridml.cloud.registry import Registry
-from hybridml.cloud.train import train
+from tests.cloud.conftest import IRIS_ROW as ROW
 
-ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4,
-       "petal_width_cm": 0.2}
 PREDICT = "/v1/models/iris/predict"
-
-
-@pytest.fixture(scope="module")
-def iris_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registry with iris v1 (stable) and v2."""
-    root = tmp_path_factory.mktemp("app") / "reg"
-    reg = Registry(root)
-    train(reg, "iris", dataset="iris", model="logreg")
-    train(reg, "iris", dataset="iris", model="logreg", seed=1)
-    reg.close()
-    return root
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,32 +10,11 @@ import pytest
 import requests
 
 from hybridml.cloud.registry import Registry
-from hybridml.cloud.train import train
 from hybridml.shared.errors import NotFoundError
+from tests.cloud.conftest import IRIS_ROW as ROW
 from tests.conftest import start_cloud
 
 BIN = Path(sys.executable).parent
-ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4,
-       "petal_width_cm": 0.2}
-
-
-@pytest.fixture(scope="module")
-def two_versions(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registry with iris v1 (stable) and v2."""
-    root = tmp_path_factory.mktemp("memo") / "reg"
-    reg = Registry(root)
-    train(reg, "iris", dataset="iris", model="logreg")
-    train(reg, "iris", dataset="iris", model="logreg", seed=1)
-    reg.close()
-    return root
-
-
-@pytest.fixture
-def root(two_versions: Path, tmp_path: Path) -> Path:
-    """A private copy of the two-version registry."""
-    dst = tmp_path / "reg"
-    shutil.copytree(two_versions, dst)
-    return dst
 
 
 def cli(root: Path, *args: str) -> None:
@@ -45,18 +23,18 @@ def cli(root: Path, *args: str) -> None:
                    capture_output=True, timeout=60)
 
 
-def test_cached_resolve_sees_a_promote_made_by_another_process(root: Path) -> None:
-    reg = Registry(root)
+def test_cached_resolve_sees_a_promote_made_by_another_process(iris_copy: Path) -> None:
+    reg = Registry(iris_copy)
     assert reg.resolve_cached("iris") == 1
     assert reg.resolve_cached("iris") == 1  # from the memo
-    cli(root, "promote", "iris", "2")
+    cli(iris_copy, "promote", "iris", "2")
     assert reg.resolve_cached("iris") == 2
-    cli(root, "rollback", "iris")
+    cli(iris_copy, "rollback", "iris")
     assert reg.resolve_cached("iris", "stable") == 1
 
 
-def test_cached_resolve_sees_writes_of_another_connection_in_this_process(root: Path) -> None:
-    serving, admin = Registry(root), Registry(root)
+def test_cached_resolve_sees_writes_of_another_connection_in_this_process(iris_copy: Path) -> None:
+    serving, admin = Registry(iris_copy), Registry(iris_copy)
     assert serving.resolve_cached("iris", "latest") == 2
     with pytest.raises(NotFoundError):
         serving.resolve_cached("iris", "canary")
@@ -67,16 +45,16 @@ def test_cached_resolve_sees_writes_of_another_connection_in_this_process(root: 
         serving.resolve_cached("iris", "canary")
 
 
-def test_cached_resolve_sees_writes_made_through_the_same_connection(root: Path) -> None:
+def test_cached_resolve_sees_writes_made_through_the_same_connection(iris_copy: Path) -> None:
     # SQLite's data_version ignores a connection's own commits: the write counter covers them.
-    reg = Registry(root)
+    reg = Registry(iris_copy)
     assert reg.resolve_cached("iris") == 1
     reg.set_alias("iris", "stable", 2)
     assert reg.resolve_cached("iris") == 2
 
 
-def test_cached_resolve_keeps_version_refs_apart_by_type(root: Path) -> None:
-    reg = Registry(root)
+def test_cached_resolve_keeps_version_refs_apart_by_type(iris_copy: Path) -> None:
+    reg = Registry(iris_copy)
     assert reg.resolve_cached("iris", 1) == 1
     assert reg.resolve_cached("iris", "2") == 2
     with pytest.raises(NotFoundError):
@@ -84,8 +62,8 @@ def test_cached_resolve_keeps_version_refs_apart_by_type(root: Path) -> None:
 
 
 def test_every_gunicorn_worker_predicts_with_the_version_promoted_from_the_cli(
-        root: Path) -> None:
-    server = start_cloud(root, "--workers", "2")
+        iris_copy: Path) -> None:
+    server = start_cloud(iris_copy, "--workers", "2")
     try:
         url = server.url + "/v1/models/iris/predict"
 
@@ -95,9 +73,9 @@ def test_every_gunicorn_worker_predicts_with_the_version_promoted_from_the_cli(
                     ["model_version"] for _ in range(n)}
 
         assert versions(20) == {1}  # both workers now hold v1 in their memos
-        cli(root, "promote", "iris", "2")
+        cli(iris_copy, "promote", "iris", "2")
         assert versions(20) == {2}
-        cli(root, "rollback", "iris")
+        cli(iris_copy, "rollback", "iris")
         assert versions(20) == {1}
     finally:
         server.stop()

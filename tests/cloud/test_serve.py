@@ -15,25 +15,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from hybridml.cloud.registry import Registry
 from hybridml.cloud.serve import _waiting
-from hybridml.cloud.train import train
 from tests.conftest import start_cloud
 
 PROC = Path("/proc")
 linux_only = pytest.mark.skipif(not (PROC / "net" / "tcp").exists(), reason="needs Linux /proc")
 BODY = (b'{"inputs": [{"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4, '
         b'"petal_width_cm": 0.2}]}')
-
-
-@pytest.fixture(scope="module")
-def iris_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registry with one iris model."""
-    root = tmp_path_factory.mktemp("serve") / "reg"
-    reg = Registry(root)
-    train(reg, "iris", dataset="iris", model="logreg")
-    reg.close()
-    return root
 
 
 def children(pid: int) -> list[int]:
@@ -70,10 +58,10 @@ def owner_by_client_port(server_port: int, pids: list[int]) -> dict[int, int]:
 
 
 @linux_only
-def test_kept_alive_clients_are_spread_over_both_workers(iris_root: Path, tmp_path: Path
+def test_kept_alive_clients_are_spread_over_both_workers(iris_registry: Path, tmp_path: Path
                                                          ) -> None:
     root = tmp_path / "reg"
-    shutil.copytree(iris_root, root)
+    shutil.copytree(iris_registry, root)
     server = start_cloud(root, "--workers", "2")
     conns: list[http.client.HTTPConnection] = []
     try:
@@ -129,8 +117,8 @@ def test_server_module_does_not_load_onnxruntime_before_workers_fork() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_workers_exit_cleanly_when_stopped_with_a_kept_alive_client(iris_root: Path) -> None:
-    server = start_cloud(iris_root)
+def test_workers_exit_cleanly_when_stopped_with_a_kept_alive_client(iris_registry: Path) -> None:
+    server = start_cloud(iris_registry)
     proc = server.proc
     assert proc is not None and proc.stderr is not None
     with requests.Session() as client:  # keeps its connection open across the stop

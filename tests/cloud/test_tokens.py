@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,46 +17,24 @@ from hybridml.cloud.registry import Registry
 from hybridml.cloud.serve import check_security, is_loopback
 from hybridml.cloud.signing import KeyRing
 from hybridml.cloud.tokens import TokenStore, hash_token
-from hybridml.cloud.train import train
 from hybridml.shared.errors import ConfigError, NotFoundError
-
-ROW = {"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_length_cm": 1.4,
-       "petal_width_cm": 0.2}
-
-
-@pytest.fixture(scope="module")
-def iris_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registry with iris v1 (stable) and v2 (logreg, fast)."""
-    root = tmp_path_factory.mktemp("tok") / "reg"
-    reg = Registry(root)
-    train(reg, "iris", dataset="iris", model="logreg")
-    train(reg, "iris", dataset="iris", model="logreg", seed=1)
-    reg.close()
-    return root
+from tests.cloud.conftest import IRIS_ROW as ROW
 
 
 @pytest.fixture
-def reg_root(iris_registry: Path, tmp_path: Path) -> Path:
-    """A private copy of the iris registry."""
-    dst = tmp_path / "reg"
-    shutil.copytree(iris_registry, dst)
-    return dst
-
-
-@pytest.fixture
-def tokens(reg_root: Path) -> dict[str, str]:
-    """One device and one admin token in ``reg_root``."""
-    store = TokenStore(reg_root)
+def tokens(iris_copy: Path) -> dict[str, str]:
+    """One device and one admin token in ``iris_copy``."""
+    store = TokenStore(iris_copy)
     return {"device": store.create("device", "edge-1")[1],
             "admin": store.create("admin", "ops")[1]}
 
 
 @pytest.fixture
-def client(reg_root: Path, tokens: dict[str, str],
+def client(iris_copy: Path, tokens: dict[str, str],
            monkeypatch: pytest.MonkeyPatch) -> Iterator[FlaskClient]:
     """A test client of the secure app (tokens checked)."""
     monkeypatch.delenv("HYBRIDML_INSECURE", raising=False)
-    app = create_app(reg_root)
+    app = create_app(iris_copy)
     with app.test_client() as c:
         yield c
 
@@ -68,19 +45,19 @@ def bearer(token: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ the store
-def test_tokens_are_stored_only_as_hashes_in_a_private_file(reg_root: Path) -> None:
-    store = TokenStore(reg_root)
+def test_tokens_are_stored_only_as_hashes_in_a_private_file(iris_copy: Path) -> None:
+    store = TokenStore(iris_copy)
     info, token = store.create("device", "edge-1")
     assert token.startswith(f"hml_{info.id}_") and len(token) > 50
-    raw = (reg_root / "tokens.db").read_bytes()
+    raw = (iris_copy / "tokens.db").read_bytes()
     assert token.encode() not in raw and token.split("_", 2)[2].encode() not in raw
     assert hash_token(token).encode() in raw
-    assert stat.S_IMODE((reg_root / "tokens.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE((iris_copy / "tokens.db").stat().st_mode) == 0o600
     assert store.authenticate(token) == info
 
 
-def test_unknown_malformed_and_revoked_tokens_do_not_authenticate(reg_root: Path) -> None:
-    store = TokenStore(reg_root)
+def test_unknown_malformed_and_revoked_tokens_do_not_authenticate(iris_copy: Path) -> None:
+    store = TokenStore(iris_copy)
     info, token = store.create("admin", "ops")
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     for bad in ("", "hml_", "nope", forged, token + "x", f"hml_{'0' * 12}_{'x' * 43}"):
@@ -90,8 +67,8 @@ def test_unknown_malformed_and_revoked_tokens_do_not_authenticate(reg_root: Path
     assert store.count_active() == 0 and len(store.list()) == 1
 
 
-def test_revoke_by_name_needs_a_unique_active_name(reg_root: Path) -> None:
-    store = TokenStore(reg_root)
+def test_revoke_by_name_needs_a_unique_active_name(iris_copy: Path) -> None:
+    store = TokenStore(iris_copy)
     store.create("device", "edge-1")
     store.create("device", "edge-1")
     with pytest.raises(ConfigError, match="revoke by id"):
@@ -100,11 +77,11 @@ def test_revoke_by_name_needs_a_unique_active_name(reg_root: Path) -> None:
         store.revoke("nobody")
 
 
-def test_bad_role_or_label_is_a_config_error(reg_root: Path) -> None:
+def test_bad_role_or_label_is_a_config_error(iris_copy: Path) -> None:
     with pytest.raises(ConfigError, match="role 'root'"):
-        TokenStore(reg_root).create("root", "x")
+        TokenStore(iris_copy).create("root", "x")
     with pytest.raises(ConfigError, match="token name"):
-        TokenStore(reg_root).create("device", "")
+        TokenStore(iris_copy).create("device", "")
 
 
 def test_empty_registry_has_no_tokens_and_no_file(tmp_path: Path) -> None:
@@ -148,12 +125,12 @@ def test_device_token_reads_and_predicts_but_cannot_promote(client: FlaskClient,
 
 
 def test_admin_promotes_and_rolls_back_stable(client: FlaskClient, tokens: dict[str, str],
-                                              reg_root: Path) -> None:
+                                              iris_copy: Path) -> None:
     adm = bearer(tokens["admin"])
     r = client.post("/v1/models/iris/aliases/stable", json={"version": 2}, headers=adm)
     assert r.status_code == 200 and r.get_json() == {"name": "iris", "alias": "stable",
                                                "version": 2, "previous": 1}
-    assert Registry(reg_root).aliases("iris") == {"stable": 2}  # no helper aliases
+    assert Registry(iris_copy).aliases("iris") == {"stable": 2}  # no helper aliases
     r = client.post("/v1/models/iris/rollback", headers=adm)
     assert r.status_code == 200 and r.get_json()["version"] == 1 and r.get_json()["previous"] == 2
     r = client.post("/v1/models/iris/rollback", headers=adm)  # a second rollback undoes it
@@ -162,16 +139,16 @@ def test_admin_promotes_and_rolls_back_stable(client: FlaskClient, tokens: dict[
     assert r.get_json()["version"] == 1
     r = client.post("/v1/models/iris/aliases/canary", json={"version": "latest"}, headers=adm)
     assert r.get_json()["version"] == 2 and r.get_json()["previous"] is None
-    admin_id = TokenStore(reg_root).list()[1].id
-    log = AuditLog(reg_root).entries("iris")
+    admin_id = TokenStore(iris_copy).list()[1].id
+    log = AuditLog(iris_copy).entries("iris")
     assert [(e["action"], e["alias"], e["from"], e["to"]) for e in log] == [
         ("promote", "stable", 1, 2), ("rollback", "stable", 2, 1), ("rollback", "stable", 1, 2),
         ("rollback", "stable", 2, 1), ("promote", "canary", None, 2)]
     assert all(e["by"] == f"token {admin_id} (ops)" and e["time"] for e in log)
 
 
-def test_rollback_refuses_when_the_alias_moved_without_a_record(reg_root: Path) -> None:
-    reg = Registry(reg_root)
+def test_rollback_refuses_when_the_alias_moved_without_a_record(iris_copy: Path) -> None:
+    reg = Registry(iris_copy)
     promote(reg, "iris", "stable", 2)
     reg.set_alias("iris", "stable", 1)  # moved behind the audit log's back
     with pytest.raises(NotFoundError, match="pass the version"):
@@ -198,16 +175,16 @@ def test_admin_calls_with_bad_input_are_4xx_json(client: FlaskClient,
 
 
 def test_revocation_is_immediate(client: FlaskClient, tokens: dict[str, str],
-                                 reg_root: Path) -> None:
+                                 iris_copy: Path) -> None:
     dev = bearer(tokens["device"])
     assert client.get("/v1/models", headers=dev).status_code == 200
-    TokenStore(reg_root).revoke("edge-1")
+    TokenStore(iris_copy).revoke("edge-1")
     assert client.get("/v1/models", headers=dev).status_code == 401
 
 
-def test_insecure_mode_checks_nothing(reg_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_insecure_mode_checks_nothing(iris_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HYBRIDML_INSECURE", "1")
-    with create_app(reg_root).test_client() as c:
+    with create_app(iris_copy).test_client() as c:
         assert c.get("/v1/models").status_code == 200
         r = c.post("/v1/models/iris/aliases/stable", json={"version": 2})
         assert r.status_code == 200 and r.get_json()["version"] == 2
@@ -225,14 +202,14 @@ def test_non_loopback_hosts(host: str) -> None:
     assert not is_loopback(host)
 
 
-def test_serve_refuses_without_tokens_or_key_unless_insecure_on_loopback(reg_root: Path) -> None:
-    reg = str(reg_root)
+def test_serve_refuses_without_tokens_or_key_unless_insecure_on_loopback(iris_copy: Path) -> None:
+    reg = str(iris_copy)
     with pytest.raises(ConfigError, match=r"no API tokens.*--insecure"):
         check_security(reg, "0.0.0.0", insecure=False)
-    TokenStore(reg_root).create("device", "edge-1")
+    TokenStore(iris_copy).create("device", "edge-1")
     with pytest.raises(ConfigError, match=r"no signing key.*keys init"):
         check_security(reg, "0.0.0.0", insecure=False)
-    KeyRing(reg_root).init()
+    KeyRing(iris_copy).init()
     check_security(reg, "0.0.0.0", insecure=False)
     check_security(reg, "127.0.0.1", insecure=True)
     with pytest.raises(ConfigError, match="only binds to loopback"):
@@ -240,37 +217,37 @@ def test_serve_refuses_without_tokens_or_key_unless_insecure_on_loopback(reg_roo
 
 
 def test_serve_cli_refuses_insecure_on_a_public_address(
-        reg_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cloud_main(["serve", "--registry", str(reg_root), "--host", "0.0.0.0",
+        iris_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cloud_main(["serve", "--registry", str(iris_copy), "--host", "0.0.0.0",
                        "--insecure"]) == 2
     assert "only binds to loopback" in capsys.readouterr().err
-    assert cloud_main(["serve", "--registry", str(reg_root), "--host", "127.0.0.1"]) == 2
+    assert cloud_main(["serve", "--registry", str(iris_copy), "--host", "127.0.0.1"]) == 2
     assert "no API tokens" in capsys.readouterr().err
 
 
 def test_tokens_cli_prints_the_token_once_and_lists_without_secrets(
-        reg_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    reg = str(reg_root)
+        iris_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = str(iris_copy)
     assert cloud_main(["tokens", "create", "--role", "device", "--name", "edge-7",
                        "--registry", reg]) == 0
     out, err = capsys.readouterr()
     token = out.strip()
     assert token.startswith("hml_") and "shown only once" in err
-    assert TokenStore(reg_root).authenticate(token) is not None
+    assert TokenStore(iris_copy).authenticate(token) is not None
     assert cloud_main(["tokens", "list", "--registry", reg]) == 0
     listing = capsys.readouterr().out
     assert "edge-7" in listing and token not in listing and token.split("_")[1] in listing
     assert cloud_main(["tokens", "revoke", "edge-7", "--registry", reg, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["revoked"]
-    assert TokenStore(reg_root).authenticate(token) is None
+    assert TokenStore(iris_copy).authenticate(token) is None
     with pytest.raises(SystemExit):  # argparse: --role must be device or admin
         cloud_main(["tokens", "create", "--role", "root", "--name", "x", "--registry", reg])
 
 
 def test_cli_promote_records_history_for_cli_rollback(
-        reg_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    reg = str(reg_root)
+        iris_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = str(iris_copy)
     assert cloud_main(["promote", "iris", "2", "--registry", reg]) == 0
     assert cloud_main(["rollback", "iris", "--registry", reg]) == 0
     assert "stable -> v1 (was v2)" in capsys.readouterr().out
-    assert Registry(reg_root).aliases("iris")["stable"] == 1
+    assert Registry(iris_copy).aliases("iris")["stable"] == 1
