@@ -150,13 +150,7 @@ class AuditLog:
 def promote(registry: Registry, name: str, alias: str, ref: Ref, *,
             actor: str = "cli") -> tuple[int, int | None]:
     """Point ``alias`` at ``ref`` and record it; returns (new, old) versions."""
-    before = registry.aliases(name).get(alias)
-    version = registry.set_alias(name, alias, ref)
-    AuditLog(registry.root).append({"time": _utcnow(), "action": "promote", "name": name,
-                                    "alias": alias, "from": before, "to": version,
-                                    "by": actor})
-    log.warning("promote %s/%s: v%s -> v%d by %s", name, alias, before, version, actor)
-    return version, before
+    return _move_alias(registry, "promote", name, alias, ref, actor)
 
 
 def rollback(registry: Registry, name: str, alias: str = "stable", ref: Ref | None = None, *,
@@ -173,12 +167,18 @@ def rollback(registry: Registry, name: str, alias: str = "stable", ref: Ref | No
             raise NotFoundError(f"no earlier {alias!r} version of {name!r} is recorded; pass "
                                 "the version to roll back to", field="version")
         ref = was
+    return _move_alias(registry, "rollback", name, alias, ref, actor)
+
+
+def _move_alias(registry: Registry, action: str, name: str, alias: str, ref: Ref,
+                actor: str) -> tuple[int, int | None]:
+    """Set ``alias`` and append the move to the audit log; returns (new, old) versions."""
     before = registry.aliases(name).get(alias)
     version = registry.set_alias(name, alias, ref)
-    AuditLog(registry.root).append({"time": _utcnow(), "action": "rollback", "name": name,
+    AuditLog(registry.root).append({"time": _utcnow(), "action": action, "name": name,
                                     "alias": alias, "from": before, "to": version,
                                     "by": actor})
-    log.warning("rollback %s/%s: v%s -> v%d by %s", name, alias, before, version, actor)
+    log.warning("%s %s/%s: v%s -> v%d by %s", action, name, alias, before, version, actor)
     return version, before
 
 

@@ -202,7 +202,7 @@ class RowPath:
                     return None  # beyond float32: the general path raises the InputError
                 unchecked = True
             else:
-                packed = self._pack_numeric(nums)  # type: ignore[assignment]
+                packed = self._pack_missing(nums)  # type: ignore[assignment]
                 if packed is None:
                     return None
         unseen = False
@@ -277,25 +277,16 @@ class RowPath:
             return None
         return self._make(self.classes[int(first)], "edge", self.version, probs, self.classes)
 
-    def _pack_numeric(self, nums: Sequence[Any]) -> bytes | None:
-        """Canonical float32 bytes of the numeric values, or None for the general path."""
-        if not _PLAIN.issuperset(map(type, nums)):
-            if not _PLAIN_OR_NONE.issuperset(map(type, nums)):
-                return None  # bool, str, numpy scalars...: the general path decides
-            try:
-                return self._canonical(self._pack(*[_NAN if v is None else v for v in nums]))
-            except (OverflowError, TypeError, struct.error):
-                return None
+    def _pack_missing(self, nums: Sequence[Any]) -> bytes | None:
+        """Canonical float32 bytes of values that are not all plain numbers: None (missing)
+        becomes NaN; anything else (bool, str, numpy scalars...) is left to the general path.
+        """
+        if not _PLAIN_OR_NONE.issuperset(map(type, nums)):
+            return None
         try:
-            packed: bytes = self._pack(*nums)
+            return self._canonical(self._pack(*[_NAN if v is None else v for v in nums]))
         except (OverflowError, TypeError, struct.error):
-            return None  # beyond float32: the general path raises the InputError
-        # The high byte of each float32 holds the sign and top exponent bits: 0x80 there is
-        # -0.0 (or a tiny negative), 0x7f/0xff a huge value, inf or NaN. Rare: check exactly.
-        # bytes.translate deleting them runs in C: ~4x a set test over the byte values.
-        if len(packed[3::4].translate(None, _SPECIAL_HIGH)) != self._n_num:
-            return self._canonical(packed)
-        return packed
+            return None
 
     def _canonical(self, packed: bytes) -> bytes | None:
         """NaN -> one NaN, -0.0 -> +0.0 (as InputSchema.keys); None when a value is infinite."""
