@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hybridml.shared.text import format_table
+
 from .common import RESULTS
 
 Doc = dict[str, Any]
@@ -38,9 +40,7 @@ def _f(v: Any, digits: int = 2) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    return format_table(header, [[_f(c) for c in r] for r in rows], markdown=True)
 
 
 def _mark(ok: bool | None) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,12 @@ Pi itself, `small_device` is redundant with `latency`/`memory` (it pins to one c
 
 
 def run(settings: Any, workdir: Path) -> dict[str, Any]:
-    """Run the pinned child and return its document."""
+    """Run the pinned child with ``settings`` (a :class:`benchmarks.run.Settings`)."""
     pinned = bool(which("taskset"))
+    # The child gets the settings as JSON rather than importing benchmarks.run for them:
+    # run imports this module, and the report imports it for PI_HOWTO.
     cmd = [*(["taskset", "-c", "0"] if pinned else []), PY, "-m", "benchmarks.small_device",
-           json.dumps({"mode": settings.mode, "workdir": str(workdir)})]
+           json.dumps({"settings": asdict(settings), "workdir": str(workdir)})]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
                           env=child_env(OMP_NUM_THREADS="1"), timeout=1800)
     if proc.returncode != 0:
@@ -54,17 +57,17 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import os
 
     from . import latency, memory
-    from .run import Settings
     from .workspace import Workspace, model_specs
 
-    s = Settings.for_mode(spec["mode"])
-    ws = Workspace(Path(spec["workdir"]), model_specs(s.mode),
-                   orders_rows=1500 if s.mode == "tiny" else 4000)
+    s = spec["settings"]
+    mode = s["mode"]
+    ws = Workspace(Path(spec["workdir"]), model_specs(mode),
+                   orders_rows=1500 if mode == "tiny" else 4000)
     models = ws.models()
-    lat = latency.run(models, calls=max(s.calls // 2, 30), sklearn_calls=s.sklearn_calls,
-                      batch_repeats=s.batch_repeats, threads=1)
+    lat = latency.run(models, calls=max(s["calls"] // 2, 30), sklearn_calls=s["sklearn_calls"],
+                      batch_repeats=s["batch_repeats"], threads=1)
     orders = [m for m in models if m.spec.dataset == "orders"] or models[:1]
-    mem = memory.run(orders, ws.root / "scratch", repeats=s.mem_repeats, table_rows=0,
+    mem = memory.run(orders, ws.root / "scratch", repeats=s["mem_repeats"], table_rows=0,
                      table_model=None)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"cores": affinity, "latency": lat, "memory": mem}

@@ -1,1 +1,47 @@
-"""The cloud side: training, export, quantization, registry, precompute and the HTTP API."""
+"""The cloud side: training, export, quantization, registry, precompute and the HTTP API.
+
+``from hybridml.cloud import Registry, train`` (needs the ``cloud`` extra). Each name is
+imported with its module on first use, so ``import hybridml.cloud`` (every CLI command,
+gunicorn's master) loads neither scikit-learn nor onnxruntime; see :mod:`hybridml.shared.lazy`.
+"""
+
+from typing import TYPE_CHECKING
+
+from hybridml.shared.lazy import export_lazily
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .auth import promote, rollback
+    from .precompute import PrecomputeReport, precompute
+    from .quantize import QuantizationReport
+    from .registry import ModelSummary, Registry, VersionInfo
+    from .signing import KeyRing
+    from .tokens import TokenStore
+    from .train import TrainResult, train
+
+export_lazily(__name__, {
+    "app": ("create_app",),
+    "auth": ("promote", "rollback"),
+    "precompute": ("PrecomputeReport", "precompute"),
+    "quantize": ("QuantizationReport",),
+    "registry": ("ModelSummary", "Registry", "VersionInfo"),
+    "signing": ("KeyRing",),
+    "tokens": ("TokenStore",),
+    "train": ("TrainResult", "train"),
+})
+
+__all__ = [
+    "KeyRing",
+    "ModelSummary",
+    "PrecomputeReport",
+    "QuantizationReport",
+    "Registry",
+    "TokenStore",
+    "TrainResult",
+    "VersionInfo",
+    "create_app",
+    "precompute",
+    "promote",
+    "rollback",
+    "train",
+]

@@ -29,13 +29,15 @@ import fcntl
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
+from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import AuthError, ForbiddenError, InputError, NotFoundError
+from hybridml.shared.settings import env_flag
 
 from .registry import Ref, Registry
 from .tokens import TokenStore
@@ -48,10 +50,9 @@ INSECURE_ENV = "HYBRIDML_INSECURE"
 AUDIT_NAME = "audit.jsonl"
 
 
-def insecure_from_env(env: Any = None) -> bool:
-    """True when ``HYBRIDML_INSECURE`` is set to 1/true/yes."""
-    env = os.environ if env is None else env
-    return str(env.get(INSECURE_ENV, "")).strip().lower() in ("1", "true", "yes")
+def insecure_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """True when ``HYBRIDML_INSECURE`` is on (1/true/yes/on; a typo is a ConfigError)."""
+    return env_flag(INSECURE_ENV, False, env)
 
 
 def install(app: Flask, registry: Registry, *, insecure: bool | None = None) -> None:
@@ -175,7 +176,7 @@ def _move_alias(registry: Registry, action: str, name: str, alias: str, ref: Ref
     """Set ``alias`` and append the move to the audit log; returns (new, old) versions."""
     before = registry.aliases(name).get(alias)
     version = registry.set_alias(name, alias, ref)
-    AuditLog(registry.root).append({"time": _utcnow(), "action": action, "name": name,
+    AuditLog(registry.root).append({"time": utc_iso(), "action": action, "name": name,
                                     "alias": alias, "from": before, "to": version,
                                     "by": actor})
     log.warning("%s %s/%s: v%s -> v%d by %s", action, name, alias, before, version, actor)
@@ -228,7 +229,3 @@ def _ref(value: Any, *, required: bool = False) -> Ref | None:
 def _actor() -> str:
     who = g.get("token")
     return f"token {who.id} ({who.name})" if who else f"insecure caller {request.remote_addr}"
-
-
-def _utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -17,19 +17,18 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from hybridml.shared.errors import ConflictError, NotFoundError, RegistryError
+from hybridml.shared.files import CHUNK, file_sha256, fsync_dir
+from hybridml.shared.manifest import SHA256_RE
 
 log = logging.getLogger("hybridml.cloud.blobs")
 
-CHUNK = 1 << 20  # stream 1 MiB at a time: a 1 GB model never sits in memory
 TEMP_PREFIX = ".tmp-"
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 BlobSource = bytes | bytearray | memoryview | os.PathLike[str]
 
@@ -39,30 +38,11 @@ def check_sha(sha256: object) -> str:
 
     NotFound (404), because a malformed name can never exist in the store.
     """
-    if not isinstance(sha256, str) or not _SHA_RE.fullmatch(sha256):
+    if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
         raise NotFoundError(
             f"invalid blob name {sha256!r}: a blob is named by its sha256, 64 lowercase hex "
             "characters", field="sha256")
     return sha256
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or link is durable only once the directory entry itself is on disk.
-    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open directories
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class BlobStore:
@@ -83,7 +63,7 @@ class BlobStore:
 
     def has(self, sha256: str) -> bool:
         """Return True if blob ``sha256`` exists (False for malformed names: nothing is read)."""
-        return (isinstance(sha256, str) and bool(_SHA_RE.fullmatch(sha256))
+        return (isinstance(sha256, str) and bool(SHA256_RE.fullmatch(sha256))
                 and (self.dir / sha256).is_file())
 
     def put(self, data: BlobSource) -> tuple[str, int]:
@@ -152,7 +132,7 @@ class BlobStore:
                 if final.exists():
                     return self._existing(sha, size)
                 os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -162,7 +142,7 @@ class BlobStore:
     def _existing(self, sha: str, size: int) -> tuple[str, int]:
         """Verify the blob already stored under ``sha`` and refresh its age for :meth:`sweep`."""
         path = self.dir / sha
-        on_disk = _file_sha256(path)
+        on_disk = file_sha256(path)
         if on_disk != sha:
             raise ConflictError(
                 f"blob {sha} already exists with different content (its bytes hash to "
@@ -178,7 +158,7 @@ class BlobStore:
             return
         with os.scandir(self.dir) as it:
             for entry in it:
-                if _SHA_RE.fullmatch(entry.name):
+                if SHA256_RE.fullmatch(entry.name):
                     with contextlib.suppress(FileNotFoundError):
                         yield entry.name, entry.stat().st_mtime
 
@@ -192,7 +172,7 @@ class BlobStore:
             except FileNotFoundError:
                 pass
         if removed:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return removed
 
     def sweep(self, min_age_seconds: float) -> int:

@@ -44,6 +44,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from hybridml.edge.session import ModelSession
 from hybridml.shared.errors import ConfigError, DataError, HybridMLError, QuantizationError
 from hybridml.shared.schema import EncodedBatch, InputSchema
+from hybridml.shared.text import format_table
 
 from . import metrics
 
@@ -140,18 +141,13 @@ class QuantizationReport:
     def to_table(self) -> str:
         """Return a fixed-width text table of the candidates, for the CLI."""
         unit = "relative rise" if self.metric == "rmse" else "absolute drop"
-        rows = [("variant", "status", "size B", self.metric, "drop", "latency µs", "reason")]
-        for c in self.candidates:
-            rows.append((c.variant, c.status, "-" if c.size is None else f"{c.size:,}",
-                         _fmt(c.metric_value, ".4f"), _fmt_drop(self.metric, c.drop),
-                         _fmt(c.latency_us, ".1f"), c.reason))
-        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        rows = [(c.variant, c.status, "-" if c.size is None else f"{c.size:,}",
+                 _fmt(c.metric_value, ".4f"), _fmt_drop(self.metric, c.drop),
+                 _fmt(c.latency_us, ".1f"), c.reason) for c in self.candidates]
         lines = [f"quantization ({self.metric}, tolerance {_fmt_tol(self.metric, self.tolerance)}"
-                 f" {unit}; chosen {self.chosen})"]
-        for r in rows:
-            cells = [r[i].rjust(widths[i]) if 2 <= i <= 5 else r[i].ljust(widths[i])
-                     for i in range(6)]
-            lines.append("  " + "  ".join(cells) + "  " + r[6])
+                 f" {unit}; chosen {self.chosen})",
+                 format_table(["variant", "status", "size B", self.metric, "drop", "latency µs",
+                               "reason"], rows, align="llrrrrl", indent="  ", rule=False)]
         if self.preprocess:
             lines.append(f"  pre-processing: {self.preprocess}")
         return "\n".join(lines)

@@ -38,10 +38,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import (
     ConfigError,
     ConflictError,
@@ -212,7 +212,7 @@ class Registry:
             version = c.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions "
                                 "WHERE name = ?", (name,)).fetchone()[0]
             doc.update(name=name, version=version, parent=parent, lineage=lineage,
-                       created=_utcnow(), format=FORMAT)
+                       created=utc_iso(), format=FORMAT)
             parsed = Manifest.from_json(doc)
             self._check_blobs(parsed.artifacts)
             text = canonical_json(doc).decode("utf-8")
@@ -226,7 +226,7 @@ class Registry:
                  canonical_json(meta).decode("utf-8")))
             _index_refs(c, name, version, (doc, meta))
             c.execute("INSERT OR IGNORE INTO aliases (name, alias, version, updated) "
-                      "VALUES (?, 'stable', ?, ?)", (name, version, _utcnow()))
+                      "VALUES (?, 'stable', ?, ?)", (name, version, utc_iso()))
         log.info("registered %s version %d (%s, parent %s)", name, version, lineage, parent)
         return json.loads(text)  # type: ignore[no-any-return]
 
@@ -316,7 +316,7 @@ class Registry:
             before = c.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
                                (name, alias)).fetchone()
             c.execute("INSERT OR REPLACE INTO aliases (name, alias, version, updated) "
-                      "VALUES (?, ?, ?, ?)", (name, alias, version, _utcnow()))
+                      "VALUES (?, ?, ?, ?)", (name, alias, version, utc_iso()))
         log.info("alias %s/%s: %s -> %d", name, alias, before[0] if before else None, version)
         return version
 
@@ -536,7 +536,3 @@ def _ranges(values: list[int]) -> str:
         if v is not None:
             start = prev = v
     return ", ".join(parts)
-
-
-def _utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -13,11 +13,13 @@ A served manifest carries its signature in the body::
 
     "signature": {"alg": "ed25519", "key_id": "3f2a...", "value": "<base64 of 64 bytes>"}
 
-over ``canonical_json(manifest without "signature")``. The manifest lists every artifact's
-sha256 and size, so the signature also pins the artifacts: swapping one breaks either the
-signature or the edge's hash check. The signature lives in the body, not in a header, so it is
-stored with the manifest on the device (``active.json``) and can be re-checked offline, and it
-survives proxies and copies that drop headers. ed25519 is deterministic: the same manifest and
+over ``canonical_json(manifest without "signature")`` (the key id, the algorithm and the
+signed bytes are defined once, in :mod:`hybridml.shared.signature`, which the edge also uses).
+The manifest lists every artifact's sha256 and size, so the signature also pins the
+artifacts: swapping one breaks either the signature or the edge's hash check. The signature
+lives in the body, not in a header, so it is stored with the manifest on the device
+(``active.json``) and can be re-checked offline, and it survives proxies and copies that drop
+headers. ed25519 is deterministic: the same manifest and
 key give the same bytes, so ETags stay stable until the manifest or the signing key changes.
 
 Rotation: ``keys init`` (a new key, not yet signing) -> devices ``trust add`` the new ``.pub``
@@ -27,40 +29,26 @@ Rotation: ``keys init`` (a new key, not yet signing) -> devices ``trust add`` th
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hybridml.edge.store import atomic_write
+from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import ConfigError, NotFoundError
-from hybridml.shared.manifest import canonical_json
+from hybridml.shared.files import atomic_write
+from hybridml.shared.signature import ALG, KEY_ID_RE, key_id_of, signed_payload
 
 log = logging.getLogger("hybridml.cloud.signing")
 
-ALG = "ed25519"
 KEYS_DIR = "keys"
 ACTIVE_FILE = "active"
-KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-
-
-def key_id_of(public_raw: bytes) -> str:
-    """The key id of a raw 32-byte ed25519 public key: 16 hex digits of its sha256."""
-    return hashlib.sha256(public_raw).hexdigest()[:16]
-
-
-def signed_payload(manifest: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: the canonical JSON of the manifest minus ``signature``."""
-    return canonical_json({k: v for k, v in manifest.items() if k != "signature"})
 
 
 @dataclass(frozen=True)
@@ -157,9 +145,8 @@ class KeyRing:
             raise NotFoundError(f"no signing key {key_id!r} in {self.dir}; keys: "
                                 f"{', '.join(known) or 'none (run hybridml-cloud keys init)'}",
                                 field="key_id")
-        created = datetime.fromtimestamp(pub.stat().st_mtime, timezone.utc)
         return KeyInfo(key_id, pub, (self.dir / f"{key_id}.key").is_file(),
-                       key_id == self.active_id(), created.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                       key_id == self.active_id(), utc_iso(pub.stat().st_mtime))
 
     def private_key(self, key_id: str) -> Ed25519PrivateKey:
         """Load the private key ``key_id``."""

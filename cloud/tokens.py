@@ -27,10 +27,10 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import ConfigError, NotFoundError
 
 log = logging.getLogger("hybridml.cloud.tokens")
@@ -116,7 +116,7 @@ class TokenStore:
                               "'_.@:-', e.g. the device's host name", field="name")
         ident = secrets.token_hex(6)
         token = f"{PREFIX}_{ident}_{secrets.token_urlsafe(32)}"
-        info = TokenInfo(ident, name, role, _utcnow(), None)
+        info = TokenInfo(ident, name, role, utc_iso(), None)
         with self._db(write=True) as c:
             c.execute("INSERT INTO tokens (id, name, role, sha256, created) VALUES (?,?,?,?,?)",
                       (ident, name, role, hash_token(token), info.created))
@@ -126,8 +126,9 @@ class TokenStore:
     def list(self) -> list[TokenInfo]:
         """Every token, revoked ones included, oldest first."""
         with self._db() as c:
+            # rowid (insertion order) breaks ties: timestamps have whole seconds.
             rows = c.execute("SELECT id, name, role, created, revoked FROM tokens "
-                             "ORDER BY created, id").fetchall()
+                             "ORDER BY created, rowid").fetchall()
         return [TokenInfo(*r) for r in rows]
 
     def count_active(self) -> int:
@@ -151,7 +152,7 @@ class TokenStore:
                                   "revoke by id", field="token")
             info = TokenInfo(*rows[0])
             if info.active:
-                info = TokenInfo(info.id, info.name, info.role, info.created, _utcnow())
+                info = TokenInfo(info.id, info.name, info.role, info.created, utc_iso())
                 c.execute("UPDATE tokens SET revoked = ? WHERE id = ?", (info.revoked, info.id))
         log.info("revoked token %s (%s)", info.id, info.name)
         return info
@@ -201,7 +202,3 @@ class TokenStore:
                                isolation_level=None)
         local.held = (ident, conn)
         return conn
-
-
-def _utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -13,19 +13,16 @@ Policy (:func:`check_manifest`, called by sync right after parsing a manifest):
   ``status`` reports it as not verified. Devices are provisioned with a key to turn checks on;
   a device that already trusts a key never falls back to accepting unsigned manifests.
 
-Pure: cryptography + stdlib + :mod:`hybridml.shared`.
+Pure: cryptography + stdlib + :mod:`hybridml.shared` (the key id and signed bytes are
+:mod:`hybridml.shared.signature`'s).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import hashlib
 import logging
 import os
-import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,19 +32,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hybridml.shared.errors import ConfigError, NotFoundError, SignatureError
-from hybridml.shared.manifest import Manifest, canonical_json
+from hybridml.shared.files import atomic_write
+from hybridml.shared.manifest import Manifest
+from hybridml.shared.signature import ALG, KEY_ID_RE, key_id_of, signed_payload
 
 log = logging.getLogger("hybridml.edge.trust")
 
-ALG = "ed25519"
 TRUST_DIR = "trusted"
-KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
-def key_id_of(key: Ed25519PublicKey) -> str:
-    """16 hex digits of the sha256 of the raw public key (the cloud names keys the same way)."""
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+def _key_id(key: Ed25519PublicKey) -> str:
+    """The id the cloud gives ``key`` (:func:`hybridml.shared.signature.key_id_of`)."""
+    return key_id_of(key.public_bytes(serialization.Encoding.Raw,
+                                      serialization.PublicFormat.Raw))
 
 
 def load_public_key(data: bytes, source: str = "key") -> Ed25519PublicKey:
@@ -86,7 +83,7 @@ def verify(manifest: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) ->
                              key_id=str(key_id))
     try:
         raw = base64.b64decode(str(value), validate=True)
-        key.verify(raw, canonical_json({k: v for k, v in manifest.items() if k != "signature"}))
+        key.verify(raw, signed_payload(manifest))
     except (binascii.Error, ValueError, InvalidSignature):
         raise SignatureError(f"{what} does not match its signature by key {key_id}: it was "
                              "altered after signing (or an artifact hash was swapped); not "
@@ -111,7 +108,7 @@ class TrustStore:
         out: dict[str, Ed25519PublicKey] = {}
         for p in sorted(self.dir.glob("*.pub")):
             key = load_public_key(p.read_bytes(), str(p))
-            out[key_id_of(key)] = key
+            out[_key_id(key)] = key
         return out
 
     def add(self, path: str | os.PathLike[str]) -> str:
@@ -122,22 +119,11 @@ class TrustStore:
         except OSError as exc:
             raise ConfigError(f"cannot read key file {src}: {exc.strerror}", field="key") from exc
         key = load_public_key(data, str(src))
-        key_id = key_id_of(key)
+        key_id = _key_id(key)
         self.dir.mkdir(parents=True, exist_ok=True)
         pem = key.public_bytes(serialization.Encoding.PEM,
                                serialization.PublicFormat.SubjectPublicKeyInfo)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key_id}.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.dir / f"{key_id}.pub")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.dir / f"{key_id}.pub", pem, 0o644)
         log.info("trusting key %s from %s", key_id, src)
         return key_id
 
@@ -151,7 +137,7 @@ class TrustStore:
             raise NotFoundError(f"key {key_id} is not trusted here; trusted: {_names(keys)}",
                                 field="key_id")
         for p in self.dir.glob("*.pub"):
-            if key_id_of(load_public_key(p.read_bytes(), str(p))) == key_id:
+            if _key_id(load_public_key(p.read_bytes(), str(p))) == key_id:
                 p.unlink()
         log.info("no longer trusting key %s", key_id)
 

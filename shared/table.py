@@ -33,11 +33,12 @@ import sys
 from bisect import bisect_left
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import TableError
+from .files import atomic_write
 
 try:  # CPython's built-in BLAKE2: the same digests as hashlib's, without loading OpenSSL
     from _blake2 import blake2b
@@ -147,8 +148,18 @@ def write_table(path: str | os.PathLike[str], *, model_sha256: str, task: str,
         "n_rows": n, "key_width": width, "n_classes": n_classes, "data_bytes": offset,
         "arrays": layout}, sort_keys=True).encode("utf-8")
     start = _align(_PREFIX + len(header))
-    _atomic_write(Path(path), start, MAGIC + len(header).to_bytes(8, "little") + header,
-                  arrays, layout, offset)
+    head = MAGIC + len(header).to_bytes(8, "little") + header
+
+    def write(f: BinaryIO) -> None:
+        f.write(head)
+        f.write(b"\0" * (start - len(head)))
+        for name, arr in arrays.items():
+            if arr.size:  # a view with a zero in its shape cannot be cast to bytes
+                f.seek(start + layout[name]["offset"])
+                f.write(arr.data.cast("B"))
+        f.truncate(start + offset)  # trailing alignment padding of the last array
+
+    atomic_write(Path(path), write)
 
 
 def _column(arr: np.ndarray, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
@@ -159,34 +170,6 @@ def _column(arr: np.ndarray, name: str, dtype: type, shape: tuple[int, ...]) -> 
     if dtype is np.int32 and out.dtype.kind not in "iu":
         raise TableError(f"{name} must hold integer class indices, got {out.dtype}", field=name)
     return out.astype(dtype, copy=False)
-
-
-def _atomic_write(path: Path, start: int, head: bytes, arrays: dict[str, np.ndarray],
-                  layout: dict[str, Any], data_bytes: int) -> None:
-    import tempfile  # here, not at the top: the edge only reads tables
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            f.write(b"\0" * (start - len(head)))
-            for name, arr in arrays.items():
-                if arr.size:  # a view with a zero in its shape cannot be cast to bytes
-                    f.seek(start + layout[name]["offset"])
-                    f.write(arr.data.cast("B"))
-            f.truncate(start + data_bytes)  # trailing alignment padding of the last array
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class Table:

@@ -19,8 +19,9 @@ from hybridml.cloud.registry import Registry
 from hybridml.cloud.train import train
 from hybridml.edge import EdgeRuntime
 from hybridml.edge.client import CloudClient
-from hybridml.edge.store import LocalStore, file_sha256
+from hybridml.edge.store import LocalStore
 from hybridml.edge.sync import sync
+from hybridml.shared.files import file_sha256
 from hybridml.shared.manifest import Manifest
 from tests.conftest import CloudServer, start_cloud
 

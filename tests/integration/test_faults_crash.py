@@ -1,7 +1,7 @@
 """SIGKILL at every step of sync, activation and rollback: the store is never broken.
 
 ``hybridml-edge sync`` runs as a subprocess with ``HYBRIDML_TEST_CRASH_AT=<step>`` (the hook in
-``hybridml.edge.store.crash_point``), which makes it SIGKILL itself at that step. After each
+``hybridml.shared.files.crash_point``), which makes it SIGKILL itself at that step. After each
 kill, ``hybridml-edge status`` must report a whole version — the old one before ``active.json``
 is replaced, the new one after — the runtime must serve it, and the next sync must finish the
 job and leave no temp or partial file behind.
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from hybridml.edge import EdgeRuntime
-from hybridml.edge.store import CRASH_ENV, LocalStore
+from hybridml.edge.store import LocalStore
+from hybridml.shared.files import CRASH_ENV
 from tests.conftest import BIN
 from tests.integration.faultkit import (
     NAME,

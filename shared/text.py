@@ -1,0 +1,54 @@
+"""Text tables for the command lines and reports: one printer, plain or Markdown.
+
+Plain (the CLIs)::
+
+    name    latest  versions
+    ------  ------  --------
+    digits  1       1
+
+Markdown (the benchmark report) has the same columns between pipes, and a ``---:`` rule under
+right-aligned ones. Columns are as wide as their widest cell; lines carry no trailing blanks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], *, align: str = "",
+                 indent: str = "", rule: bool = True, markdown: bool = False) -> str:
+    """Return ``rows`` under ``header`` as aligned text, one line per row.
+
+    ``align`` gives one letter per column, ``l`` (left, the default for columns it does not
+    cover) or ``r`` (right, for numbers). ``indent`` starts every line. ``rule`` draws dashes
+    under the header (always on in Markdown, which needs it). Cells are ``str()``-ed.
+    """
+    cells = [[str(c) for c in row] for row in rows]
+    n = len(header)
+    bad = [i for i, row in enumerate(cells) if len(row) != n]
+    if bad:
+        raise ValueError(f"row {bad[0]} has {len(cells[bad[0]])} cells; the header has {n}")
+    if set(align) - {"l", "r"}:
+        raise ValueError(f"align takes 'l' and 'r' per column, got {align!r}")
+    right = [align[i:i + 1] == "r" for i in range(n)]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
+    if markdown:
+        widths = [max(w, 3) for w in widths]
+
+    def line(row: Sequence[str]) -> str:
+        padded = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)]
+        if markdown:
+            return f"{indent}| {' | '.join(padded)} |"
+        return (indent + "  ".join(padded)).rstrip()
+
+    out = [line(header)]
+    if markdown:
+        out.append(indent + "|" + "|".join(
+            "-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|")
+    elif rule:
+        out.append(line(["-" * w for w in widths]))
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+__all__ = ["format_table"]
