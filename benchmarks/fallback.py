@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from hybridml.cloud.serve import free_port
-
 from .common import Stats, log, ratio, time_calls
 from .servers import cloud
 from .workspace import Model
@@ -74,9 +72,12 @@ def run(model: Model, *, calls: int, cloud_calls: int) -> dict[str, Any]:
         if live.client is not None:  # a kept-alive connection would hold gunicorn's shutdown
             live.client.close()
     log("fallback: cloud down (refused)")
-    refused = EdgeRuntime(model.store, model.name, f"http://127.0.0.1:{free_port()}",
-                          policy=policy)
-    res["refused"] = _first_then_rest(refused, row, calls)
+    # A port bound but not listening refuses connections, and no other process can take it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = EdgeRuntime(model.store, model.name,
+                              f"http://127.0.0.1:{closed.getsockname()[1]}", policy=policy)
+        res["refused"] = _first_then_rest(refused, row, calls)
     log("fallback: cloud hung (accepts, never answers)")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as hung:
         hung.bind(("127.0.0.1", 0))

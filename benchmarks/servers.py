@@ -1,26 +1,33 @@
 """Real servers on loopback for the benchmarks: the cloud, the bare floor app, a byte counter.
 
 Every server runs in its own process group and is stopped by :meth:`stop` (the suites use them
-as context managers), so nothing outlives a run.
+as context managers), so nothing outlives a run. Servers bind port 0 and report the address
+they got through a ready file, so no port is picked here and bound later by another process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 import socket
 import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from hybridml.cloud.serve import free_port
-
 from .common import PY, ROOT, child_env, group_cpu_seconds, stop_group, wait_http
 
 BIN = Path(PY).parent
+READY_TIMEOUT_S = 30.0
+# A gunicorn config file for servers that are not ours: the same ready file as our serve.
+_READY_CONF = """from hybridml.cloud.serve import ready_hook
+when_ready = ready_hook({path!r})
+"""
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,24 +39,34 @@ def _insecure_flag() -> list[str]:
 
 
 class Server:
-    """A child process serving HTTP on ``127.0.0.1:port``."""
+    """A child process serving HTTP on loopback, on the port it bound (see :meth:`start`).
 
-    def __init__(self, cmd: list[str], port: int, health: str, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
-        self.cmd, self.port, self.health = cmd, port, health
-        self.url = f"http://127.0.0.1:{port}"
+    ``command`` gets the path of the ready file the server must write its URL to.
+    """
+
+    def __init__(self, command: Callable[[Path], list[str]], health: str,
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.command, self.health = command, health
+        self.cmd: list[str] = []
+        self.url, self.port = "", 0
         self.env, self.cwd = env, cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: IO[bytes] | None = None
+        self._dir: Path | None = None
 
     def start(self) -> Server:
-        """Start and wait for the health URL."""
+        """Start, read the URL from the ready file, and wait for the health URL."""
+        self._dir = Path(tempfile.mkdtemp(prefix="hybridml-bench-server-"))
+        ready = self._dir / "ready"
+        self.cmd = self.command(ready)
         # stderr goes to a file, not a pipe nobody reads: a chatty server would block on it.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.log,
                                      start_new_session=True, env=self.env or child_env(),
                                      cwd=self.cwd or ROOT)
         try:
+            self.url = _read_ready(ready, self.proc)
+            self.port = int(self.url.rsplit(":", 1)[1])
             wait_http(self.url + self.health, self.proc)
         except RuntimeError as exc:
             self.log.seek(0)
@@ -65,6 +82,9 @@ class Server:
         if self.log is not None:
             self.log.close()
             self.log = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def cpu_seconds(self) -> float:
         """CPU seconds used so far by the server and its workers."""
@@ -78,24 +98,41 @@ class Server:
         self.stop()
 
 
+def _read_ready(ready: Path, proc: subprocess.Popen[bytes]) -> str:
+    """The URL a server wrote to ``ready``; RuntimeError if it exits or takes too long."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return ready.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        time.sleep(0.02)
+    raise RuntimeError(f"server did not listen within {READY_TIMEOUT_S:g} s")
+
+
 def cloud(registry: Path, *, dev: bool = False, workers: int = 2) -> Server:
     """``hybridml-cloud serve`` (gunicorn, or Flask's dev server with ``dev``), with the
     request log on (``--verbose``: one INFO line per request, written to a file)."""
-    port = free_port()
-    cmd = [str(BIN / "hybridml-cloud"), "serve", "--verbose", "--registry", str(registry),
-           "--port", str(port), "--workers", str(workers), *_insecure_flag(),
-           *(["--dev"] if dev else [])]
-    return Server(cmd, port, "/healthz")
+    def command(ready: Path) -> list[str]:
+        return [str(BIN / "hybridml-cloud"), "serve", "--verbose", "--registry", str(registry),
+                "--port", "0", "--ready-file", str(ready), "--workers", str(workers),
+                *_insecure_flag(), *(["--dev"] if dev else [])]
+
+    return Server(command, "/healthz")
 
 
 def floor(model_path: Path, num_idx: list[int], cat_idx: list[int], workers: int = 2) -> Server:
     """The bare Flask + onnxruntime endpoint under gunicorn: the serving floor."""
-    port = free_port()
     env = child_env(FLOOR_MODEL=str(model_path), FLOOR_NUM=",".join(map(str, num_idx)),
                     FLOOR_CAT=",".join(map(str, cat_idx)))
-    cmd = [str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level",
-           "warning", "benchmarks.floor_app:app"]
-    return Server(cmd, port, "/healthz", env=env)
+
+    def command(ready: Path) -> list[str]:
+        conf = ready.with_name("gunicorn_conf.py")
+        conf.write_text(_READY_CONF.format(path=str(ready)))
+        return [str(BIN / "gunicorn"), "-c", str(conf), "-w", str(workers), "-b",
+                "127.0.0.1:0", "--log-level", "warning", "benchmarks.floor_app:app"]
+
+    return Server(command, "/healthz", env=env)
 
 
 class CountingProxy:

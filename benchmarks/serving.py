@@ -7,8 +7,9 @@ onnxruntime endpoint under gunicorn with 2 workers — the floor.
 
 Each server runs as it would in production, which is its fastest setup here: the floor with
 gunicorn's sync workers (its gthread workers measured slower on 2 cores), ours with
-``hybridml-cloud serve``'s defaults (``SheddingWorker``: gthread, kept-alive connections,
-bounded queue). The result records each one's setup next to its numbers.
+``hybridml-cloud serve``'s defaults (``SheddingWorker``: gthread with a buffering front for
+slow clients, kept-alive connections, bounded queue). The result records each one's setup
+next to its numbers.
 """
 
 from __future__ import annotations
@@ -79,12 +80,13 @@ def run(model: Model, *, connections: int, seconds: float, max_requests: int,
     cat_idx = [schema.names.index(n) for n in schema.categorical_names]
     body = json.dumps({"inputs": [_body_list(model)]})
     api = f"/v1/models/{model.name}/predict"
-    from hybridml.cloud.app import ServeConfig
+    from hybridml.cloud.config import ServeConfig
 
     threads = ServeConfig.from_env().threads
     setups = {"floor_gunicorn": "gunicorn sync, 2 workers, no validation, no logging",
-              "hybridml_gunicorn": f"hybridml-cloud serve --verbose: SheddingWorker (gthread), "
-                                   f"2 workers x {threads} threads, keep-alive, request log on",
+              "hybridml_gunicorn": f"hybridml-cloud serve --verbose: SheddingWorker (gthread "
+                                   f"with a buffering front), 2 workers x {threads} threads, "
+                                   "keep-alive, request log on",
               "hybridml_flask_dev": "hybridml-cloud serve --dev: Flask's threaded dev server"}
     paired = {"floor_gunicorn": (floor(model.onnx_path, num_idx, cat_idx), "/predict"),
               "hybridml_gunicorn": (cloud(model.registry), api)}

@@ -17,6 +17,7 @@ from typing import Any
 
 from hybridml.shared.errors import ConfigError, HybridMLError
 from hybridml.shared.schema import InputSchema
+from hybridml.shared.text import format_table
 
 from .models import FAMILIES
 from .progress import StepProgress
@@ -140,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    s.add_argument("--ready-file", metavar="PATH",
+                   help="once listening, write the server's URL to PATH (with --port 0: "
+                   "the port the system chose)")
     s.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
     s.add_argument("--dev", action="store_true", help="Flask's development server instead")
     s.add_argument("--insecure", action="store_true",
@@ -246,8 +250,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                  (f"<-v{v.parent}" if v.parent else ""), v.created]
                 for v in versions]
         _emit(args, [v.to_json() for v in versions],
-              _table(["name", "version", "aliases", "task", "test metric", "model bytes",
-                      "lineage", "created"], rows))
+              format_table(["name", "version", "aliases", "task", "test metric", "model bytes",
+                            "lineage", "created"], rows))
         return 0
     models = reg.models()
     rows = []
@@ -256,8 +260,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows.append([s.name, str(s.latest), str(s.n_versions),
                      " ".join(f"{k}=v{v}" for k, v in sorted(s.aliases.items())) or "-",
                      latest.task, _metric(latest.metrics), f"{latest.model_size:,}"])
-    text = (_table(["name", "latest", "versions", "aliases", "task", "test metric (latest)",
-                    "model bytes"], rows) if rows else "no models yet: run 'hybridml-cloud train'")
+    header = ["name", "latest", "versions", "aliases", "task", "test metric (latest)",
+              "model bytes"]
+    text = (format_table(header, rows) if rows
+            else "no models yet: run 'hybridml-cloud train'")
     _emit(args, [s.to_json() for s in models], text)
     return 0
 
@@ -303,7 +309,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     keys = KeyRing(_registry(args).root).list()
     rows = [[k.key_id, "yes" if k.active else "-", "yes" if k.has_private else "no",
              k.created, str(k.public_path)] for k in keys]
-    text = (_table(["key_id", "active", "private", "created", "public key"], rows) if rows
+    text = (format_table(["key_id", "active", "private", "created", "public key"], rows) if rows
             else "no signing keys: run 'hybridml-cloud keys init'")
     _emit(args, [k.to_json() for k in keys], text)
     return 0
@@ -349,7 +355,7 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
     tokens = TokenStore(_registry(args).root).list()
     rows = [[t.id, t.role, t.name, t.created[:19] + "Z", (t.revoked or "")[:19] + "Z"
              if t.revoked else "-"] for t in tokens]
-    text = (_table(["id", "role", "name", "created", "revoked"], rows) if rows
+    text = (format_table(["id", "role", "name", "created", "revoked"], rows) if rows
             else "no tokens: run 'hybridml-cloud tokens create --role device --name LABEL'")
     _emit(args, [t.to_json() for t in tokens], text)
     return 0
@@ -369,7 +375,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     return serve(registry=str(_registry(args).root), host=args.host, port=args.port,
-                 workers=args.workers, dev=args.dev, insecure=args.insecure)
+                 workers=args.workers, dev=args.dev, insecure=args.insecure,
+                 ready_file=args.ready_file)
 
 
 def _metric(m: dict[str, Any]) -> str:
@@ -378,15 +385,6 @@ def _metric(m: dict[str, Any]) -> str:
     if not primary or primary not in test:
         return "-"
     return f"{primary}={test[primary]:.4f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths)),
-             *(fmt.format(*r) for r in rows)]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,8 +24,8 @@ from typing import Any
 
 import requests
 
-from hybridml.cloud.serve import free_port
 from hybridml.shared.errors import HybridMLError
+from hybridml.shared.text import format_table
 
 BIN = Path(sys.executable).parent
 
@@ -47,21 +47,28 @@ def run(cmd: Sequence[str], stdin: str | None = None, show: bool = True) -> str:
 
 
 class Cloud:
-    """``hybridml-cloud serve`` (gunicorn) as a child process on a loopback port."""
+    """``hybridml-cloud serve`` (gunicorn) as a child process on a loopback port.
 
-    def __init__(self, registry: Path, port: int) -> None:
-        self.registry, self.port = registry, port
-        self.url = f"http://127.0.0.1:{port}"
+    The first start takes any free port (``--port 0``; the server writes its URL to a file);
+    a restart asks for the same port, and retries while it is briefly taken.
+    """
+
+    def __init__(self, registry: Path) -> None:
+        self.registry, self.port, self.url = registry, 0, ""
+        self.ready = registry.parent / "cloud.url"
+        self.log = registry.parent / "cloud.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start the server and wait until /healthz answers."""
-        cmd = [str(BIN / "hybridml-cloud"), "serve", "--registry", str(self.registry),
-               "--port", str(self.port)]
         print(f"\n$ hybridml-cloud serve --registry {self.registry} --port {self.port} &")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
         deadline = time.monotonic() + 30
+        while not self._launch(deadline):
+            if not (self.port and "in use" in self.log.read_text(errors="replace")
+                    and time.monotonic() < deadline):
+                raise SystemExit(f"the cloud did not start; see {self.log}")
+        self.url = self.ready.read_text().strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
         while time.monotonic() < deadline:
             try:
                 if requests.get(self.url + "/healthz", timeout=0.5).ok:
@@ -69,6 +76,22 @@ class Cloud:
                     return
             except requests.RequestException:
                 time.sleep(0.1)
+        raise SystemExit("the cloud did not start within 30 s")
+
+    def _launch(self, deadline: float) -> bool:
+        """Start the process; True once it listens, False if it exited first."""
+        self.ready.unlink(missing_ok=True)
+        cmd = [str(BIN / "hybridml-cloud"), "serve", "--registry", str(self.registry),
+               "--port", str(self.port), "--ready-file", str(self.ready)]
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                         start_new_session=True)
+        while time.monotonic() < deadline:
+            if self.ready.exists():
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
         raise SystemExit("the cloud did not start within 30 s")
 
     def stop(self) -> None:
@@ -132,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"demo-edge --registry {reg})\n(device token {token[:17]}..., shown once)")
     os.environ["HYBRIDML_TOKEN"] = token  # the edge commands below read it
 
-    cloud = Cloud(reg, free_port())
+    cloud = Cloud(reg)
     cloud.start()
     try:
         anon = requests.get(cloud.url + "/v1/models", timeout=5)
@@ -177,12 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          else "unexpected"),
         ("online, out-of-range row", f"{sources[3]} ({results[3].get('reason')})"),
     ]
-    width = max(len(k) for k, _ in summary)
     print("\nsummary")
-    print(f"  {'step':<{width}}  answer / result")
-    print(f"  {'-' * width}  {'-' * 30}")
-    for k, v in summary:
-        print(f"  {k:<{width}}  {v}")
+    print(format_table(["step", "answer / result"], summary, indent="  "))
     print(f"  total {time.perf_counter() - t0:.1f} s")
     ok = sources[:2] == ["precomputed", "edge"] and sources[3] == "cloud"
     if not ok:

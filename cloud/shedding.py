@@ -18,12 +18,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hybridml.shared.errors import HTTPError
 
-if TYPE_CHECKING:
-    from .app import ServeConfig
+from .config import ServeConfig
 
 log = logging.getLogger("hybridml.cloud.shedding")
 request_log = logging.getLogger("hybridml.cloud.app")  # the request lines keep their logger

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from hybridml.cloud.serve import free_port
-
 BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 30.0
 
 
 def write_orders_csv(path: Path, n: int = 400, seed: int = 0) -> Path:
@@ -40,14 +41,22 @@ def write_orders_csv(path: Path, n: int = 400, seed: int = 0) -> Path:
 
 @dataclass
 class CloudServer:
-    """A running ``hybridml-cloud serve`` on a loopback port."""
+    """``hybridml-cloud serve`` on loopback: any free port at first, the same one on restart.
 
-    url: str
+    The server binds port 0 and writes its URL to a ready file, so no port is chosen here
+    and bound later by someone else. Its stderr goes to ``log_path`` (under ``log_dir``,
+    by default next to the registry, in the test's temporary directory).
+    """
+
     registry: Path
-    port: int
-    proc: subprocess.Popen[bytes] | None
     # Test servers run with --insecure (loopback, no tokens) unless a test asks for tokens.
     insecure: bool = True
+    log_dir: Path | None = None
+    port: int = 0  # 0 until the first start
+    url: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _runs: itertools.count[int] = field(default_factory=itertools.count, repr=False)
 
     def stop(self) -> None:
         """Stop gunicorn and its workers."""
@@ -61,30 +70,66 @@ class CloudServer:
         self.proc = None
 
     def start(self, *extra: str) -> CloudServer:
-        """Start (or restart) the server and wait for /healthz."""
+        """Start (or restart on the same port) and wait for /healthz.
+
+        A restart retries while the old port is still taken (by a lingering process, say).
+        """
         self.stop()
-        cmd = [str(BIN / "hybridml-cloud"), "serve", "--registry", str(self.registry),
-               "--port", str(self.port), *(["--insecure"] if self.insecure else []), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 30
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="serve-", dir=self.registry.parent))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            run = next(self._runs)
+            ready = self.log_dir / f"ready-{run}"
+            self.log_path = self.log_dir / f"serve-{run}.log"
+            cmd = [str(BIN / "hybridml-cloud"), "serve", "--registry", str(self.registry),
+                   "--port", str(self.port), "--ready-file", str(ready),
+                   *(["--insecure"] if self.insecure else []), *extra]
+            with self.log_path.open("wb") as err:
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                             start_new_session=True)
+            url = self._wait_for_file(ready, deadline)
+            if url is not None:
+                break
+            log = self.log_text()
+            if self.port and "in use" in log and time.monotonic() < deadline:
+                continue  # the same port, briefly taken: try again
+            raise RuntimeError(f"cloud exited with {self.proc.returncode}:\n{log[-3000:]}")
+        self.url, self.port = url, int(url.rsplit(":", 1)[1])
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"cloud exited with {self.proc.returncode}: {err}")
             try:
-                if requests.get(self.url + "/healthz", timeout=0.5).ok:
+                if requests.get(self.url + "/healthz", timeout=1).ok:
                     return self
             except requests.RequestException:
-                time.sleep(0.1)
-        raise RuntimeError("cloud did not answer /healthz within 30 s")
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"cloud did not answer /healthz within {START_TIMEOUT_S:g} s:\n"
+                           f"{self.log_text()[-3000:]}")
+
+    def _wait_for_file(self, ready: Path, deadline: float) -> str | None:
+        """The URL in ``ready`` once written; None if the server exited first."""
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if ready.exists():
+                return ready.read_text().strip()
+            if self.proc.poll() is not None:
+                return None
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"cloud did not listen within {START_TIMEOUT_S:g} s:\n"
+                           f"{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        """What the server wrote to stderr so far (its last run)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
 
 
-def start_cloud(registry: Path, *extra: str, insecure: bool = True) -> CloudServer:
+def start_cloud(registry: Path, *extra: str, insecure: bool = True,
+                log_dir: Path | None = None) -> CloudServer:
     """Start a server over ``registry`` on a free port (``insecure=False``: tokens required)."""
-    port = free_port()
-    return CloudServer(f"http://127.0.0.1:{port}", registry, port, None,
-                       insecure).start(*extra)
+    return CloudServer(registry, insecure, log_dir).start(*extra)
 
 
 @pytest.fixture(scope="session")

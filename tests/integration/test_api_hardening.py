@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from hybridml.cloud.app import LoadShedder, ServeConfig
+from hybridml.cloud.config import ServeConfig
+from hybridml.cloud.shedding import LoadShedder
 from hybridml.shared.errors import ConfigError
 from tests.conftest import CloudServer
 
