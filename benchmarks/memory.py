@@ -91,7 +91,7 @@ def million_row_store(model: Model, work: Path, rows: int) -> tuple[Path, int, A
     for j, name in enumerate(schema.categorical_names):
         cats = schema.features[schema.names.index(name)].categories
         cat[:, j] = np.asarray(cats, dtype=object)[rng.integers(0, len(cats), rows)]
-    batch = schema._from_arrays(num, cat)
+    batch = schema.encode_arrays(num, cat)
     keys = schema.keys(batch)
     _, first = np.unique(keys, axis=0, return_index=True)
     first.sort()
@@ -114,7 +114,7 @@ def million_row_store(model: Model, work: Path, rows: int) -> tuple[Path, int, A
                 **outputs)
     make_store(model.registry, model.name, store_dir, with_table=False)
     store = LocalStore(store_dir)
-    from hybridml.edge.store import file_sha256
+    from hybridml.shared.files import file_sha256
 
     sha = file_sha256(table_path)
     shutil.copyfile(table_path, store.artifact_path(sha))

@@ -34,7 +34,6 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,16 +41,18 @@ import numpy as np
 from flask import Flask, Request, Response, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from hybridml.shared import jsontext
 from hybridml.shared.errors import (
-    ConfigError,
     HTTPError,
     HybridMLError,
     InputError,
     NotFoundError,
 )
+from hybridml.shared.files import atomic_write
 from hybridml.shared.manifest import Manifest
 
 from . import auth
+from .config import ServeConfig
 from .registry import Ref, Registry
 from .shedding import LoadShedder
 from .signing import Signer
@@ -69,46 +70,6 @@ _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 # Flask's JSON responses, byte for byte (compact, ASCII, keys in insertion order, a newline),
 # without building an encoder per call as json.dumps(..., separators=...) does.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """API settings; :meth:`from_env` reads ``HYBRIDML_<FIELD>`` variables.
-
-    Load shedding: a worker holding ``max_pending`` requests (queued or running) answers the
-    next with 503, and so does a request that waited longer than ``max_queue_ms`` for a
-    thread; ``retry_after_s`` goes in the ``Retry-After`` header. ``threads`` is the number
-    of request threads per gunicorn worker.
-    """
-
-    max_batch: int = 1000
-    max_body_bytes: int = 4 * 1024 * 1024
-    compress_min_bytes: int = 16 * 1024
-    model_cache: int = 8
-    max_pending: int = 32
-    max_queue_ms: int = 1000
-    retry_after_s: int = 1
-    threads: int = 2
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if getattr(self, f.name) < 1:
-                raise ConfigError(f"{f.name} must be a positive integer", field=f.name)
-
-    @classmethod
-    def from_env(cls, env: Any = None) -> ServeConfig:
-        """Build from ``HYBRIDML_MAX_BATCH``, ``HYBRIDML_MAX_BODY_BYTES`` and so on."""
-        env = os.environ if env is None else env
-        kwargs: dict[str, int] = {}
-        for f in fields(cls):
-            raw = env.get(f"HYBRIDML_{f.name.upper()}")
-            if raw is not None:
-                try:
-                    kwargs[f.name] = int(raw)
-                except ValueError:
-                    raise ConfigError(f"HYBRIDML_{f.name.upper()}={raw!r} is not an integer",
-                                      field=f.name) from None
-        return cls(**kwargs)
 
 
 class Predictor:
@@ -131,13 +92,15 @@ class Predictor:
         out = self.session.run(self.schema.encode(rows))
         answer: dict[str, Any] = {"name": self.name, "model_version": self.version}
         if out.values is not None:
-            # float32 outputs: the shortest text that round-trips (23.372, not 23.37200164)
-            answer["predictions"] = [float(str(v)) for v in out.values.astype(np.float32)]
+            # float32 outputs: the shortest text that round-trips (23.372, not 23.37200164);
+            # a NaN (a model overflowing) is not JSON: null, as the edge CLI prints it
+            answer["predictions"] = [None if v != v else float(str(v))
+                                     for v in out.values.astype(np.float32)]
             return answer
         assert out.labels is not None and out.probabilities is not None
         classes, keys = self.classes, self._keys
         answer["predictions"] = [classes[i] for i in out.labels.tolist()]
-        answer["probabilities"] = [{k: round(p, 6) for k, p in zip(keys, ps)}
+        answer["probabilities"] = [{k: round(p, 6) if p == p else None for k, p in zip(keys, ps)}
                                    for ps in out.probabilities.tolist()]
         answer["classes"] = classes
         return answer
@@ -210,11 +173,13 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         status = exc.code or 500
-        message = {413: f"request body is larger than {cfg.max_body_bytes} bytes; send fewer "
-                        "rows per request"}.get(status, exc.description or exc.name)
-        code = (exc.name or "error").lower().replace(" ", "_")
-        field = {413: "body", 405: "method"}.get(status)
-        resp = jsonify(HTTPError(message, status=status, code=code, field=field).to_json())
+        if status == 413:  # word for word what the worker answers before reading the body
+            error = cfg.body_too_large()
+        else:
+            error = HTTPError(exc.description or exc.name, status=status,
+                              code=(exc.name or "error").lower().replace(" ", "_"),
+                              field={405: "method"}.get(status))
+        resp = jsonify(error.to_json())
         for key, value in exc.get_headers():  # Allow on 405, Retry-After, Content-Range
             if key.lower() != "content-type":
                 resp.headers[key] = value
@@ -291,7 +256,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         if len(rows) > cfg.max_batch:
             raise HTTPError(f"{len(rows)} rows exceed the batch limit of {cfg.max_batch}; "
                             "split the request", status=413, code="batch_too_large",
-                            field="inputs")
+                            field="inputs", max_batch=cfg.max_batch)
         ref = _check_ref(body["version"], "version") if "version" in body else _ref(req)
         answer = models.get(name, reg.resolve_cached(name, ref)).answer(rows)
         return Response(_ENCODER.encode(answer) + "\n", mimetype="application/json")
@@ -329,24 +294,6 @@ def _check_ref(value: object, field: str) -> Ref:
                      "(lowercase letters, digits and '_', such as 'stable')", field=field)
 
 
-class _NotJSON:
-    """Stands for a ``NaN``/``Infinity`` literal: Python's parser accepts them, JSON does not.
-
-    The row check refuses it like any other non-number, naming the row and the column.
-    """
-
-    __slots__ = ("literal",)
-
-    def __init__(self, literal: str) -> None:
-        self.literal = literal
-
-    def __repr__(self) -> str:
-        return f"{self.literal}, which is not JSON (send null for a missing value)"
-
-
-_DECODER = json.JSONDecoder(parse_constant=_NotJSON)
-
-
 def _json_body(req: Request) -> dict[str, Any]:
     """The request body as a JSON object with known keys; 4xx naming what is wrong."""
     if not req.is_json:
@@ -358,19 +305,12 @@ def _json_body(req: Request) -> dict[str, Any]:
         if limit is not None and len(raw) >= limit:
             raise RequestEntityTooLarge()  # werkzeug cuts a chunked body at the limit silently
     try:
-        data = _DECODER.decode(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"the request body is not UTF-8 (bad byte at offset {exc.start}); "
                          "send JSON encoded as UTF-8", field="body") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                         f"column {exc.colno}", field="body") from None
-    except RecursionError:
-        raise InputError("the request body nests arrays or objects too deeply; a row is a "
-                         "flat object or list", field="body") from None
-    except ValueError:  # an integer literal over Python's 4300-digit limit
-        raise InputError("the request body holds a number with thousands of digits; send "
-                         "numbers that fit a float", field="body") from None
+    # Strict JSON, as the edge CLI reads it: a NaN literal is refused by the row rules.
+    data = jsontext.loads(text, "the request body", field="body")
     if not isinstance(data, dict):
         raise InputError("the request body must be a JSON object with 'inputs'", field="body")
     unknown = [k for k in data if k not in BODY_KEYS]
@@ -443,7 +383,5 @@ def _gzipped(cache: Path, path: Path, sha256: str) -> Path | None:
     if len(data) > 0.9 * path.stat().st_size:
         skip.touch()
         return None
-    tmp = cache / f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, gz)
+    atomic_write(gz, data)
     return gz

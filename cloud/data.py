@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import math
 import os
@@ -18,14 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from hybridml.shared import cells
 from hybridml.shared.errors import DataError
 from hybridml.shared.schema import (
     CATEGORICAL,
     MISSING_CATEGORY,
-    MISSING_TOKENS,
     NUMERIC,
     Feature,
     InputSchema,
+    refusal,
 )
 
 log = logging.getLogger("hybridml.cloud.data")
@@ -80,7 +82,7 @@ class Split:
 
 def is_missing(text: str) -> bool:
     """True for the CSV spellings of a missing value."""
-    return text.strip().lower() in MISSING_TOKENS
+    return text.strip().lower() in cells.MISSING_TOKENS
 
 
 def load_csv(path: str | os.PathLike[str], target: str, *, task: str | None = None,
@@ -103,7 +105,7 @@ def load_csv(path: str | os.PathLike[str], target: str, *, task: str | None = No
     except UnicodeDecodeError as exc:
         raise DataError(f"{p} is not UTF-8 text ({exc}); re-save it as UTF-8",
                         field="data") from exc
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
     header = [h.strip() for h in next(reader)]
     _check_header(header, p)
     rows = list(reader)
@@ -250,24 +252,32 @@ def _parse_float(text: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _column_kind(name: str, values: list[str], forced_cat: bool, forced_num: bool) -> str:
+def _column_kind(name: str, values: list[str], forced_cat: bool, forced_num: bool
+                 ) -> tuple[str, tuple[int, str] | None]:
+    """The column's kind, and its first refused cell (row, reason) when it is numeric but
+    holds a cell the numeric text rule refuses (:func:`hybridml.shared.cells.number_text`)."""
     present = [v for v in values if not is_missing(v)]
     if not present:
         raise DataError(f"column {name!r} has no values (every row is missing); drop it with "
                         f"--drop {name}", field=name)
     if forced_cat:
-        return CATEGORICAL
-    bad = [(i, v) for i, v in enumerate(values) if not is_missing(v) and _parse_float(v) is None]
-    if not bad:
-        return NUMERIC
-    share = 1 - len(bad) / len(present)
-    if forced_num or share >= NUMERIC_MAJORITY:
-        i, v = bad[0]
-        raise DataError(
-            f"column {name!r} is numeric ({len(present) - len(bad)} of {len(present)} values "
-            f"are numbers) but data row {i + 1} holds {v!r}; fix the value, leave it empty for "
-            f"missing, or pass --categorical {name}", field=name, row=i + 1)
-    return CATEGORICAL
+        return CATEGORICAL, None
+    _, first, reason = cells.numbers_text(values)
+    if first is None:
+        return NUMERIC, None
+    bad = [i for i, v in enumerate(values) if _refused(v)]
+    if not forced_num and 1 - len(bad) / len(present) < NUMERIC_MAJORITY:
+        return CATEGORICAL, None
+    return NUMERIC, (first, f"{reason} ({len(present) - len(bad)} of {len(present)} values are "
+                            f"numbers: pass --categorical {name} if the column is not numeric)")
+
+
+def _refused(text: str) -> bool:
+    try:
+        cells.number_text(text)
+    except cells.CellRefused:
+        return True
+    return False
 
 
 def _detect_task(target: str, y_text: list[str]) -> str:
@@ -331,18 +341,23 @@ def _build(source: str, target: str, columns: dict[str, list[str]], feats: list[
     y_kept = [y_text[i] for i in idx]
     task = task or _detect_task(target, y_kept)
     y, classes = _encode_target(target, y_kept, task)
-    kinds = [_column_kind(n, [columns[n][i] for i in idx], n in forced_cat, n in forced_num)
-             for n in feats]
+    kept = {n: [columns[n][i] for i in idx] for n in feats}
+    typed = [_column_kind(n, kept[n], n in forced_cat, n in forced_num) for n in feats]
+    kinds = [k for k, _ in typed]
+    bad = [(first[0], pos, first[1]) for pos, (_, first) in enumerate(typed) if first]
+    if bad:  # the first refused cell row by row, as every other route reports it
+        r, pos, reason = min(bad)
+        raise refusal(int(idx[r]), feats[pos], reason)
     num_names = [n for n, k in zip(feats, kinds) if k == NUMERIC]
     cat_names = [n for n, k in zip(feats, kinds) if k == CATEGORICAL]
+    # The cell rules of every route (hybridml.shared.cells): what the model is trained on is
+    # exactly what the edge and the cloud feed it for the same text.
     num = np.empty((idx.size, len(num_names)), dtype=np.float32)
     for j, n in enumerate(num_names):
-        col = columns[n]
-        num[:, j] = [math.nan if is_missing(col[i]) else float(col[i]) for i in idx]
+        num[:, j] = cells.numbers_text(kept[n])[0]
     cat = np.empty((idx.size, len(cat_names)), dtype=object)
     for j, n in enumerate(cat_names):
-        col = columns[n]
-        cat[:, j] = [MISSING_CATEGORY if is_missing(col[i]) else col[i].strip() for i in idx]
+        cat[:, j] = [cells.category(v) for v in kept[n]]
     # Schema order: the CSV's column order; the num/cat blocks keep that relative order.
     ordered = [n for n in feats]
     schema = fit_schema(ordered, kinds, num, cat)

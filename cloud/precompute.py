@@ -156,7 +156,7 @@ def _encoded_chunks(src: Path, schema: InputSchema, count_column: str | None
 def _encode_chunk(src: Path, schema: InputSchema, columns: dict[str, list[str]], start: int,
                   count_column: str | None) -> tuple[EncodedBatch, np.ndarray]:
     try:
-        batch = schema.encode_columns(columns)
+        batch = schema.encode_text(columns)
     except InputError as exc:
         if exc.row is None:
             raise

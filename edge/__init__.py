@@ -2,31 +2,35 @@
 
 ``from hybridml.edge import EdgeRuntime``; ``rt = EdgeRuntime(store, model="eta",
 cloud_url=None)``; ``rt.sync()``; ``rt.predict(rows)``.
+
+Names load with their module on first use (:mod:`hybridml.shared.lazy`): a process that only
+predicts never loads requests or the signature checks, and the cloud's gunicorn master (which
+imports the store helpers) never loads onnxruntime before it forks its workers.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .fallback import CircuitBreaker, FallbackPolicy
-from .store import LocalStore
+from hybridml.shared.lazy import export_lazily
 
 if TYPE_CHECKING:
+    from .columnar import BatchPrediction
+    from .fallback import CircuitBreaker, CloudRow, Fallback, FallbackPolicy
+    from .loaded import LoadedVersion
+    from .observe import Observation, Observer
     from .runtime import EdgeRuntime, Prediction
-    from .sync import SyncResult
+    from .store import GcResult, LocalStore
+    from .sync import SyncResult, sync
 
+export_lazily(__name__, {
+    "columnar": ("BatchPrediction",),
+    "fallback": ("CircuitBreaker", "CloudRow", "Fallback", "FallbackPolicy"),
+    "loaded": ("LoadedVersion",),
+    "observe": ("Observation", "Observer"),
+    "runtime": ("EdgeRuntime", "Prediction"),
+    "store": ("GcResult", "LocalStore"),
+    "sync": ("SyncResult", "sync"),
+})
 
-def __getattr__(name: str) -> Any:
-    # Loaded on first use. SyncResult: sync pulls in requests and the signature checks, which
-    # a process that only predicts never needs. EdgeRuntime/Prediction: onnxruntime, which
-    # the cloud's gunicorn master (it imports the store helpers) must not load before it
-    # forks workers — a forked child of a process that loaded it hangs at exit.
-    if name == "SyncResult":
-        from .sync import SyncResult
-        return SyncResult
-    if name in ("EdgeRuntime", "Prediction"):
-        from . import runtime
-        return getattr(runtime, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["CircuitBreaker", "EdgeRuntime", "FallbackPolicy", "LocalStore", "Prediction",
-           "SyncResult"]
+__all__ = ["BatchPrediction", "CircuitBreaker", "CloudRow", "EdgeRuntime", "Fallback",
+           "FallbackPolicy", "GcResult", "LoadedVersion", "LocalStore", "Observation",
+           "Observer", "Prediction", "SyncResult", "sync"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -18,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from hybridml.shared import jsontext
 from hybridml.shared.errors import ConfigError, HybridMLError, InputError
-from hybridml.shared.schema import CATEGORICAL, MISSING_TOKENS, InputSchema
+from hybridml.shared.text import format_table
 
 from .agent import Agent, AgentSettings
 from .client import CloudClient
@@ -137,18 +139,19 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``predict``: read rows, print one answer per row."""
-    base = FallbackPolicy.from_env()
-    policy = FallbackPolicy(
-        enabled=not args.no_fallback, on_out_of_range=base.on_out_of_range,
-        on_unseen=base.on_unseen,
-        min_confidence=base.min_confidence if args.min_confidence is None
-        else args.min_confidence,
-        timeout_ms=base.timeout_ms if args.timeout_ms is None else args.timeout_ms,
-        failures=base.failures, cooldown_s=base.cooldown_s)
+    changes: dict[str, Any] = {"enabled": not args.no_fallback}
+    if args.min_confidence is not None:
+        changes["min_confidence"] = args.min_confidence
+    if args.timeout_ms is not None:
+        changes["timeout_ms"] = args.timeout_ms
+    policy = dataclasses.replace(FallbackPolicy.from_env(), **changes)
     rt = EdgeRuntime(args.store, args.name, args.cloud, policy=policy, token=args.token)
-    text = sys.stdin.read() if args.input == "-" else _read_file(args.input)
-    rows = read_rows(text, rt.manifest.schema if rt.manifest else None)
-    preds = rt.predict(rows, errors=args.errors)
+    text = _read_input(args.input)
+    rows = read_rows(text)
+    if isinstance(rows, dict):  # CSV: text columns, typed by the model's schema
+        preds = rt.predict_text(rows, errors=args.errors)
+    else:
+        preds = rt.predict(rows, errors=args.errors)
     out = sys.stdout
     if args.json:
         for p in preds:
@@ -182,11 +185,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             entry["signature"] = describe(store.root, active)
         entry.update({k: v for k, v in store.sync_state(name).items() if k != "etag"})
         models.append(entry)
+    disk = store.disk_bytes()
     if args.json:
-        print(json.dumps({"store": str(store.root), "cloud": args.cloud,
+        print(json.dumps({"store": str(store.root), "disk_bytes": disk, "cloud": args.cloud,
                           "cloud_reachable": reachable, "models": models}))
         return 0
-    print(f"store: {store.root}")
+    print(f"store: {store.root} ({disk:,} B on disk)")
     if args.cloud:
         print(f"cloud: {args.cloud} ({'reachable' if reachable else 'unreachable'})")
     if not models:
@@ -293,66 +297,68 @@ def _signature_text(sig: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------- input
-def _read_file(path: str) -> str:
+def _read_input(path: str) -> str:
+    """The input as text. Bytes are decoded here, not by a text stream: its newline
+    translation would rewrite a "\r" inside a quoted CSV cell."""
     try:
-        with open(path, encoding="utf-8-sig") as fh:
-            return fh.read()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read()
     except OSError as exc:
         raise ConfigError(f"cannot read --input {path}: {exc.strerror}", field="input") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the input is not UTF-8 text (bad byte at offset {exc.start}); "
+                         "re-save it as UTF-8", field="input") from None
 
 
-def read_rows(text: str, schema: InputSchema | None) -> list[Any]:
-    """Parse JSON lines, a JSON array, or CSV with a header into rows."""
+def read_rows(text: str) -> list[Any] | dict[str, list[str]]:
+    """Parse the input: a JSON array of rows, JSON lines (one row per line), or CSV with a
+    header. JSON is strict, as the cloud reads it, and gives typed rows; CSV gives text
+    columns by name, typed later by the model's schema.
+
+    A JSON document that is one list of plain values is one row in schema order (a JSON
+    lines file of a single list row), not a list of rows.
+    """
     stripped = text.lstrip()
     if not stripped:
         raise InputError("no input rows: send JSON objects (one per line or an array) or CSV "
                          "with a header", field="input")
-    if stripped[0] == "[":
-        try:
-            data = json.loads(stripped)
-        except ValueError as exc:
-            raise InputError(f"the input is not valid JSON: {exc}", field="input") from exc
-        if not isinstance(data, list):
-            raise InputError("a JSON input must be an array of rows", field="input")
-        return data
-    if stripped[0] == "{":
+    if stripped[0] not in "[{":
+        return _csv_columns(stripped)
+    try:
+        data = jsontext.loads(stripped, "the input", field="input")
+    except InputError:  # several JSON values: JSON lines
         rows = []
-        for n, line in enumerate(stripped.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise InputError(f"input line {n + 1} is not valid JSON: {exc}",
-                                 field="input", row=n) from exc
+        for n, line in enumerate(stripped.split("\n")):  # JSON lines end at \n only
+            if line.strip():
+                rows.append(jsontext.loads(line, f"input line {n + 1}", field="input"))
         return rows
-    return _csv_rows(stripped, schema)
+    if isinstance(data, dict):
+        return [data]
+    if data and not any(isinstance(v, (list, dict)) for v in data):
+        return [data]
+    return list(data)
 
 
-def _csv_rows(text: str, schema: InputSchema | None) -> list[dict[str, Any]]:
-    reader = csv.DictReader(io.StringIO(text))
-    kinds = {f.name: f.kind for f in schema.features} if schema else {}
-    rows: list[dict[str, Any]] = []
-    for r, raw in enumerate(reader):
-        row: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key is None or (schema is not None and key not in kinds):
-                continue  # extra columns (ids, timestamps) are ignored in CSV input
-            v = (value or "").strip()
-            if v.lower() in MISSING_TOKENS:
-                row[key] = None
-            elif kinds.get(key) == CATEGORICAL:
-                row[key] = v
-            else:
-                try:
-                    row[key] = float(v)
-                except ValueError:
-                    if schema is not None:
-                        raise InputError(f"row {r} column {key!r} is numeric but holds {v!r}",
-                                         field=key, row=r) from None
-                    row[key] = v
-        rows.append(row)
-    return rows
+def _csv_columns(text: str) -> dict[str, list[str]]:
+    """CSV text as columns by header name; every cell stays text (a short line's missing
+    cells are empty, i.e. missing)."""
+    reader = csv.reader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
+    header = [h.strip() for h in next(reader)]
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise InputError(f"the CSV header names column {dupes[0]!r} twice", field=dupes[0])
+    records = [r for r in reader if r]
+    for n, rec in enumerate(records):
+        if len(rec) > len(header):
+            raise InputError(f"CSV row {n} has {len(rec)} fields, the header {len(header)}; "
+                             "fix the quoting or the separators", field="input", row=n)
+    return {h: [rec[j] if j < len(rec) else "" for rec in records]
+            for j, h in enumerate(header)}
 
 
 def _short(value: Any) -> Any:
@@ -363,17 +369,14 @@ def _short(value: Any) -> Any:
 
 
 def _table(preds: list[Prediction]) -> str:
-    cells = [[str(i), str(_short(p.prediction)), p.source, f"v{p.model_version}",
-              f"{max(p.probabilities.values()):.3f}" if p.probabilities else "-",
-              ("degraded " if p.degraded else "") + (f"({p.reason})" if p.reason else "")]
-             for i, p in enumerate(preds) if not p.error]
-    header = ["row", "prediction", "source", "version", "confidence", ""]
-    widths = [max([len(h)] + [len(c[k]) for c in cells]) for k, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    body = iter(cells)
+    rows = []
     for i, p in enumerate(preds):
         if p.error:
-            lines.append(f"{str(i).ljust(widths[0])}  error: {p.error.get('message')}")
-        else:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(next(body), widths)).rstrip())
-    return "\n".join(lines)
+            rows.append([str(i), "-", "-", "-", "-", f"error: {p.error.get('message')}"])
+            continue
+        rows.append([str(i), str(_short(p.prediction)), p.source, f"v{p.model_version}",
+                     f"{max(p.probabilities.values()):.3f}" if p.probabilities else "-",
+                     ("degraded " if p.degraded else "") + (f"({p.reason})" if p.reason
+                                                            else "")])
+    return format_table(["row", "prediction", "source", "version", "confidence", ""], rows,
+                        rule=False)

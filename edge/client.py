@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import requests
 import urllib3
 
@@ -30,8 +31,7 @@ from hybridml.shared.errors import (
     IntegrityError,
     RemoteError,
 )
-
-from .store import crash_point
+from hybridml.shared.files import crash_point
 
 log = logging.getLogger("hybridml.edge.client")
 
@@ -278,6 +278,13 @@ def _check_content_range(resp: requests.Response, sha256: str, have: int, size: 
 
 
 def _json_safe(v: Any) -> Any:
+    """A cell as JSON can carry it: numpy scalars as Python values, NaN as null (missing).
+
+    Infinities also become null here only because JSON cannot hold them; rows sent by the
+    fallback were encoded by the schema first, which refuses them.
+    """
+    if isinstance(v, np.generic):
+        v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v

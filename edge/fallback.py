@@ -1,4 +1,4 @@
-"""When the edge asks the cloud, and how it avoids waiting on a dead one.
+"""When the edge asks the cloud, how, and how it avoids waiting on a dead one: one component.
 
 The policy (:class:`FallbackPolicy`) sends a row to the cloud when
 
@@ -7,26 +7,63 @@ The policy (:class:`FallbackPolicy`) sends a row to the cloud when
 * a categorical value was never seen in training (``on_unseen``);
 * a classifier's top probability is below ``min_confidence``.
 
-The cloud's answer is used when it arrives within ``timeout_ms``; otherwise the local answer is
-returned marked ``degraded``. A :class:`CircuitBreaker` stops calling a cloud that failed
-``failures`` times in a row for ``cooldown_s`` seconds, so offline latency stays local.
+:class:`Fallback` holds the policy, the :class:`CircuitBreaker` and the cloud client, and every
+predict path goes through it: :meth:`Fallback.reasons` decides which rows go and why (the one
+definition; the single-row fast path only skips rows it would flag), and :meth:`Fallback.ask`
+sends them. It asks in chunks of at most ``max_batch`` rows (the cloud's batch limit; a 413
+shrinks the chunks to what the cloud says it takes) under one deadline, ``timeout_ms``, for the
+whole call. It sends the rows as the local model saw them (numbers after float32 rounding,
+categories normalised), so cloud and edge answer the same input. An answer that does not fit
+the rows asked is refused. Rows without an answer keep their local answer, marked
+``degraded``.
+
+Only a cloud that cannot answer counts as a breaker failure: unreachable, timed out, 5xx
+(503 included) or a malformed answer. A 4xx (rows the cloud refuses, a batch too large, a bad
+token) means the cloud is up: it is recorded in :attr:`Fallback.last_error` and the local
+answers stand. After ``failures`` consecutive failures the breaker stops calling the cloud for
+``cooldown_s`` seconds, then lets one trial call through, so offline latency stays local.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from hybridml.shared.errors import ConfigError
+import numpy as np
+
+from hybridml.shared.errors import (
+    CloudTimeoutError,
+    CloudUnavailableError,
+    ConfigError,
+    HybridMLError,
+    RemoteError,
+)
+from hybridml.shared.schema import EncodedBatch, InputSchema
+from hybridml.shared.settings import load_env
+
+if TYPE_CHECKING:  # requests loads only when a cloud is configured
+    from .client import CloudClient
+
+log = logging.getLogger("hybridml.edge.fallback")
+
+# Reason codes, in priority order: the first that applies to a row is its reason.
+NO_REASON, OUT_OF_RANGE, UNSEEN, LOW_CONFIDENCE, LOCAL_ERROR, NO_LOCAL_MODEL = range(6)
+REASONS: tuple[str | None, ...] = (None, "out_of_range", "unseen_category", "low_confidence",
+                                   "local_error", "no_local_model")
+Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
 class FallbackPolicy:
-    """Settings of the fallback policy; load overrides with :meth:`from_env`."""
+    """Settings of the fallback policy; load overrides with :meth:`from_env`.
+
+    ``max_batch`` is the most rows one cloud request carries (the cloud's
+    ``HYBRIDML_MAX_BATCH``; a 413 from the cloud lowers it for the process).
+    """
 
     enabled: bool = True
     on_out_of_range: bool = True
@@ -35,6 +72,7 @@ class FallbackPolicy:
     timeout_ms: float = 250.0
     failures: int = 1
     cooldown_s: float = 30.0
+    max_batch: int = 1000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_confidence <= 1.0:
@@ -49,39 +87,30 @@ class FallbackPolicy:
         if self.cooldown_s < 0:
             raise ConfigError(f"cooldown_s must be >= 0, got {self.cooldown_s}",
                               field="cooldown_s")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}",
+                              field="max_batch")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
                  prefix: str = "HYBRIDML_FALLBACK_") -> FallbackPolicy:
-        """Read ``HYBRIDML_FALLBACK_<FIELD>`` variables (e.g. ``..._TIMEOUT_MS=500``)."""
-        env = os.environ if env is None else env
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(prefix + f.name.upper())
-            if raw is None:
-                continue
-            try:
-                if f.type in ("bool", bool):
-                    kwargs[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-                elif f.type in ("int", int):
-                    kwargs[f.name] = int(raw)
-                else:
-                    kwargs[f.name] = float(raw)
-            except ValueError:
-                raise ConfigError(f"{prefix + f.name.upper()}={raw!r} is not a valid "
-                                  f"{f.type}", field=f.name) from None
-        return cls(**kwargs)
+        """Read ``HYBRIDML_FALLBACK_<FIELD>`` variables (e.g. ``..._TIMEOUT_MS=500``), with
+        the kit's one settings loader (:func:`hybridml.shared.settings.load_env`)."""
+        return load_env(cls, prefix, env)
 
 
 class CircuitBreaker:
     """Closed -> open after N consecutive failures -> half-open after a cooldown -> closed.
 
-    Thread-safe; ``allow()`` lets exactly one trial call through when half-open.
+    Thread-safe; ``allow()`` lets exactly one trial call through when half-open. ``clock``
+    (seconds, monotonic) is injectable so tests set the time instead of sleeping.
     """
 
-    def __init__(self, failures: int = 1, cooldown_s: float = 30.0) -> None:
+    def __init__(self, failures: int = 1, cooldown_s: float = 30.0,
+                 clock: Clock = time.monotonic) -> None:
         self.threshold = failures
         self.cooldown_s = cooldown_s
+        self.clock = clock
         self._failures = 0
         self._opened_at: float | None = None
         self._trial = False
@@ -91,7 +120,7 @@ class CircuitBreaker:
     def state(self) -> str:
         """``closed``, ``open`` or ``half_open``."""
         with self._lock:
-            return self._state(time.monotonic())
+            return self._state(self.clock())
 
     def _state(self, now: float) -> str:
         if self._opened_at is None:
@@ -101,7 +130,7 @@ class CircuitBreaker:
     def allow(self) -> bool:
         """True if a call may be made now."""
         with self._lock:
-            state = self._state(time.monotonic())
+            state = self._state(self.clock())
             if state == "closed":
                 return True
             if state == "half_open" and not self._trial:
@@ -121,5 +150,181 @@ class CircuitBreaker:
         with self._lock:
             self._failures += 1
             if self._trial or self._failures >= self.threshold:
-                self._opened_at = time.monotonic()
+                self._opened_at = self.clock()
             self._trial = False
+
+
+@dataclass(frozen=True)
+class CloudRow:
+    """The cloud's answer for one row."""
+
+    prediction: Any
+    probabilities: dict[str, float] | None
+    model_version: int | None
+
+
+class Fallback:
+    """The fallback component: policy, breaker and client, shared by every predict path."""
+
+    def __init__(self, name: str, policy: FallbackPolicy | None = None,
+                 client: CloudClient | None = None, *, clock: Clock = time.monotonic) -> None:
+        self.name = name
+        self.client = client
+        self.clock = clock
+        self._policy = policy or FallbackPolicy.from_env()
+        self.max_batch = self._policy.max_batch
+        self.breaker = CircuitBreaker(self._policy.failures, self._policy.cooldown_s, clock)
+        self.failures = 0  # failed cloud calls (the breaker's count resets on success)
+        self.last_error: str | None = None
+
+    @property
+    def policy(self) -> FallbackPolicy:
+        """The policy; replacing it keeps the breaker's state under the new thresholds."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: FallbackPolicy) -> None:
+        self._policy = value
+        self.max_batch = value.max_batch
+        self.breaker.threshold, self.breaker.cooldown_s = value.failures, value.cooldown_s
+
+    @property
+    def can_ask(self) -> bool:
+        """True when the policy is on and a cloud is configured."""
+        return self._policy.enabled and self.client is not None
+
+    # --------------------------------------------------------------------------- decide
+    def reasons(self, batch: EncodedBatch, probs: np.ndarray | None,
+                local_failed: bool = False) -> np.ndarray:
+        """Why each row goes to the cloud: uint8 reason codes (:data:`REASONS`), 0 for none.
+
+        Local failure sends every row; otherwise the first of out of range, unseen category
+        and low confidence that the policy enables and the row has.
+        """
+        n = len(batch)
+        p = self._policy
+        out = np.zeros(n, dtype=np.uint8)
+        if local_failed:
+            out[:] = LOCAL_ERROR
+            return out
+        low_conf = bool(p.min_confidence and probs is not None and probs.size)
+        if not p.enabled or (batch.clean and not low_conf):
+            return out
+        if low_conf:
+            assert probs is not None
+            out[probs.max(axis=1) < p.min_confidence] = LOW_CONFIDENCE
+        if p.on_unseen:
+            out[batch.unseen] = UNSEEN
+        if p.on_out_of_range:
+            out[batch.out_of_range] = OUT_OF_RANGE
+        return out
+
+    # ------------------------------------------------------------------------------ ask
+    def ask(self, schema: InputSchema, batch: EncodedBatch) -> list[CloudRow | None]:
+        """The cloud's answers for the rows of ``batch`` (None where it gave none)."""
+        return self.ask_rows(payload_rows(schema, batch))
+
+    def ask_rows(self, rows: Sequence[Mapping[str, Any] | Sequence[Any]], *,
+                 strict: bool = False) -> list[CloudRow | None]:
+        """The cloud's answers for ``rows`` (JSON-ready), in chunks, within one deadline.
+
+        Rows without an answer are None; with ``strict`` (no local answer to fall back on)
+        the first failure is raised instead: the cloud's own error, a
+        :class:`CloudUnavailableError` while the breaker is open, or a
+        :class:`CloudTimeoutError` when the deadline passes between chunks.
+        """
+        out: list[CloudRow | None] = [None] * len(rows)
+        if not self.can_ask or not rows:
+            return out
+        assert self.client is not None
+        deadline = self.clock() + self._policy.timeout_ms / 1000.0
+        start = 0
+        size = self.max_batch
+        while start < len(rows):
+            left = deadline - self.clock()
+            if left <= 0:
+                if strict:
+                    raise CloudTimeoutError(f"the cloud answered {start} of {len(rows)} rows "
+                                            f"within {self._policy.timeout_ms:g} ms")
+                break
+            if not self.breaker.allow():
+                if strict:
+                    raise CloudUnavailableError(
+                        f"no local model {self.name!r} and the cloud is marked down (circuit "
+                        f"open after: {self.last_error}); run sync when the cloud is back")
+                break
+            chunk = rows[start:start + size]
+            try:
+                got = _cloud_rows(self.client.predict(self.name, chunk, left), len(chunk))
+            except HybridMLError as exc:
+                if exc.status >= 500 or isinstance(exc, RemoteError):
+                    self._failed(exc)
+                    if strict:
+                        raise
+                    break  # a cloud that cannot answer: no point asking the next chunk
+                self.breaker.success()  # a 4xx: the cloud is up; it refused these rows
+                self.last_error = f"{exc.code}: {exc.message}"
+                if exc.status == 413 and size > 1:
+                    size = self._smaller(exc, size)
+                    continue  # the same rows again, in smaller chunks
+                log.info("the cloud refused %d row(s): %s", len(chunk), exc.message)
+                if strict:
+                    raise
+                start += len(chunk)
+                continue
+            self.breaker.success()
+            out[start:start + len(chunk)] = got
+            start += len(chunk)
+        return out
+
+    def _failed(self, exc: HybridMLError) -> None:
+        self.breaker.failure()
+        self.failures += 1
+        self.last_error = exc.message
+        log.info("cloud fallback failed: %s", exc.message)
+
+    def _smaller(self, exc: HybridMLError, size: int) -> int:
+        """The chunk size after a 413: the cloud's stated limit, else half."""
+        limit = exc.details.get("max_batch")
+        new = limit if isinstance(limit, int) and 0 < limit < size else max(1, size // 2)
+        self.max_batch = min(self.max_batch, new)
+        log.info("the cloud refused %d rows in one request (%s); sending chunks of %d", size,
+                 exc.message, new)
+        return new
+
+
+def payload_rows(schema: InputSchema, batch: EncodedBatch) -> list[dict[str, Any]]:
+    """The rows of ``batch`` as the cloud's ``/predict`` takes them: by column name, numbers as
+    the float32 values the local model saw (null for missing), categories normalised."""
+    names = schema.names
+    num_at = [names.index(n) for n in schema.numeric_names]
+    cat_at = [names.index(n) for n in schema.categorical_names]
+    rows: list[dict[str, Any]] = []
+    for nums, cats in zip(batch.num.tolist(), batch.cat.tolist()):
+        values: list[Any] = [None] * len(names)
+        for j, v in zip(num_at, nums):
+            values[j] = None if v != v else v
+        for j, c in zip(cat_at, cats):
+            values[j] = c or None
+        rows.append(dict(zip(names, values)))
+    return rows
+
+
+def _cloud_rows(answer: Mapping[str, Any], n: int) -> list[CloudRow | None]:
+    """Per-row answers, or :class:`RemoteError` when the answer does not fit ``n`` rows."""
+    preds = answer.get("predictions")
+    probs = answer.get("probabilities")
+    version = answer.get("model_version")
+    if not isinstance(preds, list) or len(preds) != n:
+        raise RemoteError(f"the cloud answered {_count(preds)} prediction(s) for {n} row(s)")
+    if probs is not None and (not isinstance(probs, list) or len(probs) != n or not all(
+            isinstance(p, dict) for p in probs)):
+        raise RemoteError(f"the cloud's probabilities do not fit {n} row(s)")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise RemoteError(f"the cloud's model_version {str(version)[:40]!r} is not a number")
+    return [CloudRow(p, None if probs is None else probs[k], version)
+            for k, p in enumerate(preds)]
+
+
+def _count(value: Any) -> str:
+    return str(len(value)) if isinstance(value, list) else f"no list of ({type(value).__name__})"

@@ -16,6 +16,14 @@ model itself. One row needs none of it. :class:`RowPath` is compiled once per lo
 Anything unusual — a row the schema would reject, a non-canonical NaN, an out-of-range value,
 an unseen category, low confidence, a failed run, another thread holding the buffer — returns
 ``None`` and the caller takes the general path, which gives the same answers and errors.
+
+Nothing here is a second copy of a rule. The cells it takes itself are the plain ones the rules
+of :mod:`hybridml.shared.cells` accept unchanged (Python ints and floats within float32,
+strings that are training categories as sent, None); any other cell goes through
+:func:`~hybridml.shared.cells.category` or to the general path. The key bytes are
+:func:`~hybridml.shared.schema.canonical_bytes`, the range bounds the schema's own float32
+bounds, and the flags the policy's; ``tests/edge/test_paths_agree.py`` and
+``tests/test_routes_agree.py`` send the same rows through every route to hold it to that.
 """
 
 from __future__ import annotations
@@ -29,10 +37,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from hybridml.shared.manifest import Manifest
-from hybridml.shared.schema import CATEGORICAL, MISSING_CATEGORY, NUMERIC, UNSEEN_CODE
+from hybridml.shared import cells
+from hybridml.shared.errors import InferenceError
+from hybridml.shared.schema import (
+    CATEGORICAL,
+    MISSING_CATEGORY,
+    NUMERIC,
+    UNSEEN_CODE,
+    InputSchema,
+    canonical_bytes,
+)
 from hybridml.shared.table import Table
 
 from .fallback import FallbackPolicy
@@ -45,7 +60,6 @@ _PLAIN = frozenset({int, float})
 _PLAIN_OR_NONE = frozenset({int, float, type(None)})
 _STR = frozenset({str})
 _STR_OR_NONE = frozenset({str, type(None)})
-_CANONICAL_NAN = np.float32(np.nan)
 _NAN = math.nan
 _SPECIAL_HIGH = b"\x80\x7f\xff"  # float32 high bytes worth a closer look
 _SMALL = 8  # up to this many numeric features, range checks run in plain Python
@@ -62,16 +76,16 @@ def _getter(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
 class RowPath:
     """Single-row inference compiled for one loaded version, table and policy."""
 
-    def __init__(self, manifest: Manifest, session: ModelSession, table: Table | None,
-                 policy: FallbackPolicy, make: Callable[..., Any]) -> None:
+    def __init__(self, schema: InputSchema, session: ModelSession, table: Table | None,
+                 policy: FallbackPolicy, make: Callable[..., Any], version: int,
+                 classes: Sequence[Any]) -> None:
         """``make(prediction, source, version, raw_probabilities, classes)`` builds an answer."""
-        self.manifest, self.session, self.table, self.policy = manifest, session, table, policy
+        self.session, self.table, self.policy = session, table, policy
         self._make = make
-        schema = manifest.schema
         feats = schema.features
-        self.version = manifest.version
-        self.classes: tuple[Any, ...] = tuple(manifest.classes or ())
-        self.is_clf = manifest.task != "regression"
+        self.version = version
+        self.classes: tuple[Any, ...] = tuple(classes)
+        self.is_clf = session.task != "regression"
         self._n = len(feats)
         self._names = schema.names
         self._num_by_name = _getter([f.name for f in feats if f.kind == NUMERIC] or ["-"])
@@ -87,10 +101,8 @@ class RowPath:
         self._pack_codes = struct.Struct(f"<{self._n_cat}i").pack
         self._cat_index = tuple({c: j for j, c in enumerate(feats[i].categories)}
                                 for i in cat_pos)
-        lo = [feats[i].min for i in num_pos]
-        hi = [feats[i].max for i in num_pos]
-        self._lo = np.array([[-np.inf if v is None else v for v in lo]], dtype=np.float32)
-        self._hi = np.array([[np.inf if v is None else v for v in hi]], dtype=np.float32)
+        # The schema's float32 training bounds (the general path compares with these).
+        self._lo, self._hi = schema.bounds
         # Python floats holding the float32 bounds: comparing unpacked float32 values with
         # them is exactly numpy's float32 comparison.
         self._lo_py = [float(v) for v in self._lo[0]]
@@ -111,61 +123,9 @@ class RowPath:
         self._tmp_bytes = memoryview(self._tmp).cast("B")  # type: ignore[arg-type]
         self._cat_buf = np.empty((1, self._n_cat), dtype=object)
         self._set_cats = _cell_setter(self._cat_buf.reshape(-1), self._n_cat)
-        self._reused_outputs = False
-        self._run = self._compile_run(session)
-
-    # ---------------------------------------------------------------------------- compile
-    def _compile_run(self, session: ModelSession) -> Callable[[], list[np.ndarray]]:
-        """A no-argument call running the model on the input buffers."""
-        sess: ort.InferenceSession = session._sess  # package-internal: the edge owns both
-        outs = list(session._outs)
-        c_sess = getattr(sess, "_sess", None)
-        if self._n_cat == 0:
-            return self._compile_bound(sess, c_sess, outs)
-        # Strings cannot be bound: feed the buffers. The C session's run skips the Python
-        # wrapper's per-call input validation (the schema already validated the row).
-        run = c_sess.run if c_sess is not None else sess.run
-        feeds = {"cat": self._cat_buf}
-        if self._n_num:
-            feeds["num"] = self._buf
-        return lambda: run(outs, feeds, None)  # type: ignore[no-any-return]
-
-    def _compile_bound(self, sess: ort.InferenceSession, c_sess: Any, outs: list[str]
-                       ) -> Callable[[], list[np.ndarray]]:
-        """IO binding: the input bound once to our buffer (no feed dict, no per-call input
-        checks, no copy: the OrtValue shares the buffer) and, when a trial run shows their
-        shapes, the outputs bound to preallocated arrays too (no allocation per call). The
-        returned arrays are then reused: callers copy what they keep while holding the lock.
-        """
-        io = sess.io_binding()
-        io.bind_ortvalue_input("num", ort.OrtValue.ortvalue_from_numpy(self._buf))
-        for name in outs:
-            io.bind_output(name)
-        sess.run_with_iobinding(io)
-        trial = io.copy_outputs_to_cpu()
-        c_io = getattr(io, "_iobinding", None)
-        if c_sess is None or c_io is None or not hasattr(c_sess, "run_with_iobinding"):
-            def run_public() -> list[np.ndarray]:
-                sess.run_with_iobinding(io)
-                return io.copy_outputs_to_cpu()  # type: ignore[no-any-return]
-            return run_public
-        options = ort.RunOptions()
-        if all(isinstance(a, np.ndarray) and a.dtype != object for a in trial):
-            buffers = [np.empty_like(a) for a in trial]
-            io.clear_binding_outputs()
-            for name, buf in zip(outs, buffers):
-                io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(buf))
-            self._reused_outputs = True
-
-            def run_prebound() -> list[np.ndarray]:
-                c_sess.run_with_iobinding(c_io, options)
-                return buffers
-            return run_prebound
-
-        def run_bound() -> list[np.ndarray]:
-            c_sess.run_with_iobinding(c_io, options)
-            return c_io.copy_outputs_to_cpu()  # type: ignore[no-any-return]
-        return run_bound
+        runner = session.row_runner(self._buf, self._cat_buf)
+        self._reused_outputs = runner.reuses_outputs
+        self._run = runner
 
     # ---------------------------------------------------------------------------- predict
     def predict(self, row: Any) -> Any:
@@ -213,9 +173,15 @@ class RowPath:
                     return None
                 cats = tuple(MISSING_CATEGORY if v is None else v for v in cats)
             codes = list(map(dict.get, self._cat_index, cats))
-            if None in codes:
-                unseen = True
-                codes = [UNSEEN_CODE if c is None else c for c in codes]
+            if None in codes:  # not a category as sent: the rule normalises it, or refuses
+                try:
+                    cats = tuple(map(cells.category, cats))
+                except cells.CellRefused:
+                    return None  # the general path names the cell
+                codes = list(map(dict.get, self._cat_index, cats))
+                if None in codes:
+                    unseen = True
+                    codes = [UNSEEN_CODE if c is None else c for c in codes]
             key = packed + self._pack_codes(*codes)
         entry = self._hits.get(key)  # cached keys are canonical: a hit needs no check
         # The high byte of each float32 holds the sign and top exponent bits: 0x80 there is
@@ -223,7 +189,7 @@ class RowPath:
         # bytes.translate runs in C, ~4x a set test over the byte values.
         if entry is None and unchecked and \
                 len(packed[3::4].translate(None, _SPECIAL_HIGH)) != self._n_num:
-            canonical = self._canonical(packed)
+            canonical = canonical_bytes(packed)
             if canonical is None:
                 return None
             key = canonical + key[len(packed):]
@@ -233,10 +199,7 @@ class RowPath:
             index_get = self._index_get
             j = index_get(key, -1) if index_get is not None else self.table.lookup(key)
             if j >= 0:
-                try:
-                    entry = self._hit_entry(self.table, j, packed, unseen)
-                except Exception:  # the table was closed by a reload under us
-                    return None
+                entry = self._hit_entry(self.table, j, packed, unseen)
                 if len(self._hits) < HIT_CACHE_ROWS:
                     self._hits[key] = entry
         if entry is not None:
@@ -267,7 +230,7 @@ class RowPath:
             # Reused output buffers: keep a copy, taken before another thread can run.
             probs = (out[1][0].copy() if self._reused_outputs else out[1][0]) \
                 if self.is_clf else None
-        except Exception:  # onnxruntime's own error types; the general path reports it
+        except InferenceError:  # the general path runs it again and reports it
             return None
         finally:
             lock.release()
@@ -284,18 +247,9 @@ class RowPath:
         if not _PLAIN_OR_NONE.issuperset(map(type, nums)):
             return None
         try:
-            return self._canonical(self._pack(*[_NAN if v is None else v for v in nums]))
+            return canonical_bytes(self._pack(*[_NAN if v is None else v for v in nums]))
         except (OverflowError, TypeError, struct.error):
             return None
-
-    def _canonical(self, packed: bytes) -> bytes | None:
-        """NaN -> one NaN, -0.0 -> +0.0 (as InputSchema.keys); None when a value is infinite."""
-        arr = np.frombuffer(packed, dtype=np.float32).copy()
-        if np.isinf(arr).any():
-            return None
-        arr[np.isnan(arr)] = _CANONICAL_NAN
-        arr += np.float32(0.0)
-        return arr.tobytes()
 
     def _out_of_range_py(self, packed: bytes) -> bool:
         """Range check in Python: cheapest for a few features."""

@@ -1,8 +1,18 @@
 """``EdgeRuntime``: offline inference with a precomputed table and a cloud fallback.
 
-Predict path for a batch: validate and encode with the shared schema -> exact-match lookup in
-the memory-mapped table -> one onnxruntime run for the misses -> the fallback policy picks
-rows for the cloud, which answers within the timeout or leaves the local answer (``degraded``).
+The runtime's public methods are doors: they parse what the caller sent and dispatch; every
+one of them then takes the same path::
+
+    predict(rows) / predict_text(columns) / predict_arrays(num, cat)      the doors
+      -> LoadedVersion (immutable; read once per call)  manifest + session + table + fast path
+      -> InputSchema.encode / encode_text / encode_arrays  the cell rules of shared.cells
+      -> LoadedVersion.infer                             table lookup, then onnxruntime
+      -> Fallback (policy, breaker, client)              which rows go to the cloud, and ask
+      -> observers                                       the one hook for every route
+
+A single row first tries the fast path compiled for the loaded version
+(:class:`~hybridml.edge.fastpath.RowPath`), which answers plain rows in microseconds and hands
+anything else to the general path above.
 """
 
 from __future__ import annotations
@@ -10,27 +20,29 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hybridml.shared.errors import (
-    CloudUnavailableError,
     ConfigError,
-    HybridMLError,
+    InferenceError,
     InputError,
+    ModelLoadError,
     NoModelError,
-    RemoteError,
+    TableError,
 )
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.schema import EncodedBatch
 from hybridml.shared.table import Table
 
-from .columnar import BatchPrediction, TableCost, predict_arrays
-from .fallback import CircuitBreaker, FallbackPolicy
-from .fastpath import RowPath
-from .session import ModelSession, Outputs
+from .columnar import BatchPrediction, predict_arrays
+from .fallback import REASONS, CircuitBreaker, Fallback, FallbackPolicy
+from .loaded import SOURCES, LoadedVersion
+from .observe import Observation, Observer
+from .session import ModelSession
 from .store import LocalStore
 
 if TYPE_CHECKING:  # the cloud side (requests, signature checks) loads only when used
@@ -135,70 +147,80 @@ class EdgeRuntime:
     """Serve one model from a local store, offline first.
 
     ``store`` is a directory; ``model`` the model name; ``cloud_url`` enables sync and fallback.
+    ``observers`` are called after every prediction call, whichever door it came in by, with
+    an :class:`~hybridml.edge.observe.Observation` (they run in the caller's thread: keep
+    them fast, and they must not raise). ``clock`` (monotonic seconds) drives the fallback's
+    deadline and circuit breaker; tests pass their own.
     """
 
     def __init__(self, store: str | os.PathLike[str] | LocalStore, model: str,
                  cloud_url: str | None = None, *, policy: FallbackPolicy | None = None,
-                 token: str | None = None, threads: int = 1) -> None:
-        self._fast: RowPath | None = None
-        self._fast_off = False  # the fast path failed to build for the current state
-        self._table_cost = TableCost()
-        self._state_lock = threading.Lock()  # reload vs compiling the fast path
+                 token: str | None = None, threads: int = 1,
+                 observers: Iterable[Observer] = (),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store if isinstance(store, LocalStore) else LocalStore(store)
         self.name = model
-        self.policy = policy or FallbackPolicy.from_env()
-        self.client: CloudClient | None = None
+        client: CloudClient | None = None
         if cloud_url:
             from .client import CloudClient
 
-            self.client = CloudClient(cloud_url, token=token)
-        self.breaker = CircuitBreaker(self.policy.failures, self.policy.cooldown_s)
+            client = CloudClient(cloud_url, token=token)
+        self.fallback = Fallback(model, policy or FallbackPolicy.from_env(), client,
+                                 clock=clock)
         self.threads = threads
-        self.manifest: Manifest | None = None
-        self.session: ModelSession | None = None
-        self._table: Table | None = None
-        self.cloud_failures = 0
-        self.last_cloud_error: str | None = None
+        self.observers: list[Observer] = list(observers)
+        self._loaded: LoadedVersion | None = None
+        self._reload_lock = threading.Lock()  # one reload at a time; readers never wait
         self.reload()
 
     # ------------------------------------------------------------------------------ lifecycle
     def reload(self) -> bool:
-        """(Re)load the active version from the store; returns True if one is loaded."""
-        manifest = self.store.active(self.name)
-        if manifest is None:
-            with self._state_lock:
-                self.manifest = self.session = self._table = None
-                self._fast, self._fast_off = None, False
-            return False
-        if self.manifest is not None and manifest.dumps() == self.manifest.dumps():
-            return True
+        """(Re)load the active version from the store; returns True if one is loaded.
+
+        The new version is built beside the old one and swapped in with one assignment:
+        predictions running meanwhile finish on the version they started with.
+        """
+        with self._reload_lock:
+            for attempt in range(3):
+                manifest = self.store.active(self.name)
+                if manifest is None:
+                    self._loaded = None
+                    return False
+                current = self._loaded
+                if current is not None and manifest.dumps() == current.manifest.dumps():
+                    return True
+                try:
+                    loaded = self._load(manifest)
+                except (ModelLoadError, TableError):
+                    # Another process may have activated a newer version (and cleaned this
+                    # one up) between reading the pointer and opening its files: look again.
+                    if attempt == 2 or self.store.active(self.name) == manifest:
+                        raise
+                    continue
+                self._loaded = loaded
+                log.info("loaded %s v%s%s", self.name, manifest.version,
+                         f" with a {len(loaded.table)}-row table" if loaded.table else "")
+                return True
+        return False  # unreachable: the loop returns or raises
+
+    def _load(self, manifest: Manifest) -> LoadedVersion:
         model = manifest.artifact("model")
         assert model is not None
-        session = ModelSession(self.store.artifact_path(model.sha256), manifest.schema,
-                               manifest.task, threads=self.threads)
-        session.warm()
-        table = None
         tab = manifest.artifact("table")
-        if tab is not None:
-            table = Table.open(self.store.artifact_path(tab.sha256), model_sha256=model.sha256)
-        old_table = self._table
-        with self._state_lock:
-            self.manifest, self.session, self._table = manifest, session, table
-            self._fast, self._fast_off = None, False  # compiled on the next single-row call
-        if old_table is not None and old_table is not table:
-            old_table.close()
-        log.info("loaded %s v%s%s", self.name, manifest.version,
-                 f" with a {len(table)}-row table" if table is not None else "")
-        return True
+        return LoadedVersion.load(
+            manifest, self.store.artifact_path(model.sha256),
+            None if tab is None else self.store.artifact_path(tab.sha256), self.policy,
+            Prediction.deferred, self.threads)
 
     def sync(self) -> SyncResult:
         """Sync with the cloud, then load the new version if one was activated."""
         if self.client is None:
-            raise CloudUnavailableError("no cloud URL configured; pass cloud_url to sync")
+            raise ConfigError("no cloud URL configured; pass cloud_url to sync",
+                              field="cloud_url")
         from .sync import sync
 
         result = sync(self.store, self.client, self.name)
-        if result.changed or self.manifest is None:
+        if result.changed or self._loaded is None:
             self.reload()
         return result
 
@@ -209,234 +231,221 @@ class EdgeRuntime:
         self.reload()
         return manifest
 
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def loaded(self) -> LoadedVersion | None:
+        """The loaded version (an immutable snapshot), or None."""
+        return self._loaded
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The loaded version's manifest, or None."""
+        v = self._loaded
+        return None if v is None else v.manifest
+
+    @property
+    def session(self) -> ModelSession | None:
+        """The loaded version's onnxruntime session, or None."""
+        v = self._loaded
+        return None if v is None else v.session
+
     @property
     def table(self) -> Table | None:
         """The loaded precomputed table, or None."""
-        return self._table
+        v = self._loaded
+        return None if v is None else v.table
 
     @table.setter
     def table(self, value: Table | None) -> None:
-        with self._state_lock:
-            self._table, self._fast, self._fast_off = value, None, False
+        with self._reload_lock:
+            v = self._loaded
+            if v is None:
+                raise NoModelError(f"no model {self.name!r} loaded; run sync first",
+                                   name=self.name)
+            self._loaded = v.replace(table=value, make=Prediction.deferred)
 
     @property
     def policy(self) -> FallbackPolicy:
         """The fallback policy (replace it to change behaviour; the fast path follows)."""
-        return self._policy
+        return self.fallback.policy
 
     @policy.setter
     def policy(self, value: FallbackPolicy) -> None:
-        with self._state_lock:
-            self._policy, self._fast, self._fast_off = value, None, False
+        with self._reload_lock:
+            self.fallback.policy = value
+            v = self._loaded
+            if v is not None:
+                self._loaded = v.replace(policy=value, make=Prediction.deferred)
+
+    @property
+    def client(self) -> CloudClient | None:
+        """The cloud client, or None when no cloud is configured."""
+        return self.fallback.client
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The fallback's circuit breaker."""
+        return self.fallback.breaker
+
+    @property
+    def cloud_failures(self) -> int:
+        """Cloud calls that failed (unreachable, timed out, 5xx) since start."""
+        return self.fallback.failures
+
+    @property
+    def last_cloud_error(self) -> str | None:
+        """What the cloud said or failed with last, or None."""
+        return self.fallback.last_error
 
     @property
     def version(self) -> int | None:
         """Active version, or None."""
-        return self.manifest.version if self.manifest else None
+        v = self._loaded
+        return None if v is None else v.version
 
-    # -------------------------------------------------------------------------------- predict
+    # ---------------------------------------------------------------------------------- doors
     def predict(self, rows: Iterable[Row], *, errors: str = "raise") -> list[Prediction]:
-        """Predict a batch; see the module docstring for the path.
+        """Predict typed rows: dicts by column name or lists in schema order.
 
         ``errors="raise"`` (default) raises :class:`InputError` for the first bad row;
         ``errors="report"`` returns a :class:`Prediction` with ``error`` set for bad rows and
         predicts the good ones.
         """
-        if type(rows) is list and len(rows) == 1:  # the single-row fast path, checked first
-            fast = self._fast or (None if self._fast_off else self._compile_fast())
-            if fast is not None and (errors == "raise" or errors == "report"):
-                answer = fast.predict(rows[0])
-                if answer is not None:
-                    return [answer]
-        if errors != "raise" and errors != "report":
-            raise ConfigError(f"errors={errors!r}: use 'raise' or 'report'", field="errors")
+        v = self._loaded
+        if type(rows) is list and len(rows) == 1 and v is not None and v.fast is not None \
+                and (errors == "raise" or errors == "report"):
+            answer = v.fast.predict(rows[0])  # the single-row fast path, checked first
+            if answer is not None:
+                if self.observers:
+                    self._observe(Observation("row", v, [answer], rows=rows))
+                return [answer]
+        _check_errors(errors)
         if type(rows) is not list:
             rows = list(rows)
-            if len(rows) == 1:
-                return self.predict(rows, errors=errors)
         if not rows:
             return []
-        if self.manifest is None or self.session is None:
+        if v is None:
             return self._cloud_only(rows)
-        schema = self.manifest.schema
+        if errors == "raise":
+            return self._answer(v, "rows", v.schema.encode(rows))
         try:
-            batch = schema.encode(rows)
+            batch = v.schema.encode(rows)
         except InputError:
-            if errors == "raise":
+            good, bad = v.schema.split_bad(rows)
+            return self._merge(v, "rows", len(rows), good, bad,
+                               lambda: v.schema.encode([rows[i] for i in good]))
+        return self._answer(v, "rows", batch)
+
+    def predict_text(self, columns: Mapping[str, Sequence[str]], *,
+                     errors: str = "raise") -> list[Prediction]:
+        """Predict rows given as text columns by name (a CSV file's cells: numbers as text,
+        the missing spellings of :data:`hybridml.shared.cells.MISSING_TOKENS`); extra
+        columns are ignored. ``errors`` as in :meth:`predict`."""
+        _check_errors(errors)
+        v = self._require()
+        if errors == "raise":
+            return self._answer(v, "text", v.schema.encode_text(columns))
+        try:
+            batch = v.schema.encode_text(columns)
+        except InputError as exc:
+            if exc.row is None:  # the columns themselves are wrong: no row can be answered
                 raise
-        else:
-            return self._predict_batch(rows, batch)
-        # Report mode with a bad row among them: find the bad ones row by row.
-        good, bad = self._split_bad(rows)
-        results: list[Prediction | None] = [None] * len(rows)
-        for i, err in bad.items():
-            results[i] = Prediction(None, "edge", self.version, error=err.to_json()["error"])
-        if good:
-            good_rows = [rows[i] for i in good]
-            for i, pred in zip(good, self._predict_batch(good_rows, schema.encode(good_rows))):
-                results[i] = pred
-        return [r for r in results if r is not None]
+            good, bad = v.schema.split_bad_text(columns)
+            return self._merge(v, "text", len(good) + len(bad), good, bad,
+                               lambda: v.schema.encode_text(
+                                   {n: [columns[n][i] for i in good] for n in v.schema.names}))
+        return self._answer(v, "text", batch)
 
     def predict_arrays(self, num: Any = None, cat: Any = None) -> BatchPrediction:
         """Predict a batch given as arrays: ``num`` float ``[N, n_numeric]`` and ``cat`` str
         ``[N, n_categorical]``, each in schema order (see :mod:`hybridml.edge.columnar`).
         """
-        return predict_arrays(self, num, cat, self._table_cost)
-
-    def _compile_fast(self) -> RowPath | None:
-        """Build the single-row fast path for the loaded version (None if it cannot apply)."""
-        with self._state_lock:
-            manifest, session = self.manifest, self.session
-            if manifest is None or session is None:
-                return None
-            try:
-                self._fast = RowPath(manifest, session, self._table, self._policy,
-                                     Prediction.deferred)
-            except Exception as exc:  # e.g. an onnxruntime without IO binding: stay correct
-                log.warning("single-row fast path unavailable: %s", exc)
-                self._fast, self._fast_off = None, True
-            return self._fast
+        v = self._require()
+        result, batch = predict_arrays(v, self.fallback, num, cat)
+        if self.observers:
+            self._observe(Observation("arrays", v, result, batch=batch))
+        return result
 
     def predict_one(self, row: Row) -> Prediction:
         """Predict a single row."""
         return self.predict([row])[0]
 
-    def _split_bad(self, rows: list[Row]) -> tuple[list[int], dict[int, InputError]]:
-        assert self.manifest is not None
-        good: list[int] = []
-        bad: dict[int, InputError] = {}
-        for i, row in enumerate(rows):
-            try:
-                self.manifest.schema.encode([row])
-                good.append(i)
-            except InputError as exc:
-                exc.row = i
-                exc.details["row"] = i
-                exc.message = exc.message.replace("row 0", f"row {i}", 1)
-                bad[i] = exc
-        return good, bad
+    # ------------------------------------------------------------------------- the one path
+    def _require(self) -> LoadedVersion:
+        v = self._loaded
+        if v is None:
+            raise NoModelError(
+                f"no model {self.name!r} in the store {self.store.root}; run 'hybridml-edge "
+                f"sync --cloud URL --name {self.name} --store {self.store.root}' first",
+                name=self.name)
+        return v
 
-    def _predict_batch(self, rows: list[Row], batch: EncodedBatch) -> list[Prediction]:
-        manifest, session, table = self.manifest, self.session, self.table
-        assert manifest is not None and session is not None
-        n = len(batch)
-        is_clf = manifest.task != "regression"
-        classes = tuple(manifest.classes or ())
-        labels = np.zeros(n, dtype=np.int64)
-        values = np.zeros(n, dtype=np.float32)
-        probs = np.zeros((n, len(classes)), dtype=np.float32) if is_clf else None
-        hit = np.full(n, -1, dtype=np.int64)
-        if table is not None:
-            keys = manifest.schema.keys(batch)
-            hit = (np.array([table.lookup(keys[0].tobytes())]) if n == 1
-                   else table.lookup_many(keys))
-            found = np.flatnonzero(hit >= 0)
-            if found.size:
-                t_labels, t_probs, t_values = table.take(hit[found])
-                if is_clf:
-                    labels[found] = t_labels
-                    probs[found] = t_probs  # type: ignore[index]
-                else:
-                    values[found] = t_values
-        miss = np.flatnonzero(hit < 0)
-        local_failed = False
-        if miss.size:
-            try:
-                out: Outputs = session.run(batch if miss.size == n else batch.take(miss))
-                if is_clf:
-                    labels[miss] = out.labels  # type: ignore[assignment]
-                    probs[miss] = out.probabilities  # type: ignore[index]
-                else:
-                    values[miss] = out.values  # type: ignore[assignment]
-            except Exception as exc:  # onnxruntime raises its own types; fall back below
-                log.warning("local inference failed: %s", exc)
-                local_failed = True
-        version = manifest.version
-        sources = ["precomputed" if h else "edge" for h in (hit >= 0).tolist()]
+    def _answer(self, v: LoadedVersion, route: str, batch: EncodedBatch) -> list[Prediction]:
+        """Infer, ask the cloud for the rows the policy flags, tell the observers."""
+        inf = v.infer(batch)
         make = Prediction.deferred
-        if is_clf:
-            assert probs is not None
+        version = v.version
+        sources = [SOURCES[s] for s in inf.source.tolist()]
+        if v.is_clf:
+            assert inf.labels is not None and inf.probabilities is not None
+            classes = v.classes
             results = [make(classes[label], src, version, row, classes)
-                       for label, src, row in zip(labels.tolist(), sources, probs)]
+                       for label, src, row in zip(inf.labels.tolist(), sources,
+                                                  inf.probabilities)]
         else:
-            results = [Prediction(v, src, version) for v, src in zip(values.tolist(), sources)]
-        self._apply_fallback(rows, batch, results, probs, local_failed)
+            assert inf.values is not None
+            results = [Prediction(val, src, version)
+                       for val, src in zip(inf.values.tolist(), sources)]
+        reasons = self.fallback.reasons(batch, inf.probabilities, inf.local_failed)
+        ask = np.flatnonzero(reasons)
+        if ask.size:
+            unanswered = 0
+            answers = self.fallback.ask(v.schema, batch.take(ask))
+            for i, a in zip(ask.tolist(), answers):
+                reason = REASONS[reasons[i]]
+                if a is None:
+                    results[i].degraded, results[i].reason = True, reason
+                    unanswered += 1
+                else:
+                    results[i] = Prediction(a.prediction, "cloud", a.model_version,
+                                            a.probabilities, reason=reason)
+            if inf.local_failed and unanswered:
+                raise InferenceError(
+                    f"local inference failed and the cloud did not answer {unanswered} of "
+                    f"{len(results)} row(s): {self.fallback.last_error or 'no cloud'}")
+        if self.observers:
+            self._observe(Observation(route, v, results, batch=batch))
         return results
 
-    # ------------------------------------------------------------------------------- fallback
-    def _reasons(self, batch: EncodedBatch, probs: np.ndarray | None,
-                 local_failed: bool) -> list[str | None]:
-        p = self.policy
-        n = len(batch)
-        if local_failed:
-            return ["local_error"] * n
-        reasons: list[str | None] = [None] * n
-        if not p.enabled:
-            return reasons
-        oor = batch.out_of_range if p.on_out_of_range else np.zeros(n, dtype=bool)
-        unseen = batch.unseen if p.on_unseen else np.zeros(n, dtype=bool)
-        low = (probs.max(axis=1) < p.min_confidence if probs is not None and probs.size
-               else np.zeros(n, dtype=bool))
-        # The first matching reason wins, in this order.
-        for i in np.flatnonzero(oor | unseen | low).tolist():
-            reasons[i] = ("out_of_range" if oor[i] else
-                          "unseen_category" if unseen[i] else "low_confidence")
-        return reasons
+    def _merge(self, v: LoadedVersion, route: str, n: int, good: list[int],
+               bad: Mapping[int, InputError], encode_good: Callable[[], EncodedBatch]
+               ) -> list[Prediction]:
+        """Report mode: an error answer for each bad row, predictions for the good ones."""
+        results: list[Prediction | None] = [None] * n
+        for i, err in bad.items():
+            results[i] = Prediction(None, "edge", v.version, error=err.to_json()["error"])
+        if good:
+            for i, pred in zip(good, self._answer(v, route, encode_good())):
+                results[i] = pred
+        return [r for r in results if r is not None]
 
-    def _apply_fallback(self, rows: list[Row], batch: EncodedBatch, results: list[Prediction],
-                        probs: np.ndarray | None, local_failed: bool) -> None:
-        reasons = self._reasons(batch, probs, local_failed)
-        ask = [i for i, r in enumerate(reasons) if r is not None]
-        if not ask:
-            return
-        answer = self._ask_cloud([rows[i] for i in ask])
-        for k, i in enumerate(ask):
-            if answer is not None:
-                results[i] = _cloud_prediction(answer, k, reasons[i])
-            else:
-                results[i].degraded = True
-                results[i].reason = reasons[i]
-        if local_failed and answer is None:
-            raise NoModelError("local inference failed and the cloud did not answer: "
-                               f"{self.last_cloud_error}")
-
-    def _ask_cloud(self, rows: list[Row]) -> dict[str, Any] | None:
-        if self.client is None or not self.breaker.allow():
-            return None
-        try:
-            answer = self.client.predict(self.name, rows, self.policy.timeout_ms / 1000.0)
-        except (RemoteError, CloudUnavailableError) as exc:
-            self.breaker.failure()
-            self.cloud_failures += 1
-            self.last_cloud_error = exc.message
-            log.info("cloud fallback failed: %s", exc.message)
-            return None
-        except HybridMLError as exc:  # the cloud rejected the rows: keep the local answer
-            self.last_cloud_error = exc.message
-            return None
-        self.breaker.success()
-        return answer
+    def _observe(self, observation: Observation) -> None:
+        for observer in self.observers:
+            observer(observation)
 
     def _cloud_only(self, rows: list[Row]) -> list[Prediction]:
-        if self.client is None:
+        """No local model: the cloud answers every row, or the call fails with its error."""
+        if not self.fallback.can_ask:
             raise NoModelError(
                 f"no model {self.name!r} in the store {self.store.root} and no cloud to ask; "
                 f"run 'hybridml-edge sync --cloud URL --name {self.name} --store "
                 f"{self.store.root}' first", name=self.name)
-        if not self.breaker.allow():
-            raise CloudUnavailableError(
-                f"no local model {self.name!r} and the cloud is marked down (circuit open); "
-                "run sync when the cloud is back")
-        try:
-            answer = self.client.predict(self.name, rows, self.policy.timeout_ms / 1000.0)
-        except (RemoteError, CloudUnavailableError):
-            self.breaker.failure()
-            raise
-        self.breaker.success()
-        return [_cloud_prediction(answer, k, "no_local_model") for k in range(len(rows))]
+        answers = self.fallback.ask_rows(rows, strict=True)
+        reason = REASONS[-1]
+        return [Prediction(a.prediction, "cloud", a.model_version, a.probabilities,
+                           reason=reason) for a in answers if a is not None]
 
 
-def _cloud_prediction(answer: Mapping[str, Any], k: int, reason: str | None) -> Prediction:
-    probs = answer.get("probabilities")
-    return Prediction(answer["predictions"][k], "cloud", answer.get("model_version"),
-                      probs[k] if isinstance(probs, list) else None, reason=reason)
+def _check_errors(errors: str) -> None:
+    if errors != "raise" and errors != "report":
+        raise ConfigError(f"errors={errors!r}: use 'raise' or 'report'", field="errors")

@@ -9,6 +9,7 @@ Layout::
     <store>/models/<name>/rollback.json   a committed rollback not yet applied to the two above
     <store>/models/<name>/sync.json       ETag, last sync time, last error
     <store>/models/<name>/.lock           held while syncing or rolling back
+    <store>/.store.lock                   shared by syncs; exclusive for garbage collection
 
 Every pointer is written to a temp file, fsynced and renamed over the old one, and the
 directory is fsynced; activation writes ``previous.json`` before ``active.json``. A crash
@@ -18,11 +19,16 @@ pointers, so it commits in one atomic write of ``rollback.json`` (both manifests
 prefer to the pointers until the next change applies it: after a crash the store is on the old
 or the rolled-back version, and the way back is kept either way.
 
-Test hook: :func:`crash_point` kills the process with SIGKILL at a named step when
-``$HYBRIDML_TEST_CRASH_AT`` names that step (``mid_download``, ``after_download``,
-``after_commit``, ``after_verify``, ``after_previous``, ``before_replace:<file>``,
-``after_active``, ``rollback_journal``, ``rollback_between``). It does nothing unless the
-variable is set; the fault tests use it to prove the claim above at every step.
+The store keeps its disk: after each activation and rollback, :meth:`LocalStore.gc` deletes
+the artifacts no active or previous pointer references, so a device holds at most two
+versions of each model whatever the number of syncs.
+
+Test hook: :func:`hybridml.shared.files.crash_point` kills the process with SIGKILL at a
+named step when ``$HYBRIDML_TEST_CRASH_AT`` names that step (``mid_download``,
+``after_download``, ``after_commit``, ``after_verify``, ``after_previous``,
+``before_replace:<file>``, ``after_active``, ``rollback_journal``, ``rollback_between``,
+``mid_gc``). It does nothing unless the variable is set; the fault tests use it to prove the
+claim above at every step.
 """
 
 from __future__ import annotations
@@ -32,56 +38,28 @@ import fcntl
 import json
 import logging
 import os
-import signal
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hybridml.shared.errors import IntegrityError, ManifestError, NoModelError
+from hybridml.shared.files import atomic_write, crash_point, file_sha256, fsync_dir
 from hybridml.shared.manifest import SHA256_RE, Manifest, check_name
 
 log = logging.getLogger("hybridml.edge.store")
-CRASH_ENV = "HYBRIDML_TEST_CRASH_AT"
 JOURNAL = "rollback.json"
+STORE_LOCK = ".store.lock"
+PART_MAX_AGE_S = 24 * 3600.0  # a partial download untouched this long is abandoned
 
 
-def crash_point(point: str) -> None:
-    """Test hook: SIGKILL this process here if ``$HYBRIDML_TEST_CRASH_AT`` equals ``point``."""
-    if os.environ.get(CRASH_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+@dataclass(frozen=True)
+class GcResult:
+    """What one :meth:`LocalStore.gc` removed."""
 
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half.
-
-    ``mode`` sets the file's permissions before it becomes visible.
-    """
-    import tempfile  # here, not at the top: a process that only predicts never writes
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        crash_point(f"before_replace:{path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    files: int
+    bytes: int
 
 
 class LocalStore:
@@ -210,6 +188,7 @@ class LocalStore:
         crash_point("rollback_journal")
         self._apply_journal(d)
         log.info("rolled %s back from v%s to v%s", name, cur.version, prev.version)
+        self.gc()  # the version two back is no longer kept
         return prev
 
     @staticmethod
@@ -286,29 +265,82 @@ class LocalStore:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def gc(self) -> int:
-        """Delete artifacts no model's active or previous manifest references; return count."""
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold the store-wide lock shared: while any holder writes artifacts or pointers,
+        :meth:`gc` does not run (it needs the lock exclusively and skips when it cannot)."""
+        with self._store_lock(fcntl.LOCK_SH) as held:
+            assert held
+            yield
+
+    @contextlib.contextmanager
+    def _store_lock(self, mode: int) -> Iterator[bool]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / STORE_LOCK, "a+") as fh:
+            try:
+                fcntl.flock(fh.fileno(), mode)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def referenced(self) -> set[str]:
+        """sha256 of every artifact an active or previous pointer of any model names (a
+        committed rollback journal included)."""
         keep: set[str] = set()
         for name in self.model_names():
             for m in (self.active(name), self.previous(name)):
                 if m is not None:
                     keep.update(a.sha256 for a in m.artifacts)
-        removed = 0
-        if self.artifacts.is_dir():
-            for p in self.artifacts.iterdir():
-                sha = p.name.split(".")[0]
-                if sha not in keep or p.name.endswith(".tmp"):
+        return keep
+
+    def gc(self, *, now: float | None = None) -> GcResult | None:
+        """Delete the artifacts (models, tables) that no active or previous version of any
+        model references, and partial downloads untouched for :data:`PART_MAX_AGE_S`.
+
+        Runs after every activation and rollback. Returns None, doing nothing, while a sync
+        or rollback holds the store (:meth:`shared`): the next activation cleans up instead.
+        Only unreferenced files are deleted, one unlink each, so a crash mid-way leaves
+        every file a kept version needs, and the next run finishes the job.
+        """
+        with self._store_lock(fcntl.LOCK_EX | fcntl.LOCK_NB) as held:
+            if not held or not self.artifacts.is_dir():
+                return None
+            keep = self.referenced()
+            now = time.time() if now is None else now
+            files = size = 0
+            for p in sorted(self.artifacts.iterdir()):
+                sha, _, suffix = p.name.partition(".")
+                if sha in keep and not suffix:
+                    continue
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                if suffix == "part" and now - st.st_mtime < PART_MAX_AGE_S:
+                    continue  # a download that may still resume
+                try:
                     p.unlink(missing_ok=True)
-                    removed += 1
-        return removed
+                except OSError as exc:  # e.g. a read-only store: keep serving, say so
+                    log.warning("store gc could not remove %s: %s", p, exc.strerror or exc)
+                    continue
+                files += 1
+                size += st.st_size
+                crash_point("mid_gc")
+            if files:
+                fsync_dir(self.artifacts)
+                log.info("store gc: removed %d file(s), %s bytes", files, f"{size:,}")
+            return GcResult(files, size)
 
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    import hashlib  # here: it loads OpenSSL (~3.5 MB RSS), which predicting never needs
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    def disk_bytes(self) -> int:
+        """Bytes the store's files take (artifacts, partial downloads, pointers)."""
+        total = 0
+        if self.root.is_dir():
+            for p in self.root.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):
+                    if p.is_file():
+                        total += p.stat().st_size
+        return total

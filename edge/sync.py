@@ -7,7 +7,8 @@ One sync:
 3. verify each artifact's size and sha256, fsync, rename into place;
 4. load the new model and reproduce the manifest's golden rows within tolerance, and open the
    table bound to the model's sha256;
-5. only then write the pointers (previous first, then active).
+5. only then write the pointers (previous first, then active);
+6. delete the artifacts no active or previous version references (:meth:`LocalStore.gc`).
 
 Any failure leaves the active version untouched and raises a typed error (an ``OSError``
 such as a full disk becomes :class:`ArtifactError`). What stays in the store after a failure:
@@ -24,18 +25,19 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import ArtifactError, HybridMLError, ManifestError, ModelLoadError
+from hybridml.shared.files import crash_point
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.table import Table
 
 from .client import CloudClient
 from .session import ModelSession
-from .store import LocalStore, crash_point
+from .store import LocalStore
 from .trust import check_manifest
 
 log = logging.getLogger("hybridml.edge.sync")
@@ -63,11 +65,6 @@ class SyncResult:
                 "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3)}
 
 
-def now_iso() -> str:
-    """UTC time as ISO-8601 with a Z."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def sync(store: LocalStore, client: CloudClient, name: str) -> SyncResult:
     """Bring ``name`` in ``store`` up to the cloud's manifest; see the module docstring."""
     store.ensure()
@@ -75,10 +72,11 @@ def sync(store: LocalStore, client: CloudClient, name: str) -> SyncResult:
     with store.lock(name):
         store.clean_temp(name)
         state = store.sync_state(name)
-        state["last_attempt"] = now_iso()
+        state["last_attempt"] = utc_iso()
         try:
             try:
-                result = _sync_locked(store, client, name, state, t0)
+                with store.shared():  # no store gc while artifacts land and pointers move
+                    result = _sync_locked(store, client, name, state, t0)
             except OSError as exc:
                 raise _os_error(exc, store) from exc
         except HybridMLError as exc:
@@ -89,11 +87,13 @@ def sync(store: LocalStore, client: CloudClient, name: str) -> SyncResult:
                 log.warning("could not record the sync error for %s: %s", name, save_exc)
             raise
         state.pop("last_error", None)
-        state["last_sync"] = now_iso()
+        state["last_sync"] = utc_iso()
         try:
             store.save_sync_state(name, state)
         except OSError as exc:  # the version is active; only the bookkeeping failed
             log.warning("activated %s but could not record the sync state: %s", name, exc)
+        if result.changed:
+            store.gc()  # the version two back is no longer kept
     return result
 
 

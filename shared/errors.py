@@ -23,6 +23,7 @@ the cloud said.
     │   └── SignatureError             signature         502   (unsigned, unknown key, bad sig)
     ├── TableError                     table             500
     ├── ModelLoadError                 model_load        500
+    ├── InferenceError                 inference_failed  500   (the local model failed to run)
     ├── NoModelError                   no_model          404
     ├── RemoteError                    remote            502
     │   ├── CloudUnavailableError      cloud_unavailable 503
@@ -69,12 +70,17 @@ class HybridMLError(Exception):
         message = str(body.get("message", "no message"))
         raw = body.get("details")
         details: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        klass = _BY_CODE.get(code, RemoteError)
+        klass = _BY_CODE.get(code)
+        if klass is None:  # a code this side does not know: keep the status class it came with
+            klass = HTTPError if status is not None and 400 <= status < 500 else RemoteError
         err = klass.__new__(klass)
         HybridMLError.__init__(err, message, **details)
         if klass is InputError:
             err.field = details.get("field")  # type: ignore[attr-defined,unused-ignore]
             err.row = details.get("row")  # type: ignore[attr-defined,unused-ignore]
+        if klass is HTTPError:  # status and code are per instance (413, 415, ...)
+            err.status = status if status is not None else HTTPError.status  # type: ignore[misc]
+            err.code = code  # type: ignore[misc]
         return err
 
     def __str__(self) -> str:
@@ -198,6 +204,16 @@ class ModelLoadError(HybridMLError):
     """An ONNX model could not be loaded or fails its golden rows."""
 
     code = "model_load"
+
+
+class InferenceError(HybridMLError):
+    """A loaded model failed to run on rows the schema accepted (onnxruntime raised).
+
+    On the edge the rows then go to the cloud; this error reaches the caller only when the
+    cloud does not answer either.
+    """
+
+    code = "inference_failed"
 
 
 class NoModelError(HybridMLError):

@@ -6,7 +6,12 @@ A model's ONNX graph takes up to two inputs, built here from raw rows:
 * ``cat``: string ``[N, n_categorical]`` — categorical features in schema order; missing is ``""``.
 
 The cloud trains on exactly these arrays and the edge feeds exactly these arrays, so
-training/serving skew is impossible by construction. :meth:`InputSchema.keys` turns an encoded
+training/serving skew is impossible by construction. What a cell may be is defined once, in
+:mod:`hybridml.shared.cells`; the encoders here apply it to the three shapes input arrives in —
+typed rows (:meth:`InputSchema.encode`: Python, JSON), text columns (:meth:`~InputSchema.
+encode_text`: CSV request logs and edge CSV input) and arrays (:meth:`~InputSchema.encode_arrays`)
+— and :meth:`InputSchema.check_row` is the row-by-row reference they all agree with: the same
+rows refused, with the same error (code, row, column). :meth:`InputSchema.keys` turns an encoded
 batch into canonical fixed-width key bytes (float32 numerics with NaN and -0.0 normalised, then
 int32 category codes) — the precomputed table's exact-match key. Two rows share a key only if
 the model sees identical inputs, so a table hit can never be wrong.
@@ -14,7 +19,7 @@ the model sees identical inputs, so a table hit can never be wrong.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,19 +28,19 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import cells
+from .cells import MISSING_CATEGORY, MISSING_TOKENS, short_repr
 from .errors import InputError, SchemaError
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
 NUM_INPUT = "num"
 CAT_INPUT = "cat"
-MISSING_CATEGORY = ""
 UNSEEN_CODE = -1
-# Spellings of "missing" accepted in CSV text, for both training data and edge CSV input.
-MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 _CANONICAL_NAN = np.float32(np.nan)
 _PLAIN_NUMBERS = frozenset({int, float})
 _STR_ONLY = frozenset({str})
+_NONE = type(None)
 
 Kind = Literal["numeric", "categorical"]
 
@@ -169,6 +174,8 @@ class InputSchema:
     _cat_index: tuple[dict[str, int], ...] = field(init=False, repr=False, compare=False)
     _cat_known: tuple[frozenset[str], ...] = field(init=False, repr=False, compare=False)
     _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _names_set: frozenset[str] = field(init=False, repr=False, compare=False)
+    _kinds: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _lo: np.ndarray = field(init=False, repr=False, compare=False)
     _hi: np.ndarray = field(init=False, repr=False, compare=False)
     _finite: bool = field(init=False, repr=False, compare=False)
@@ -188,6 +195,8 @@ class InputSchema:
         categorical = tuple(i for i, f in enumerate(self.features) if f.kind == CATEGORICAL)
         set_ = object.__setattr__
         set_(self, "_names", tuple(names))
+        set_(self, "_names_set", frozenset(names))
+        set_(self, "_kinds", tuple(f.kind for f in self.features))
         set_(self, "_numeric", numeric)
         set_(self, "_categorical", categorical)
         set_(self, "_get_all", _tuple_getter(names))
@@ -235,6 +244,12 @@ class InputSchema:
         return self._finite
 
     @property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``[1, n_numeric]`` training minima and maxima (-inf/inf where unknown): the
+        range test of every route compares with these."""
+        return self._lo[None, :], self._hi[None, :]
+
+    @property
     def key_width(self) -> int:
         """Bytes in one canonical key (4 per feature)."""
         return 4 * len(self.features)
@@ -252,50 +267,109 @@ class InputSchema:
 
     # ------------------------------------------------------------------------------- encoding
     def encode(self, rows: Iterable[Mapping[str, Any] | Sequence[Any]]) -> EncodedBatch:
-        """Validate and encode raw rows (dicts by name, or lists in schema order).
+        """Validate and encode typed rows (dicts by name, or lists in schema order).
 
-        Numeric values must be numbers (``None`` or NaN mean missing; infinities are refused);
-        categorical values must be strings (``None`` means missing). Raises :class:`InputError`
-        naming the row and the column.
+        The cell rules are :mod:`hybridml.shared.cells`. A refused row raises the
+        :class:`InputError` of the first bad row, naming the row and the column — the same one
+        :meth:`check_row` raises for it, whichever check found the batch bad.
         """
+        if type(rows) is not list:
+            rows = list(rows)
         num_rows: list[Sequence[Any]] = []
         cat_rows: list[Sequence[Any]] = []
-        names = self._names
-        n = len(names)
+        n = len(self._names)
         get_all, get_num, get_cat = self._get_all, self._get_num, self._get_cat
-        for r, row in enumerate(rows):
+        for row in rows:
             values: Sequence[Any]
-            if type(row) is dict:  # the common case, at C speed; other mappings below
-                if len(row) != n:
-                    self._explain_keys(row, r)
+            if type(row) is dict and len(row) == n:  # the common case, at C speed
                 try:
                     values = get_all(row)
                 except KeyError:
-                    self._explain_keys(row, r)
-                    raise
-            elif isinstance(row, Mapping):
-                if len(row) != n or any(k not in row for k in names):
-                    self._explain_keys(row, r)
-                values = [row[k] for k in names]
-            elif isinstance(row, (list, tuple)):
-                if len(row) != n:
-                    raise InputError(
-                        f"row {r} has {len(row)} values; the model takes {n} "
-                        f"in this order: {', '.join(names)}", row=r, field=None)
+                    raise self.first_error(rows) from None
+            elif isinstance(row, (list, tuple)) and len(row) == n:
                 values = row
+            elif isinstance(row, Mapping) and len(row) == n and all(k in row for k in
+                                                                      self._names):
+                values = [row[k] for k in self._names]
             else:
-                raise InputError(
-                    f"row {r} is a {type(row).__name__}; send an object by column name "
-                    "or a list in schema order", row=r)
+                raise self.first_error(rows)
             num_rows.append(get_num(values))
             cat_rows.append(get_cat(values))
-        return self._finish(num_rows, cat_rows)
+        num = self._numbers(num_rows)
+        cat = self._strings(cat_rows)
+        if num is None or cat is None:
+            raise self.first_error(rows)
+        batch, bad = self._batch(num, cat, owned=True)
+        if bad is not None:  # the rows and other cells passed: this is the first bad cell
+            raise bad
+        return batch
 
-    def encode_columns(self, columns: Mapping[str, Sequence[str]]) -> EncodedBatch:
-        """Encode CSV-style text columns (every value a string) by name.
+    def check_row(self, row: Any, r: int = 0) -> tuple[list[float], list[str]]:
+        """Apply every rule to one typed row: its numeric and categorical values in schema
+        order, or the :class:`InputError` naming row ``r`` and the first bad column.
 
-        Numeric text is parsed; the spellings in ``MISSING_TOKENS`` mean missing. Raises
-        :class:`InputError` naming the column and the first bad row.
+        This is the reference the batch encoders agree with; it is also how
+        ``errors="report"`` finds the bad rows of a batch.
+        """
+        names = self._names
+        if isinstance(row, Mapping):
+            absent = [k for k in names if k not in row]
+            if absent:
+                raise InputError(f"row {r} has no column {absent[0]!r}; send null for a missing "
+                                 "value", row=r, field=absent[0])
+            extra = [k for k in row if k not in self._names_set]
+            if extra:
+                raise InputError(f"row {r} has unknown column {short_repr(extra[0])}; the model "
+                                 f"takes {', '.join(names)}", row=r, field=str(extra[0])[:80])
+            values: Sequence[Any] = [row[k] for k in names]
+        elif isinstance(row, (list, tuple)):
+            if len(row) != len(names):
+                raise InputError(f"row {r} has {len(row)} values; the model takes {len(names)} "
+                                 f"in this order: {', '.join(names)}", row=r)
+            values = row
+        else:
+            raise InputError(f"row {r} is a {type(row).__name__}; send an object by column "
+                             "name or a list in schema order", row=r)
+        nums: list[float] = []
+        cats: list[str] = []
+        for name, kind, value in zip(names, self._kinds, values):
+            try:
+                if kind == NUMERIC:
+                    nums.append(cells.number(value))
+                else:
+                    cats.append(cells.category(value))
+            except cells.CellRefused as exc:
+                raise refusal(r, name, exc.reason) from None
+        return nums, cats
+
+    def first_error(self, rows: Sequence[Any]) -> InputError:
+        """The :class:`InputError` of the first row :meth:`check_row` refuses."""
+        for r, row in enumerate(rows):
+            try:
+                self.check_row(row, r)
+            except InputError as exc:
+                return exc
+        # Unreachable while the batch checks are at most as strict as check_row.
+        return InputError("a row was refused, but no single row is: report this as a bug")
+
+    def split_bad(self, rows: Sequence[Any]) -> tuple[list[int], dict[int, InputError]]:
+        """Indices of the rows :meth:`check_row` accepts, and the error of each other row."""
+        good: list[int] = []
+        bad: dict[int, InputError] = {}
+        for r, row in enumerate(rows):
+            try:
+                self.check_row(row, r)
+                good.append(r)
+            except InputError as exc:
+                bad[r] = exc
+        return good, bad
+
+    def encode_text(self, columns: Mapping[str, Sequence[str]]) -> EncodedBatch:
+        """Encode text columns by name (a CSV: request logs, edge CSV input); extra columns
+        are ignored, as a CSV carries ids and timestamps beside the features.
+
+        Numeric text is read by :func:`hybridml.shared.cells.number_text`; categories follow
+        the same rule as typed ones. Raises the :class:`InputError` of the first bad row.
         """
         missing = [n for n in self._names if n not in columns]
         if missing:
@@ -303,20 +377,79 @@ class InputSchema:
                              f"{', '.join(self._names)}", field=missing[0])
         lengths = {len(columns[n]) for n in self._names}
         if len(lengths) > 1:
-            raise InputError("input columns have different lengths")
+            raise InputError("input columns have different lengths; send one value per row "
+                             "in every column", field="columns")
         n_rows = lengths.pop()
+        first = _FirstBad()
         num = np.empty((n_rows, self.n_numeric), dtype=np.float32)
         for j, i in enumerate(self._numeric):
-            num[:, j] = parse_numeric_column(self._names[i], columns[self._names[i]])
+            num[:, j], r, reason = cells.numbers_text(columns[self._names[i]])
+            first.note(r, i, reason)
         cat = np.empty((n_rows, self.n_categorical), dtype=object)
         for j, i in enumerate(self._categorical):
-            col = columns[self._names[i]]
-            cat[:, j] = [MISSING_CATEGORY if v.strip().lower() in MISSING_TOKENS else v
-                         for v in col]
-        return self._from_arrays(num, cat)
+            cat[:, j] = columns[self._names[i]]
+        if first.row is not None:  # only rows before it matter for the categories
+            cat = cat[:first.row + 1]
+            num = num[:first.row + 1]
+        batch, bad = self._batch(num, cat, owned=True)
+        if bad is not None:
+            first.note(bad.row, self._names.index(str(bad.field)), _reason(bad))
+        if first.row is not None:
+            raise refusal(first.row, self._names[first.pos], first.reason)
+        return batch
+
+    def split_bad_text(self, columns: Mapping[str, Sequence[str]]
+                       ) -> tuple[list[int], dict[int, InputError]]:
+        """Like :meth:`split_bad`, for text columns (:meth:`encode_text`'s rules)."""
+        n_rows = len(columns[self._names[0]]) if self._names[0] in columns else 0
+        good: list[int] = []
+        bad: dict[int, InputError] = {}
+        for r in range(n_rows):
+            try:
+                self.encode_text({n: [columns[n][r]] for n in self._names})
+                good.append(r)
+            except InputError as exc:
+                bad[r] = _renumbered(exc, r)
+        return good, bad
+
+    def encode_arrays(self, num: Any = None, cat: Any = None) -> EncodedBatch:
+        """Encode the model's two blocks given as arrays: ``num`` ``[N, n_numeric]`` numbers
+        and ``cat`` ``[N, n_categorical]`` strings, each in schema order.
+
+        Each cell follows the same rules as a typed row's (a bool or a numeric string in
+        ``num`` is refused, not converted); a block of the wrong shape names ``num`` or
+        ``cat``. Raises the :class:`InputError` of the first bad row.
+        """
+        num32 = self._num_block(num)
+        rows = None if num32 is None else num32.shape[0]
+        cat_o = self._cat_block(cat, rows)
+        if num32 is None:
+            num32 = np.empty((0 if cat_o is None else cat_o.shape[0], 0), dtype=np.float32)
+        if cat_o is None:
+            cat_o = np.empty((num32.shape[0], 0), dtype=object)
+        first = _FirstBad()
+        if num32.dtype == object:  # cells that are not plain numbers: the rule, cell by cell
+            num32 = self._object_numbers(num32, first)
+            if first.row is not None:  # only the rows before it matter now
+                num32, cat_o = num32[:first.row + 1], cat_o[:first.row + 1]
+        batch, bad = self._batch(num32, cat_o, owned=False)
+        if bad is not None:
+            first.note(bad.row, self._names.index(str(bad.field)), _reason(bad))
+        # With finite training bounds an infinite value is also out of range: a clean batch
+        # holds none, and otherwise only the rows flagged out of range can.
+        if num32.size and not (self._finite and batch.clean):
+            rows_ = np.flatnonzero(batch.out_of_range) if self._finite and bad is None \
+                else np.arange(num32.shape[0])
+            inf = np.isinf(num32[rows_])
+            if inf.any():
+                k, j = np.argwhere(inf)[0]
+                first.note(int(rows_[k]), self._numeric[int(j)], cells.TOO_LARGE)
+        if first.row is not None:
+            raise refusal(first.row, self._names[first.pos], first.reason)
+        return batch
 
     def encode_blocks(self, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
-        """Wrap already-typed ``num``/``cat`` blocks (the cloud's training arrays).
+        """Wrap the typed blocks training data was parsed into (by these same rules).
 
         Only shapes are checked: the blocks come from validated data, not from users.
         """
@@ -330,88 +463,115 @@ class InputSchema:
         if num32.shape[0] != cat_o.shape[0]:
             raise SchemaError(f"num has {num32.shape[0]} rows but cat has {cat_o.shape[0]}",
                               field=CAT_INPUT)
-        return self._from_arrays(num32, cat_o)
+        batch, bad = self._batch(num32, cat_o, owned=False)
+        if bad is not None:
+            raise bad
+        return batch
 
     def keys(self, batch: EncodedBatch) -> np.ndarray:
         """Return canonical key bytes, ``uint8 [N, key_width]``, for each encoded row."""
-        num = batch.num.copy()
-        num[np.isnan(num)] = _CANONICAL_NAN
-        num += np.float32(0.0)  # -0.0 + 0.0 == +0.0: one key for both zeros
+        num = canonical_f32(batch.num.copy())
         parts = [num.view(np.uint8).reshape(len(batch), -1),
                  np.ascontiguousarray(batch.codes, dtype="<i4").view(np.uint8)
                  .reshape(len(batch), -1)]
         return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
     # ------------------------------------------------------------------------------ internals
-    def _explain_keys(self, row: Mapping[str, Any], r: int) -> None:
-        absent = [k for k in self._names if k not in row]
-        if absent:
-            raise InputError(
-                f"row {r} has no column {absent[0]!r}; send null for a missing value",
-                row=r, field=absent[0])
-        extra = [k for k in row if k not in self._names]
-        raise InputError(
-            f"row {r} has unknown column {extra[0]!r}; the model takes {', '.join(self._names)}",
-            row=r, field=str(extra[0]))
-
-    def _finish(self, num_rows: Sequence[Sequence[Any]],
-                cat_rows: Sequence[Sequence[Any]]) -> EncodedBatch:
+    def _numbers(self, num_rows: Sequence[Sequence[Any]]) -> np.ndarray | None:
+        """float32 ``[N, n_num]`` of typed numeric cells; None if a cell is refused."""
         n_rows = len(num_rows)
         num = np.empty((n_rows, self.n_numeric), dtype=np.float32)
-        if self.n_numeric and n_rows:
-            # map(type) runs at C speed; anything but plain int/float (None, bool, str,
-            # numpy scalars) takes the checked path that names the bad cell.
-            with np.errstate(over="ignore"):
-                if set(map(type, chain.from_iterable(num_rows))) <= _PLAIN_NUMBERS:
-                    try:
-                        num[:] = num_rows
-                    except OverflowError:  # an int past float range: the checked path
-                        num[:] = self._slow_numeric(num_rows)
-                else:
-                    num[:] = self._slow_numeric(num_rows)
-            bad = np.isinf(num)
-            if bad.any():
-                r, j = np.argwhere(bad)[0]
-                name = self._names[self._numeric[j]]
-                raise InputError(
-                    f"row {r} column {name!r} is infinite or too large for float32; send a "
-                    "finite number or null", row=int(r), field=name)
-        cat = np.empty((n_rows, self.n_categorical), dtype=object)
-        if self.n_categorical and n_rows and \
-                set(map(type, chain.from_iterable(cat_rows))) <= _STR_ONLY:
-            cat[:] = cat_rows  # all plain strings: one C-level copy
-            cat_rows = []
-        for r, vals in enumerate(cat_rows):
-            for j, v in enumerate(vals):
-                if v is None:
-                    cat[r, j] = MISSING_CATEGORY
-                elif isinstance(v, str):
-                    cat[r, j] = v
-                else:
-                    name = self._names[self._categorical[j]]
-                    raise InputError(
-                        f"row {r} column {name!r} is categorical and needs a string, got "
-                        f"{v!r}", row=r, field=name)
-        return self._from_arrays(num, cat)
+        if not (self.n_numeric and n_rows):
+            return num
+        # map(type) runs at C speed; anything but plain int/float (None, bool, str, numpy
+        # scalars) takes the rule cell by cell.
+        with np.errstate(over="ignore"):
+            if set(map(type, chain.from_iterable(num_rows))) <= _PLAIN_NUMBERS:
+                try:
+                    num[:] = num_rows
+                except OverflowError:  # an int past float range
+                    return None
+            else:
+                try:
+                    num[:] = [list(map(cells.number, r)) for r in num_rows]
+                except cells.CellRefused:
+                    return None
+        if np.isinf(num).any():
+            return None
+        return num
 
-    def _slow_numeric(self, num_rows: Sequence[Sequence[Any]]) -> np.ndarray:
-        out = np.empty((len(num_rows), self.n_numeric), dtype=np.float64)
-        for r, vals in enumerate(num_rows):
+    def _strings(self, cat_rows: Sequence[Sequence[Any]]) -> np.ndarray | None:
+        """object ``[N, n_cat]`` of categorical cells as sent (None as missing); None if a
+        cell cannot be a category at all. Strings are normalised later, by :meth:`_batch`."""
+        n_rows = len(cat_rows)
+        cat = np.empty((n_rows, self.n_categorical), dtype=object)
+        if not (self.n_categorical and n_rows):
+            return cat
+        kinds = set(map(type, chain.from_iterable(cat_rows)))
+        if kinds <= _STR_ONLY:
+            cat[:] = cat_rows  # all plain strings: one C-level copy
+            return cat
+        if not all(k is _NONE or issubclass(k, str) for k in kinds):
+            return None
+        for r, vals in enumerate(cat_rows):
+            cat[r] = [MISSING_CATEGORY if v is None else v for v in vals]
+        return cat
+
+    def _num_block(self, num: Any) -> np.ndarray | None:
+        """``num`` as a 2-D float32 array (object dtype when its cells need the rule)."""
+        if not self.n_numeric:
+            return None
+        names = self.numeric_names
+        if num is None:
+            raise InputError(f"num= is required: the model takes {self.n_numeric} numeric "
+                             f"columns ({', '.join(names)})", field=NUM_INPUT)
+        if type(num) is np.ndarray and num.dtype == np.float32:
+            arr = np.ascontiguousarray(num)
+        elif isinstance(num, np.ndarray) and num.dtype.kind in "fiu":
+            with np.errstate(over="ignore"):  # past float32 becomes inf, refused by the caller
+                arr = np.ascontiguousarray(num, dtype=np.float32)
+        else:
+            # Lists, object arrays, bool and text arrays: numpy would turn True into 1.0 and
+            # "3" into 3.0, so every cell goes through the rule unless all are plain numbers.
+            arr = np.asarray(num, dtype=object) if not isinstance(num, np.ndarray) \
+                else num.astype(object)
+            if arr.ndim == 2 and set(map(type, arr.ravel().tolist())) <= _PLAIN_NUMBERS:
+                # An int past float range stays an object: the rule names it.
+                with np.errstate(over="ignore"), contextlib.suppress(OverflowError):
+                    arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] != self.n_numeric:
+            raise InputError(f"num has shape {arr.shape}; send [N, {self.n_numeric}] in the "
+                             f"order {', '.join(names)}", field=NUM_INPUT)
+        return arr
+
+    def _cat_block(self, cat: Any, rows: int | None) -> np.ndarray | None:
+        """``cat`` as a 2-D object array with ``rows`` rows."""
+        if not self.n_categorical:
+            return None
+        names = self.categorical_names
+        if cat is None:
+            raise InputError(f"cat= is required: the model takes {self.n_categorical} "
+                             f"categorical columns ({', '.join(names)})", field=CAT_INPUT)
+        arr = np.asarray(cat, dtype=object)
+        if arr.ndim != 2 or arr.shape[1] != self.n_categorical or \
+                (rows is not None and arr.shape[0] != rows):
+            raise InputError(f"cat has shape {arr.shape}; send [N, {self.n_categorical}] "
+                             f"strings in the order {', '.join(names)}"
+                             + (f" with {rows} rows like num" if rows is not None else ""),
+                             field=CAT_INPUT)
+        return arr
+
+    def _object_numbers(self, arr: np.ndarray, first: _FirstBad) -> np.ndarray:
+        """float32 of an object block, each cell by :func:`cells.number`; the first refused
+        cell is noted in ``first``."""
+        out = np.empty(arr.shape, dtype=np.float32)
+        for r, vals in enumerate(arr.tolist()):
             for j, v in enumerate(vals):
-                if v is None:
-                    out[r, j] = math.nan
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    try:
-                        out[r, j] = v
-                    except OverflowError:  # an int like 10**400: refused below as infinite
-                        out[r, j] = math.inf
-                elif isinstance(v, np.number) and not isinstance(v, np.bool_):
-                    out[r, j] = float(v)
-                else:
-                    name = self._names[self._numeric[j]]
-                    raise InputError(
-                        f"row {r} column {name!r} is numeric and needs a number or null, got "
-                        f"{v!r}", row=r, field=name)
+                try:
+                    out[r, j] = cells.number(v)
+                except cells.CellRefused as exc:
+                    first.note(r, self._numeric[j], exc.reason)
+                    return out
         return out
 
     def _columns_in_range(self, num: np.ndarray) -> bool:
@@ -419,7 +579,12 @@ class InputSchema:
         lo, hi = column_bounds(num)  # comparisons with NaN are False, and numpy is silent
         return not bool((lo < self._lo).any() or (hi > self._hi).any())
 
-    def _from_arrays(self, num: np.ndarray, cat: np.ndarray) -> EncodedBatch:
+    def _batch(self, num: np.ndarray, cat: np.ndarray, owned: bool
+               ) -> tuple[EncodedBatch, InputError | None]:
+        """The batch of checked numbers and raw categorical cells, with the categories
+        normalised (:func:`cells.category`) where they are not known as sent; or the error
+        of the first cell (row-major) that no category rule accepts. ``owned``: ``cat`` may
+        be changed in place."""
         n_rows = num.shape[0]
         oor: np.ndarray
         in_range = not num.shape[1] or (n_rows > 16 and self._columns_in_range(num))
@@ -430,12 +595,23 @@ class InputSchema:
                 oor = np.asarray(((num < self._lo) | (num > self._hi)).any(axis=1))
         unseen: np.ndarray = np.zeros(n_rows, dtype=bool)
         if not self.n_categorical or self._all_known(cat):
-            # Every category is known (the common case): no row is unseen, and the codes are
-            # only built if a table lookup asks for them.
-            return EncodedBatch(num, cat, None, oor, unseen, self._cat_index, in_range)
+            # Every category is known as sent (the common case): known categories are
+            # normalised already, no row is unseen, and the codes are built only if a table
+            # lookup asks for them.
+            return EncodedBatch(num, cat, None, oor, unseen, self._cat_index, in_range), None
         codes = category_codes(cat, self._cat_index)
+        todo = np.argwhere(codes == UNSEEN_CODE)  # row-major: the first bad cell comes first
+        if todo.size and not owned:
+            cat = cat.copy()
+        for r, j in todo.tolist():
+            try:
+                value = cells.category(cat[r, j])
+            except cells.CellRefused as exc:
+                return _EMPTY_BATCH, refusal(r, self._names[self._categorical[j]], exc.reason)
+            cat[r, j] = value
+            codes[r, j] = self._cat_index[j].get(value, UNSEEN_CODE)
         unseen = (codes == UNSEEN_CODE).any(axis=1)
-        return EncodedBatch(num, cat, codes, oor, unseen, self._cat_index)
+        return EncodedBatch(num, cat, codes, oor, unseen, self._cat_index), None
 
     def _all_known(self, cat: np.ndarray) -> bool:
         """True when every cell is one of its column's training categories.
@@ -448,6 +624,61 @@ class InputSchema:
                        for known, col in zip(self._cat_known, cat.T.tolist()))
         except TypeError:
             return False
+
+
+class _FirstBad:
+    """The first refused cell seen so far, by (row, schema position)."""
+
+    __slots__ = ("pos", "reason", "row")
+
+    def __init__(self) -> None:
+        self.row: int | None = None
+        self.pos = 0
+        self.reason = ""
+
+    def note(self, row: int | None, pos: int, reason: str) -> None:
+        if row is not None and (self.row is None or (row, pos) < (self.row, self.pos)):
+            self.row, self.pos, self.reason = row, pos, reason
+
+
+def refusal(row: int, name: str, reason: str) -> InputError:
+    """The :class:`InputError` for a refused cell, naming its row and column."""
+    return InputError(f"row {row} column {name!r} {reason}", row=row, field=name)
+
+
+def _reason(err: InputError) -> str:
+    """The cell reason of an error made by :func:`refusal`."""
+    prefix = f"row {err.row} column {err.field!r} "
+    return err.message[len(prefix):] if err.message.startswith(prefix) else err.message
+
+
+def _renumbered(err: InputError, row: int) -> InputError:
+    """``err`` (about row 0 of a one-row call) restated for row ``row``."""
+    if err.row is None:
+        return err
+    field = err.field
+    if field is not None:
+        return refusal(row, field, _reason(err))
+    return InputError(err.message.replace("row 0", f"row {row}", 1), row=row)
+
+
+def canonical_f32(num: np.ndarray) -> np.ndarray:
+    """``num`` (float32, changed in place) with one NaN and one zero: the key's numbers.
+
+    Every NaN becomes the same NaN and -0.0 becomes +0.0, so rows the model sees as equal
+    share a key. The single-row path builds the same bytes with :func:`canonical_bytes`.
+    """
+    num[np.isnan(num)] = _CANONICAL_NAN
+    num += np.float32(0.0)  # -0.0 + 0.0 == +0.0
+    return num
+
+
+def canonical_bytes(packed: bytes) -> bytes | None:
+    """Canonical key bytes of packed little-endian float32 values; None if one is infinite."""
+    arr = np.frombuffer(packed, dtype="<f4").copy()
+    if np.isinf(arr).any():
+        return None
+    return canonical_f32(arr).tobytes()
 
 
 def column_bounds(num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -483,31 +714,8 @@ def _tuple_getter(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
     return operator.itemgetter(*keys)
 
 
-def parse_numeric_column(name: str, values: Sequence[str]) -> np.ndarray:
-    """Parse CSV text into float32; missing tokens become NaN.
-
-    Raises :class:`InputError` naming the column and the first row that is not a number.
-    """
-    arr = np.asarray(values, dtype=object)
-    out = np.full(len(arr), np.nan, dtype=np.float64)
-    if not len(arr):
-        return out.astype(np.float32)
-    lowered = np.char.lower(np.char.strip(arr.astype(str)))
-    present = ~np.isin(lowered, list(MISSING_TOKENS))
-    try:
-        out[present] = lowered[present].astype(np.float64)
-    except ValueError:
-        for idx in np.flatnonzero(present).tolist():
-            try:
-                float(lowered[idx])
-            except ValueError:
-                raise InputError(
-                    f"column {name!r} is numeric but row {idx} holds {values[idx]!r}; fix the "
-                    "value or leave it empty for missing", row=idx, field=name) from None
-    with np.errstate(over="ignore"):
-        out32 = out.astype(np.float32)
-    if np.isinf(out32).any():
-        r = int(np.flatnonzero(np.isinf(out32))[0])
-        raise InputError(f"column {name!r} row {r} is infinite; send a finite number or empty",
-                         row=r, field=name)
-    return out32
+_EMPTY_BATCH = EncodedBatch(np.empty((0, 0), np.float32), np.empty((0, 0), object),
+                            np.empty((0, 0), np.int32), np.empty(0, bool), np.empty(0, bool))
+__all__ = ["CATEGORICAL", "CAT_INPUT", "MISSING_CATEGORY", "MISSING_TOKENS", "NUMERIC",
+           "NUM_INPUT", "UNSEEN_CODE", "EncodedBatch", "Feature", "InputSchema",
+           "canonical_bytes", "canonical_f32", "category_codes", "column_bounds", "refusal"]

@@ -79,9 +79,10 @@ def test_numeric_column_with_a_stray_word_names_column_and_row(tmp_path: Path) -
     rows[17] = "abc,1"
     with pytest.raises(DataError) as err:
         load_csv(write(tmp_path, "\n".join(rows)), "y")
-    assert err.value.details["field"] == "a"
-    assert "data row 17 holds 'abc'" in err.value.message
-    assert "--categorical a" in err.value.message
+    assert err.value.details["field"] == "a" and err.value.details["row"] == 16
+    assert err.value.code == "bad_input"  # the same error the edge and the cloud API give
+    assert "row 16 column 'a' is numeric but holds 'abc'" in err.value.message
+    assert "(29 of 30 values are numbers: pass --categorical a" in err.value.message
 
 
 def test_forced_categorical_accepts_the_mixed_column(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import logging
 import math
 from pathlib import Path
@@ -14,7 +15,6 @@ import pytest
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
-from hybridml.cloud import precompute as precompute_module
 from hybridml.cloud.models import build_pipeline, combine
 from hybridml.cloud.precompute import PrecomputeReport, precompute
 from hybridml.edge.session import ModelSession
@@ -22,6 +22,8 @@ from hybridml.shared.errors import ConfigError, InputError, TableError
 from hybridml.shared.schema import Feature, InputSchema
 from hybridml.shared.table import Table
 
+# The module: ``hybridml.cloud.precompute`` is the function the package re-exports.
+precompute_module = importlib.import_module("hybridml.cloud.precompute")
 COLORS = ("red", "green", "blue")
 SIZES = ("s", "m", "l")
 HEADER = ["x0", "color", "x1", "size", "x2"]
@@ -111,7 +113,7 @@ def test_request_log_counts_duplicates_and_keeps_the_most_requested(
     assert report.model_sha256 == clf_model[1]
     assert "coverage 72.7%" in caplog.text
     with Table.open(tmp_path / "t.tbl", model_sha256=clf_model[1]) as table:
-        keys = schema.keys(schema.encode_columns(dict(zip(HEADER, zip(a, b, c, d)))))
+        keys = schema.keys(schema.encode_text(dict(zip(HEADER, zip(a, b, c, d)))))
         assert (table.lookup_many(keys) >= 0).tolist() == [True, True, False, False]
 
 
@@ -141,7 +143,7 @@ def test_table_predictions_equal_the_model_session_on_the_same_rows(
     src = write_csv(tmp_path / "log.csv", HEADER, rows)
     report = run(clf_model, schema, src, tmp_path / "t.tbl", top=10_000)
     assert report.kept == report.distinct == 400 and report.coverage == 1.0
-    batch = schema.encode_columns({h: [r[j] for r in rows] for j, h in enumerate(HEADER)})
+    batch = schema.encode_text({h: [r[j] for r in rows] for j, h in enumerate(HEADER)})
     want = ModelSession(clf_model[0], schema, "multiclass").run(batch)
     with Table.open(tmp_path / "t.tbl", model_sha256=clf_model[1]) as table:
         labels, probs, _ = table.take(table.lookup_many(schema.keys(batch)))
@@ -156,7 +158,7 @@ def test_regression_table_values_equal_the_model_session(
     src = write_csv(tmp_path / "log.csv", HEADER, rows)
     model, sha = reg_model
     report = precompute(model, sha, schema, "regression", src, out_path=tmp_path / "r.tbl")
-    batch = schema.encode_columns({h: [r[j] for r in rows] for j, h in enumerate(HEADER)})
+    batch = schema.encode_text({h: [r[j] for r in rows] for j, h in enumerate(HEADER)})
     want = ModelSession(model, schema, "regression").run(batch)
     with Table.open(tmp_path / "r.tbl", model_sha256=sha) as table:
         _, _, values = table.take(table.lookup_many(schema.keys(batch)))
@@ -187,7 +189,8 @@ def test_counts_merge_across_chunks(tmp_path: Path, schema: InputSchema,
 
 @pytest.mark.parametrize(("header", "row", "field", "needle"), [
     (["x0", "color", "x1", "size"], ["1", "red", "1", "s"], "x2", "has no column 'x2'"),
-    (HEADER, ["1", "red", "abc", "s", "1"], "x1", "line 3: column 'x1' is numeric but row 1"),
+    (HEADER, ["1", "red", "abc", "s", "1"], "x1",
+     "line 3: row 1 column 'x1' is numeric but holds 'abc'"),
     ([*HEADER, "count"], ["1", "red", "1", "s", "1", "-2"], "count", "line 3 (row 1)"),
     ([*HEADER, "count"], ["1", "red", "1", "s", "1", "2.5"], "count", "whole number"),
     ([*HEADER, "count"], ["1", "red", "1", "s", "1", ""], "count", "holds ''"),
@@ -214,7 +217,8 @@ def test_bad_row_in_a_later_chunk_is_named_by_its_place_in_the_file(
     with pytest.raises(InputError) as err:
         run(clf_model, schema, src, tmp_path / "t.tbl")
     assert (err.value.field, err.value.row) == ("x0", 9)
-    assert "line 11" in str(err.value) and "row 9 holds 'ten'" in str(err.value)
+    assert "line 11" in str(err.value)
+    assert "row 9 column 'x0' is numeric but holds 'ten'" in str(err.value)
 
 
 @pytest.mark.parametrize(("text", "needle"), [
@@ -306,3 +310,20 @@ def fitted_onnx_wide(schema: InputSchema) -> bytes:
                   options={type(pipe.steps[-1][1]): {"zipmap": False}},
                   target_opset={"": 17, "ai.onnx.ml": 3})
     return onx.SerializeToString()
+
+
+def test_logged_categories_follow_the_training_rules_so_padded_rows_still_hit(
+        tmp_path: Path, schema: InputSchema, clf_model: tuple[bytes, str]) -> None:
+    # Training strips the spaces around a category and reads NA as missing; a request log
+    # written with " red " or "NA" must build the keys of the rows the model was trained on.
+    logged = [["0.5", " red ", "1", "s ", "0"], ["1.5", "NA", "1", "\tm", ""]]
+    typed = [[0.5, "red", 1.0, "s", 0.0], [1.5, None, 1.0, "m", None]]
+    src = write_csv(tmp_path / "log.csv", HEADER, logged * 3)
+    run(clf_model, schema, src, tmp_path / "t.tbl")
+    with Table.open(tmp_path / "t.tbl") as table:
+        hits = table.lookup_many(schema.keys(schema.encode(typed)))
+        assert (hits >= 0).all(), "a logged row misses the table"
+        labels, _, _ = table.take(hits)
+    model, _ = clf_model
+    local = ModelSession(model, schema, "multiclass").run(schema.encode(typed))
+    assert labels.tolist() == local.labels.tolist()  # type: ignore[union-attr]

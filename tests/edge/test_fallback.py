@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
 from hybridml.edge.agent import AgentSettings
-from hybridml.edge.fallback import CircuitBreaker, FallbackPolicy
+from hybridml.edge.fallback import CircuitBreaker, Fallback, FallbackPolicy
 from hybridml.shared.errors import ConfigError
 
 
@@ -32,22 +31,60 @@ def test_bad_policy_settings_name_the_field(env: dict[str, str], field: str) -> 
     assert err.value.details["field"] == field
 
 
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_breaker_opens_after_threshold_and_half_opens_after_cooldown() -> None:
-    b = CircuitBreaker(failures=2, cooldown_s=0.05)
+    clock = FakeClock()
+    b = CircuitBreaker(failures=2, cooldown_s=30, clock=clock)
     assert b.allow()
     b.failure()
     assert b.state == "closed" and b.allow()
     b.failure()
     assert b.state == "open" and not b.allow()
-    time.sleep(0.06)
+    clock.now += 29.9
+    assert b.state == "open" and not b.allow()
+    clock.now += 0.1
     assert b.state == "half_open"
     assert b.allow() and not b.allow()  # exactly one trial call
     b.failure()
     assert b.state == "open"
-    time.sleep(0.06)
+    clock.now += 30
     assert b.allow()
     b.success()
     assert b.state == "closed" and b.allow()
+
+
+def test_policy_change_keeps_the_breaker_state_under_the_new_thresholds() -> None:
+    clock = FakeClock()
+    fb = Fallback("m", FallbackPolicy(failures=3, cooldown_s=60), clock=clock)
+    fb.breaker.failure()
+    fb.breaker.failure()
+    assert fb.breaker.state == "closed"
+    fb.policy = FallbackPolicy(failures=2, cooldown_s=5)
+    fb.breaker.failure()
+    assert fb.breaker.state == "open"
+    clock.now += 5
+    assert fb.breaker.state == "half_open"
+
+
+def test_fallback_without_a_cloud_or_when_disabled_asks_nobody() -> None:
+    assert not Fallback("m", FallbackPolicy()).can_ask
+    assert Fallback("m", FallbackPolicy()).ask_rows([{"a": 1}]) == [None]
+
+
+@pytest.mark.parametrize("max_batch", [0, -1])
+def test_max_batch_must_be_positive(max_batch: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        FallbackPolicy(max_batch=max_batch)
+    assert err.value.details["field"] == "max_batch"
 
 
 def test_agent_backs_off_exponentially_with_jitter_and_a_cap() -> None:

@@ -31,8 +31,9 @@ from hypothesis.extra import numpy as hnp
 
 from hybridml.cloud.registry import Registry
 from hybridml.cloud.train import train
-from hybridml.edge.columnar import PROBE_EVERY, SAMPLE_ROWS, BatchPrediction, TableCost
+from hybridml.edge.columnar import BatchPrediction
 from hybridml.edge.fallback import FallbackPolicy
+from hybridml.edge.loaded import PROBE_EVERY, SAMPLE_ROWS, LoadedVersion, TableCost
 from hybridml.edge.runtime import EdgeRuntime, Prediction
 from hybridml.edge.store import LocalStore
 from hybridml.shared.errors import InputError
@@ -409,9 +410,15 @@ def batch_answers(bp: BatchPrediction) -> list[tuple[Any, ...]]:
     return out
 
 
+def _v(rt: EdgeRuntime) -> LoadedVersion:
+    v = rt.loaded
+    assert v is not None
+    return v
+
+
 def skip_table(rt: EdgeRuntime) -> None:
     """Costs that make every batch skip the table (no probe for PROBE_EVERY - 1 batches)."""
-    rt._table_cost = TableCost(lookup=1.0, model=1e-9, hit_rate=0.0, batches=1)
+    _v(rt).cost = TableCost(lookup=1.0, model=1e-9, hit_rate=0.0, batches=1)
 
 
 # ------------------------------------------------------------------- one row, three paths
@@ -429,7 +436,7 @@ def test_single_row_fast_path_answers_like_the_general_and_columnar_paths(
     assert one == general
     if one[0] != "answer":
         return
-    rt._table_cost = TableCost()  # a fresh cost looks the whole batch up
+    _v(rt).cost = TableCost()  # a fresh cost looks the whole batch up
     num, cat = to_arrays(model.schema, [row])
     columnar = batch_answers(rt.predict_arrays(num=num, cat=cat))[0]
     assert columnar == one[1]
@@ -440,7 +447,7 @@ def test_fast_path_answers_plain_rows_and_table_hits_itself(
         edge: Edge, runtimes: Runtimes, variant: str) -> None:
     # The property above is only worth something if the fast path does answer rows itself.
     rt = runtimes[(variant, "all_on")]
-    fast = rt._compile_fast()
+    fast = _v(rt).fast
     assert fast is not None
     answered = {"precomputed": 0, "edge": 0}
     for hit in edge.models[VARIANTS[variant][0]].hits:
@@ -492,7 +499,7 @@ def test_predict_arrays_equals_predict_on_a_batch_of_valid_rows(
     sources = {e[1] for e in expected}
     assert sources == ({"edge", "precomputed"} if rt.table is not None else {"edge"})
     num, cat = to_arrays(model.schema, batch)
-    rt._table_cost = TableCost()
+    _v(rt).cost = TableCost()
     got = rt.predict_arrays(num=num, cat=cat)
     assert batch_answers(got) == expected
     # Skipping the table changes only where the answers come from.
@@ -546,12 +553,12 @@ BAD_ARRAYS: list[tuple[str, str, Any, Any, str, int | None]] = [
     ("cat rows differ from num rows", "late", LATE_NUM, np.full((3, 2), "no", dtype=object),
      "cat", None),
     ("cat 1-D", "late", LATE_NUM, np.array(["r001", "no"], dtype=object), "cat", None),
-    ("int in cat", "late", LATE_NUM, _cat_with(0), "cat", None),
-    ("float NaN in cat", "late", LATE_NUM, _cat_with(math.nan), "cat", None),
-    ("bytes in cat", "late", LATE_NUM, _cat_with(b"r001"), "cat", None),
-    ("bool in cat", "late", LATE_NUM, _cat_with(True), "cat", None),
-    ("list in cat", "late", LATE_NUM, _cat_with(["r001"]), "cat", None),
-    ("dict in cat", "late", LATE_NUM, _cat_with({"r": "r001"}), "cat", None),
+    ("int in cat", "late", LATE_NUM, _cat_with(0), "restaurant", 1),
+    ("float NaN in cat", "late", LATE_NUM, _cat_with(math.nan), "restaurant", 1),
+    ("bytes in cat", "late", LATE_NUM, _cat_with(b"r001"), "restaurant", 1),
+    ("bool in cat", "late", LATE_NUM, _cat_with(True), "restaurant", 1),
+    ("list in cat", "late", LATE_NUM, _cat_with(["r001"]), "restaurant", 1),
+    ("dict in cat", "late", LATE_NUM, _cat_with({"r": "r001"}), "restaurant", 1),
     ("inf in num", "iris", [[5.1, 3.5, 1.4, 0.2], [5.1, math.inf, 1.4, 0.2]], None,
      "sepal_width_cm", 1),
     ("-inf in num of a mixed model", "late", [[12, 3.0, 2], [13, 4.0, -math.inf]],
@@ -560,7 +567,15 @@ BAD_ARRAYS: list[tuple[str, str, Any, Any, str, int | None]] = [
      0),
     ("inf with an unseen category", "late", [[12, 3.0, 2], [math.inf, 4.0, 3]],
      _cat_with("r999"), "hour", 1),
-    ("text in num", "iris", [[5.1, "wide", 1.4, 0.2]], None, "num|sepal_width_cm", None),
+    ("text in num", "iris", [[5.1, "wide", 1.4, 0.2]], None, "sepal_width_cm", 0),
+    ("numeric text in num", "iris", [[5.1, "3", 1.4, 0.2]], None, "sepal_width_cm", 0),
+    ("bool in num", "iris", [[True, 3.5, 1.4, 0.2]], None, "sepal_length_cm", 0),
+    ("bool array as num", "iris", np.ones((2, 4), dtype=bool), None, "sepal_length_cm", 0),
+    ("text array as num", "iris", np.array([["5.1", "3.5", "1.4", "0.2"]]), None,
+     "sepal_length_cm", 0),
+    ("lone surrogate in cat", "late", LATE_NUM, _cat_with("\ud800"), "restaurant", 1),
+    ("cat error before a later inf", "late", [[12, 3.0, 2], [13, 4.0, 3], [math.inf, 1, 1]],
+     np.array([["r001", "no"], [7, "no"], ["r001", "no"]], dtype=object), "restaurant", 1),
 ]
 
 
@@ -636,7 +651,7 @@ def test_lazy_codes_equal_eager_codes_and_unseen_rows_are_named(
     for i, pair in enumerate(picks):
         cat[i] = pair
     nums = np.tile(np.array(num, dtype=np.float32), (n, 1))
-    batch = schema._from_arrays(nums, cat)
+    batch = schema.encode_arrays(nums, cat)
     eager = category_codes(cat, schema._cat_index)
     assert np.array_equal(batch.codes, eager) and batch.codes.dtype == np.int32
     unseen = np.array([p[0] not in known[0] or p[1] not in known[1] for p in picks], dtype=bool)
@@ -702,21 +717,21 @@ def test_skipped_table_comes_back_when_table_rows_return(edge: Edge, model: str)
         expected = rt.predict(batch)
         num, cat = to_arrays(schema, batch)
         got = rt.predict_arrays(num=num, cat=cat)
-        rt._table_cost, saved = TableCost(), rt._table_cost
+        _v(rt).cost, saved = TableCost(), _v(rt).cost
         full = rt.predict_arrays(num=num, cat=cat)  # looked up whole, like predict()
-        rt._table_cost = saved
+        _v(rt).cost = saved
         assert batch_answers(full) == [answer(p) for p in expected]
         _assert_same_answers(got, full)
         return got
 
     # Misses only, the model cheaper than lookups, the hit rate at 0: the table is skipped.
-    rt._table_cost = TableCost(lookup=1.0, model=1e-9, hit_rate=0.0)
+    _v(rt).cost = TableCost(lookup=1.0, model=1e-9, hit_rate=0.0)
     for _ in range(PROBE_EVERY + 1):
         assert set(check(misses).source) == {"edge"}
-    assert rt._table_cost.hit_rate == 0.0
+    assert _v(rt).cost.hit_rate == 0.0
     # Table rows come back. The model's cost is made huge so the first probe's hit rate makes
     # lookups pay whatever this machine measures; no timing decides the outcome.
-    rt._table_cost.model = 1e6
+    _v(rt).cost.model = 1e6
     came_back = None
     for i in range(2 * PROBE_EVERY + 2):
         got = check(hits)
@@ -725,5 +740,5 @@ def test_skipped_table_comes_back_when_table_rows_return(edge: Edge, model: str)
             break
         assert set(got.source) == {"edge"}
     assert came_back is not None, "the table never came back"
-    assert rt._table_cost.hit_rate > 0
+    assert _v(rt).cost.hit_rate > 0
     assert set(check(hits).source) == {"precomputed"}

@@ -92,18 +92,32 @@ def test_failing_cloud_leaves_degraded_local_answers_within_the_timeout(
     assert local.source == "edge" and not local.degraded
 
 
+class StepClock:
+    """The breaker's clock: real time plus what the test adds (no sleeping to let time pass)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
 def test_breaker_retries_after_cooldown_and_recovers_when_500s_stop(
         synced: Path, proxy: FaultProxy) -> None:
     proxy.add(Fault(path=PREDICT, status=500))
-    rt = runtime(synced, proxy.url, cooldown_s=0.3)
+    clock = StepClock()
+    rt = EdgeRuntime(synced, "late", proxy.url, clock=clock,
+                     policy=FallbackPolicy(timeout_ms=TIMEOUT_MS, cooldown_s=30))
     assert rt.predict([ODD])[0].degraded
     assert rt.breaker.state == "open"
-    time.sleep(0.4)
+    clock.offset += 30
     assert rt.breaker.state == "half_open"
     assert rt.predict([ODD])[0].degraded  # the one trial call fails: open again
     assert rt.breaker.state == "open" and len(proxy.requests_to(PREDICT)) == 2
     proxy.clear()
-    time.sleep(0.4)
+    assert rt.predict([ODD])[0].degraded  # still open: nobody asked the cloud
+    assert len(proxy.requests_to(PREDICT)) == 2
+    clock.offset += 30
     pred = rt.predict([ODD])[0]
     assert pred.source == "cloud" and not pred.degraded and pred.reason == "out_of_range"
     assert rt.breaker.state == "closed"

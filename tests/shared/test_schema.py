@@ -82,7 +82,7 @@ def test_list_rows_need_every_value(schema: InputSchema) -> None:
 
 
 def test_csv_columns_parse_numbers_and_missing_tokens(schema: InputSchema) -> None:
-    batch = schema.encode_columns({"hour": ["1", "", "NA"], "restaurant": ["r001", "", "x"],
+    batch = schema.encode_text({"hour": ["1", "", "NA"], "restaurant": ["r001", "", "x"],
                                    "distance": ["2.5", "3", "nan"], "extra": ["a", "b", "c"]})
     assert batch.num[0].tolist() == [1.0, 2.5]
     assert np.isnan(batch.num[1, 0]) and np.isnan(batch.num[2, 1])
@@ -92,7 +92,7 @@ def test_csv_columns_parse_numbers_and_missing_tokens(schema: InputSchema) -> No
 
 def test_csv_column_with_text_in_numeric_names_column_and_row(schema: InputSchema) -> None:
     with pytest.raises(InputError) as err:
-        schema.encode_columns({"hour": ["1", "noon"], "restaurant": ["r001", "r001"],
+        schema.encode_text({"hour": ["1", "noon"], "restaurant": ["r001", "r001"],
                                "distance": ["1", "1"]})
     assert err.value.field == "hour" and err.value.row == 1
 
