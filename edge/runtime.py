@@ -311,14 +311,15 @@ class EdgeRuntime:
         ``errors="report"`` returns a :class:`Prediction` with ``error`` set for bad rows and
         predicts the good ones.
         """
-        v = self._loaded
-        if type(rows) is list and len(rows) == 1 and v is not None and v.fast is not None \
-                and (errors == "raise" or errors == "report"):
-            answer = v.fast.predict(rows[0])  # the single-row fast path, checked first
-            if answer is not None:
-                if self.observers:
-                    self._observe(Observation("row", v, [answer], rows=rows))
-                return [answer]
+        v = self._loaded  # read once: this call uses this version and no other
+        if v is not None and type(rows) is list and len(rows) == 1:
+            fast = v.fast  # the single-row fast path, checked first
+            if fast is not None and (errors == "raise" or errors == "report"):
+                answer = fast.predict(rows[0])
+                if answer is not None:
+                    if self.observers:
+                        self._observe(Observation("row", v, [answer], rows=rows))
+                    return [answer]
         _check_errors(errors)
         if type(rows) is not list:
             rows = list(rows)
