@@ -138,6 +138,11 @@ class CircuitBreaker:
                 return True
             return False
 
+    def allow_soon(self) -> bool:
+        """True unless the breaker is open (a call would be refused now); claims nothing."""
+        with self._lock:
+            return self._state(self.clock()) != "open"
+
     def success(self) -> None:
         """Record a successful call: closes the breaker."""
         with self._lock:
@@ -222,6 +227,8 @@ class Fallback:
     # ------------------------------------------------------------------------------ ask
     def ask(self, schema: InputSchema, batch: EncodedBatch) -> list[CloudRow | None]:
         """The cloud's answers for the rows of ``batch`` (None where it gave none)."""
+        if not self.can_ask or not self.breaker.allow_soon():
+            return [None] * len(batch)  # offline: no request to build
         return self.ask_rows(payload_rows(schema, batch))
 
     def ask_rows(self, rows: Sequence[Mapping[str, Any] | Sequence[Any]], *,

@@ -56,6 +56,7 @@ from .session import ModelSession
 log = logging.getLogger("hybridml.edge.fastpath")
 
 HIT_CACHE_ROWS = 4096  # ready results kept per version; a hit costs a dict lookup after that
+RAW_KEY_MAX = 16  # features up to which a hit is also cached by the row's values as sent
 _PLAIN = frozenset({int, float})
 _PLAIN_OR_NONE = frozenset({int, float, type(None)})
 _STR = frozenset({str})
@@ -112,6 +113,10 @@ class RowPath:
         self._check_unseen = policy.enabled and policy.on_unseen
         self._min_conf = policy.min_confidence if policy.enabled else 0.0
         self._hits: dict[bytes, tuple[Any, Any, bool]] = {}
+        # Ready results by the row's values as sent, for narrow rows (hashing a wide row's
+        # values costs more than packing it); None: off.
+        self._raw_hits: dict[Any, tuple[Any, Any, bool]] | None = \
+            {} if table is not None and self._n <= RAW_KEY_MAX else None
         # A small table's key dict, looked up without a method call; None: Table.lookup.
         index = table.key_index() if table is not None else None
         self._index_get = index.get if index is not None else None
@@ -152,10 +157,22 @@ class RowPath:
                 cats = self._cats(row)  # type: ignore[misc]
         else:
             return None
+        plain_nums = not self._n_num or _PLAIN.issuperset(map(type, nums))
+        plain_cats = not self._n_cat or _STR.issuperset(map(type, cats))
+        raw = None
+        if plain_nums and plain_cats and self._raw_hits is not None:
+            # Plain values equal as sent are the same model input (3 == 3.0, -0.0 == 0.0;
+            # a bool, which equals 1 or 0, is not plain): a hit seen before costs one lookup.
+            raw = (nums, cats) if t is dict else tuple(row)
+            entry = self._raw_hits.get(raw)
+            if entry is not None:
+                if entry[2]:
+                    return None
+                return self._make(entry[0], "precomputed", self.version, entry[1], self.classes)
         packed = b""
         unchecked = False  # packed as sent: not yet known to be canonical
         if self._n_num:
-            if _PLAIN.issuperset(map(type, nums)):  # the common case, inline
+            if plain_nums:  # the common case, inline
                 try:
                     packed = self._pack(*nums)
                 except (OverflowError, struct.error):
@@ -168,7 +185,7 @@ class RowPath:
         unseen = False
         key = packed
         if self._n_cat:
-            if not _STR.issuperset(map(type, cats)):
+            if not plain_cats:
                 if not _STR_OR_NONE.issuperset(map(type, cats)):
                     return None
                 cats = tuple(MISSING_CATEGORY if v is None else v for v in cats)
@@ -203,6 +220,8 @@ class RowPath:
                 if len(self._hits) < HIT_CACHE_ROWS:
                     self._hits[key] = entry
         if entry is not None:
+            if raw is not None and len(self._raw_hits) < HIT_CACHE_ROWS:  # type: ignore[arg-type]
+                self._raw_hits[raw] = entry  # type: ignore[index]
             if entry[2]:
                 return None
             return self._make(entry[0], "precomputed", self.version, entry[1], self.classes)

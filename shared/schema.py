@@ -39,6 +39,7 @@ CAT_INPUT = "cat"
 UNSEEN_CODE = -1
 _CANONICAL_NAN = np.float32(np.nan)
 _PLAIN_NUMBERS = frozenset({int, float})
+_PLAIN_OR_NONE = frozenset({int, float, type(None)})
 _STR_ONLY = frozenset({str})
 _NONE = type(None)
 
@@ -483,10 +484,11 @@ class InputSchema:
         num = np.empty((n_rows, self.n_numeric), dtype=np.float32)
         if not (self.n_numeric and n_rows):
             return num
-        # map(type) runs at C speed; anything but plain int/float (None, bool, str, numpy
-        # scalars) takes the rule cell by cell.
+        # map(type) runs at C speed; plain ints, floats and None (numpy reads it as NaN, the
+        # rule's missing) are copied in C; anything else (bool, str, numpy scalars) takes the
+        # rule cell by cell.
         with np.errstate(over="ignore"):
-            if set(map(type, chain.from_iterable(num_rows))) <= _PLAIN_NUMBERS:
+            if set(map(type, chain.from_iterable(num_rows))) <= _PLAIN_OR_NONE:
                 try:
                     num[:] = num_rows
                 except OverflowError:  # an int past float range
@@ -513,8 +515,7 @@ class InputSchema:
             return cat
         if not all(k is _NONE or issubclass(k, str) for k in kinds):
             return None
-        for r, vals in enumerate(cat_rows):
-            cat[r] = [MISSING_CATEGORY if v is None else v for v in vals]
+        cat[:] = [[MISSING_CATEGORY if v is None else v for v in vals] for vals in cat_rows]
         return cat
 
     def _num_block(self, num: Any) -> np.ndarray | None:

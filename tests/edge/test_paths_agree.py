@@ -742,3 +742,24 @@ def test_skipped_table_comes_back_when_table_rows_return(edge: Edge, model: str)
     assert came_back is not None, "the table never came back"
     assert _v(rt).cost.hit_rate > 0
     assert set(check(hits).source) == {"precomputed"}
+
+
+def test_a_bool_never_finds_the_hit_its_number_cached(edge: Edge, runtimes: Runtimes) -> None:
+    # The fast path caches hits by the values as sent; True == 1 and hash(True) == hash(1),
+    # so only the type check keeps a bool from finding the answer cached for a 1.
+    checked = 0
+    for variant in ("late", "eta"):
+        rt = runtimes[(variant, "all_on")]
+        for hit in edge.models[VARIANTS[variant][0]].hits:
+            at = [j for j, v in enumerate(hit) if type(v) is int and v in (0, 1)]
+            if not at:
+                continue
+            first = rt.predict([list(hit)])[0]
+            again = rt.predict([list(hit)])[0]
+            assert answer(first) == answer(again)
+            row = list(hit)
+            row[at[0]] = bool(row[at[0]])
+            with pytest.raises(InputError):
+                rt.predict([row])
+            checked += 1
+    assert checked, "no table row holds a 0 or 1 to check with"
