@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InputError
+
 # Spellings of "missing" in text, for training CSVs, request logs and edge CSV input alike.
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 MISSING_CATEGORY = ""
@@ -151,3 +153,40 @@ def numbers_text(values: Sequence[str]) -> tuple[np.ndarray, int | None, str]:
     if bad.any():
         return out32, int(np.argmax(bad)), TOO_LARGE_TEXT
     return out32, None, ""
+
+
+class FirstBad:
+    """The first refused cell seen so far, by (row, schema position)."""
+
+    __slots__ = ("pos", "reason", "row")
+
+    def __init__(self) -> None:
+        self.row: int | None = None
+        self.pos = 0
+        self.reason = ""
+
+    def note(self, row: int | None, pos: int, reason: str) -> None:
+        """Keep (row, pos, reason) if it comes before the cell kept so far."""
+        if row is not None and (self.row is None or (row, pos) < (self.row, self.pos)):
+            self.row, self.pos, self.reason = row, pos, reason
+
+
+def refusal(row: int, name: str, reason: str) -> InputError:
+    """The :class:`InputError` for a refused cell, naming its row and column."""
+    return InputError(f"row {row} column {name!r} {reason}", row=row, field=name)
+
+
+def reason_of(err: InputError) -> str:
+    """The cell reason of an error made by :func:`refusal`."""
+    prefix = f"row {err.row} column {err.field!r} "
+    return err.message[len(prefix):] if err.message.startswith(prefix) else err.message
+
+
+def renumbered(err: InputError, row: int) -> InputError:
+    """``err`` (about row 0 of a one-row call) restated for row ``row``."""
+    if err.row is None:
+        return err
+    field = err.field
+    if field is not None:
+        return refusal(row, field, reason_of(err))
+    return InputError(err.message.replace("row 0", f"row {row}", 1), row=row)

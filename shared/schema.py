@@ -23,21 +23,36 @@ import contextlib
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
 
 from . import cells
-from .cells import MISSING_CATEGORY, MISSING_TOKENS, short_repr
+from .batch import (
+    CAT_INPUT,
+    EMPTY_BATCH,
+    NUM_INPUT,
+    UNSEEN_CODE,
+    EncodedBatch,
+    canonical_bytes,
+    canonical_f32,
+    category_codes,
+    column_bounds,
+)
+from .cells import (
+    MISSING_CATEGORY,
+    MISSING_TOKENS,
+    FirstBad,
+    reason_of,
+    refusal,
+    renumbered,
+    short_repr,
+)
 from .errors import InputError, SchemaError
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
-NUM_INPUT = "num"
-CAT_INPUT = "cat"
-UNSEEN_CODE = -1
-_CANONICAL_NAN = np.float32(np.nan)
 _PLAIN_NUMBERS = frozenset({int, float})
 _PLAIN_OR_NONE = frozenset({int, float, type(None)})
 _STR_ONLY = frozenset({str})
@@ -95,74 +110,6 @@ class Feature:
         if not isinstance(cats, list) or not all(isinstance(c, str) for c in cats):
             raise SchemaError(f"feature {name!r} needs 'categories' as strings", field=name)
         return cls(name, "categorical", categories=tuple(cats))
-
-
-class EncodedBatch:
-    """Rows encoded for the model, plus what the fallback policy needs to know about them.
-
-    ``codes`` (int32 ``[N, n_cat]``, ``UNSEEN_CODE`` for categories training never saw) is
-    only needed for table keys; when every category is known it is built on first access.
-    """
-
-    __slots__ = ("_cat_index", "_codes", "cat", "clean", "num", "out_of_range", "unseen")
-
-    def __init__(self, num: np.ndarray, cat: np.ndarray, codes: np.ndarray | None,
-                 out_of_range: np.ndarray, unseen: np.ndarray,
-                 cat_index: Sequence[Mapping[str, int]] = (), clean: bool = False) -> None:
-        self.num = num  # float32 [N, n_num]
-        self.cat = cat  # object (str) [N, n_cat]
-        self.out_of_range = out_of_range  # bool [N]: a numeric value outside the training range
-        self.unseen = unseen  # bool [N]: a category training never saw
-        self._codes = codes
-        self._cat_index = cat_index
-        # True when known without a scan that no row is out of range or unseen.
-        self.clean = clean
-
-    @property
-    def codes(self) -> np.ndarray:
-        """int32 ``[N, n_cat]`` category codes; ``UNSEEN_CODE`` where training never saw it."""
-        if self._codes is None:
-            self._codes = category_codes(self.cat, self._cat_index)
-        return self._codes
-
-    def __len__(self) -> int:
-        return int(self.num.shape[0])
-
-    def feeds(self, schema: InputSchema) -> dict[str, np.ndarray]:
-        """Return the ONNX input feed for these rows."""
-        out: dict[str, np.ndarray] = {}
-        if schema.n_numeric:
-            out[NUM_INPUT] = self.num
-        if schema.n_categorical:
-            out[CAT_INPUT] = self.cat
-        return out
-
-    def take(self, index: np.ndarray | Sequence[int]) -> EncodedBatch:
-        """Return the subset of rows at ``index``."""
-        idx = np.asarray(index, dtype=np.intp)
-        codes = None if self._codes is None else self._codes[idx]
-        return EncodedBatch(self.num[idx], self.cat[idx], codes, self.out_of_range[idx],
-                            self.unseen[idx], self._cat_index, self.clean)
-
-
-def category_codes(cat: np.ndarray, cat_index: Sequence[Mapping[str, int]]) -> np.ndarray:
-    """int32 codes of a ``cat`` block, one dict per column; ``UNSEEN_CODE`` where absent."""
-    n_rows = cat.shape[0]
-    codes = np.empty((n_rows, len(cat_index)), dtype=np.int32)
-    for j, index in enumerate(cat_index):
-        try:  # map(dict.get, values, repeat(default)) runs in C: ~3x a comprehension.
-            codes[:, j] = np.fromiter(map(index.get, cat[:, j], repeat(UNSEEN_CODE, n_rows)),
-                                      dtype=np.int32, count=n_rows)
-        except TypeError:  # an unhashable cell (a list...) matches nothing; callers refuse it
-            codes[:, j] = [_code(index, v) for v in cat[:, j]]
-    return codes
-
-
-def _code(index: Mapping[str, int], value: Any) -> int:
-    try:
-        return index.get(value, UNSEEN_CODE)
-    except TypeError:
-        return UNSEEN_CODE
 
 
 @dataclass(frozen=True)
@@ -381,7 +328,7 @@ class InputSchema:
             raise InputError("input columns have different lengths; send one value per row "
                              "in every column", field="columns")
         n_rows = lengths.pop()
-        first = _FirstBad()
+        first = FirstBad()
         num = np.empty((n_rows, self.n_numeric), dtype=np.float32)
         for j, i in enumerate(self._numeric):
             num[:, j], r, reason = cells.numbers_text(columns[self._names[i]])
@@ -394,7 +341,7 @@ class InputSchema:
             num = num[:first.row + 1]
         batch, bad = self._batch(num, cat, owned=True)
         if bad is not None:
-            first.note(bad.row, self._names.index(str(bad.field)), _reason(bad))
+            first.note(bad.row, self._names.index(str(bad.field)), reason_of(bad))
         if first.row is not None:
             raise refusal(first.row, self._names[first.pos], first.reason)
         return batch
@@ -410,7 +357,7 @@ class InputSchema:
                 self.encode_text({n: [columns[n][r]] for n in self._names})
                 good.append(r)
             except InputError as exc:
-                bad[r] = _renumbered(exc, r)
+                bad[r] = renumbered(exc, r)
         return good, bad
 
     def encode_arrays(self, num: Any = None, cat: Any = None) -> EncodedBatch:
@@ -428,14 +375,14 @@ class InputSchema:
             num32 = np.empty((0 if cat_o is None else cat_o.shape[0], 0), dtype=np.float32)
         if cat_o is None:
             cat_o = np.empty((num32.shape[0], 0), dtype=object)
-        first = _FirstBad()
+        first = FirstBad()
         if num32.dtype == object:  # cells that are not plain numbers: the rule, cell by cell
             num32 = self._object_numbers(num32, first)
             if first.row is not None:  # only the rows before it matter now
                 num32, cat_o = num32[:first.row + 1], cat_o[:first.row + 1]
         batch, bad = self._batch(num32, cat_o, owned=False)
         if bad is not None:
-            first.note(bad.row, self._names.index(str(bad.field)), _reason(bad))
+            first.note(bad.row, self._names.index(str(bad.field)), reason_of(bad))
         # With finite training bounds an infinite value is also out of range: a clean batch
         # holds none, and otherwise only the rows flagged out of range can.
         if num32.size and not (self._finite and batch.clean):
@@ -562,7 +509,7 @@ class InputSchema:
                              field=CAT_INPUT)
         return arr
 
-    def _object_numbers(self, arr: np.ndarray, first: _FirstBad) -> np.ndarray:
+    def _object_numbers(self, arr: np.ndarray, first: FirstBad) -> np.ndarray:
         """float32 of an object block, each cell by :func:`cells.number`; the first refused
         cell is noted in ``first``."""
         out = np.empty(arr.shape, dtype=np.float32)
@@ -608,7 +555,7 @@ class InputSchema:
             try:
                 value = cells.category(cat[r, j])
             except cells.CellRefused as exc:
-                return _EMPTY_BATCH, refusal(r, self._names[self._categorical[j]], exc.reason)
+                return EMPTY_BATCH, refusal(r, self._names[self._categorical[j]], exc.reason)
             cat[r, j] = value
             codes[r, j] = self._cat_index[j].get(value, UNSEEN_CODE)
         unseen = (codes == UNSEEN_CODE).any(axis=1)
@@ -627,84 +574,6 @@ class InputSchema:
             return False
 
 
-class _FirstBad:
-    """The first refused cell seen so far, by (row, schema position)."""
-
-    __slots__ = ("pos", "reason", "row")
-
-    def __init__(self) -> None:
-        self.row: int | None = None
-        self.pos = 0
-        self.reason = ""
-
-    def note(self, row: int | None, pos: int, reason: str) -> None:
-        if row is not None and (self.row is None or (row, pos) < (self.row, self.pos)):
-            self.row, self.pos, self.reason = row, pos, reason
-
-
-def refusal(row: int, name: str, reason: str) -> InputError:
-    """The :class:`InputError` for a refused cell, naming its row and column."""
-    return InputError(f"row {row} column {name!r} {reason}", row=row, field=name)
-
-
-def _reason(err: InputError) -> str:
-    """The cell reason of an error made by :func:`refusal`."""
-    prefix = f"row {err.row} column {err.field!r} "
-    return err.message[len(prefix):] if err.message.startswith(prefix) else err.message
-
-
-def _renumbered(err: InputError, row: int) -> InputError:
-    """``err`` (about row 0 of a one-row call) restated for row ``row``."""
-    if err.row is None:
-        return err
-    field = err.field
-    if field is not None:
-        return refusal(row, field, _reason(err))
-    return InputError(err.message.replace("row 0", f"row {row}", 1), row=row)
-
-
-def canonical_f32(num: np.ndarray) -> np.ndarray:
-    """``num`` (float32, changed in place) with one NaN and one zero: the key's numbers.
-
-    Every NaN becomes the same NaN and -0.0 becomes +0.0, so rows the model sees as equal
-    share a key. The single-row path builds the same bytes with :func:`canonical_bytes`.
-    """
-    num[np.isnan(num)] = _CANONICAL_NAN
-    num += np.float32(0.0)  # -0.0 + 0.0 == +0.0
-    return num
-
-
-def canonical_bytes(packed: bytes) -> bytes | None:
-    """Canonical key bytes of packed little-endian float32 values; None if one is infinite."""
-    arr = np.frombuffer(packed, dtype="<f4").copy()
-    if np.isinf(arr).any():
-        return None
-    return canonical_f32(arr).tobytes()
-
-
-def column_bounds(num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """NaN-ignoring per-column min and max of a 2-D float array (NaN for all-NaN columns).
-
-    numpy reduces ``axis=0`` one short row at a time (~25 µs for 1,000 rows however narrow).
-    A narrow array is transposed first so each column is one contiguous run; a wide one has
-    blocks of rows folded side by side so the inner loop is ~2,000 values long. Both are 3-10x
-    faster for the arrays tabular models take.
-    """
-    n, c = num.shape
-    if not n:
-        return np.full(c, np.nan, dtype=num.dtype), np.full(c, np.nan, dtype=num.dtype)
-    if c <= 8:
-        cols = np.ascontiguousarray(num.T)
-        return np.fmin.reduce(cols, axis=1), np.fmax.reduce(cols, axis=1)
-    k = max(1, 2048 // c)  # rows folded side by side
-    m = (n // k) * k
-    block = num[:m].reshape(-1, k * c)
-    # The (k, c) partials and the < k rows left over: a few short rows, cheap on any path.
-    lo = np.concatenate([np.fmin.reduce(block, axis=0).reshape(k, c), num[m:]]) if m else num
-    hi = np.concatenate([np.fmax.reduce(block, axis=0).reshape(k, c), num[m:]]) if m else num
-    return np.fmin.reduce(lo, axis=0), np.fmax.reduce(hi, axis=0)
-
-
 def _tuple_getter(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
     """``operator.itemgetter`` that always returns a tuple (also for zero or one key)."""
     if not keys:
@@ -715,8 +584,6 @@ def _tuple_getter(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
     return operator.itemgetter(*keys)
 
 
-_EMPTY_BATCH = EncodedBatch(np.empty((0, 0), np.float32), np.empty((0, 0), object),
-                            np.empty((0, 0), np.int32), np.empty(0, bool), np.empty(0, bool))
 __all__ = ["CATEGORICAL", "CAT_INPUT", "MISSING_CATEGORY", "MISSING_TOKENS", "NUMERIC",
            "NUM_INPUT", "UNSEEN_CODE", "EncodedBatch", "Feature", "InputSchema",
            "canonical_bytes", "canonical_f32", "category_codes", "column_bounds", "refusal"]

@@ -58,6 +58,19 @@ class CloudServer:
     log_path: Path | None = None
     _runs: itertools.count[int] = field(default_factory=itertools.count, repr=False)
 
+    def workers(self) -> list[int]:
+        """PIDs of the gunicorn workers: the children of the server's process."""
+        assert self.proc is not None
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                out.append(int(stat.parent.name))
+        return out
+
     def stop(self) -> None:
         """Stop gunicorn and its workers."""
         if self.proc is not None and self.proc.poll() is None:

@@ -24,19 +24,6 @@ BODY = (b'{"inputs": [{"sepal_length_cm": 5.1, "sepal_width_cm": 3.5, "petal_len
         b'"petal_width_cm": 0.2}]}')
 
 
-def children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid``."""
-    out = []
-    for stat in PROC.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def owner_by_client_port(server_port: int, pids: list[int]) -> dict[int, int]:
     """{client port: worker pid} for the server's established loopback connections."""
     inode_port: dict[str, int] = {}
@@ -68,7 +55,7 @@ def test_kept_alive_clients_are_spread_over_both_workers(iris_registry: Path, tm
         assert server.proc is not None
         # /healthz answered from one worker; let the other one boot before the clients come.
         deadline = time.monotonic() + 20
-        while len(children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+        while len(server.workers()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1.0)
         conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
@@ -83,7 +70,7 @@ def test_kept_alive_clients_are_spread_over_both_workers(iris_registry: Path, tm
                 resp = c.getresponse()
                 assert resp.status == 200 and not resp.will_close, resp.read()[:200]
                 resp.read()
-        workers = children(server.proc.pid)
+        workers = server.workers()
         owners = owner_by_client_port(server.port, workers)
         per_worker = Counter(owners[c.sock.getsockname()[1]] for c in conns)
         assert len(workers) == 2 and len(per_worker) == 2, per_worker

@@ -91,20 +91,6 @@ def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[
         conn.close()
 
 
-def workers_of(server: CloudServer) -> list[int]:
-    """The gunicorn workers: children of the server's process."""
-    assert server.proc is not None
-    out = []
-    for stat in PROC.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == server.proc.pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def warm_every_worker(server: CloudServer, workers: int = 2) -> None:
     """Predict until every worker has loaded the model (its first predict is not fast)."""
     deadline = time.monotonic() + 60
@@ -115,7 +101,7 @@ def warm_every_worker(server: CloudServer, workers: int = 2) -> None:
             t.start()
         for t in burst:
             t.join()
-        pids = workers_of(server)
+        pids = server.workers()
         loaded = [p for p in pids if "onnxruntime" in (PROC / str(p) / "maps").read_text()]
         if len(pids) == workers and len(loaded) == workers:
             return
