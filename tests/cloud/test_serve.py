@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from hybridml.cloud.serve import _waiting
-from tests.conftest import start_cloud
+from tests.conftest import CloudServer, start_cloud
 
 PROC = Path("/proc")
 linux_only = pytest.mark.skipif(not (PROC / "net" / "tcp").exists(), reason="needs Linux /proc")
@@ -44,6 +44,18 @@ def owner_by_client_port(server_port: int, pids: list[int]) -> dict[int, int]:
     return owners
 
 
+def idle_workers(server: CloudServer, n: int) -> bool:
+    """True when ``n`` workers run and each waits in epoll, its boot done."""
+    pids = server.workers()
+    waits = []
+    for pid in pids:
+        try:
+            waits.append((PROC / str(pid) / "wchan").read_text())
+        except OSError:
+            return False
+    return len(pids) == n and all("epoll" in w for w in waits)
+
+
 @linux_only
 def test_kept_alive_clients_are_spread_over_both_workers(iris_registry: Path, tmp_path: Path
                                                          ) -> None:
@@ -53,11 +65,12 @@ def test_kept_alive_clients_are_spread_over_both_workers(iris_registry: Path, tm
     conns: list[http.client.HTTPConnection] = []
     try:
         assert server.proc is not None
-        # /healthz answered from one worker; let the other one boot before the clients come.
+        # /healthz answered from one worker; let the other one boot before the clients come:
+        # a booted worker waits in epoll for connections (its kernel wait channel says so).
         deadline = time.monotonic() + 20
-        while len(server.workers()) < 2 and time.monotonic() < deadline:
+        while not idle_workers(server, 2) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)
+        assert idle_workers(server, 2), "both workers did not finish booting in 20 s"
         conns = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
                  for _ in range(16)]
         for c in conns:
