@@ -28,6 +28,7 @@ from hybridml.shared.errors import (
     CloudTimeoutError,
     CloudUnavailableError,
     HybridMLError,
+    InputError,
     IntegrityError,
     RemoteError,
 )
@@ -177,9 +178,13 @@ class CloudClient:
         ``timeout_s`` (:class:`CloudTimeoutError`); ``requests`` alone only bounds each
         socket read, so a slow-dripping cloud could otherwise hold a prediction for minutes.
         """
-        body = json.dumps({"inputs": [
-            {k: _json_safe(v) for k, v in r.items()} if isinstance(r, Mapping)
-            else [_json_safe(v) for v in r] for r in rows]})
+        try:
+            body = json.dumps({"inputs": [
+                {k: _json_safe(v) for k, v in r.items()} if isinstance(r, Mapping)
+                else [_json_safe(v) for v in r] for r in rows]})
+        except (TypeError, ValueError) as exc:  # bytes, sets...: nothing the cloud could read
+            raise InputError(f"a row holds a value JSON cannot carry ({exc}); send numbers, "
+                             "strings or null", field="inputs") from None
         deadline = time.monotonic() + timeout_s
 
         def call() -> dict[str, Any]:

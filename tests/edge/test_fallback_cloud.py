@@ -19,6 +19,7 @@ from hybridml.cloud.train import train
 from hybridml.edge.fallback import Fallback, FallbackPolicy
 from hybridml.edge.runtime import EdgeRuntime
 from hybridml.edge.store import LocalStore
+from hybridml.shared.errors import InputError
 from hybridml.shared.schema import Feature, InputSchema
 from tests.edgekit import ThreadCloud, install
 
@@ -150,3 +151,17 @@ def test_reasons_follow_the_policy_in_priority_order() -> None:
     off = Fallback("m", FallbackPolicy(enabled=False, min_confidence=0.7))
     assert off.reasons(batch, probs).tolist() == [0] * 5
     assert off.reasons(batch, probs, local_failed=True).tolist() == [4] * 5
+
+
+def test_without_a_local_model_a_row_json_cannot_carry_is_an_input_error(
+        tmp_path: Path, small_cloud: ThreadCloud) -> None:
+    rt = EdgeRuntime(tmp_path / "empty", "iris", small_cloud.url, token=small_cloud.token,
+                     policy=POLICY)
+    with pytest.raises(InputError) as err:
+        rt.predict([[b"5.1", 3.5, 1.4, 0.2]])
+    assert err.value.details["field"] == "inputs"
+    # A row JSON can carry is the cloud's to judge: its own error comes back, typed.
+    with pytest.raises(InputError) as err:
+        rt.predict([[True, 3.5, 1.4, 0.2]])
+    assert err.value.details["field"] == "sepal_length_cm"
+    assert [p.source for p in rt.predict([IN])] == ["cloud"]
