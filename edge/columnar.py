@@ -19,7 +19,6 @@ of a full lookup's cost.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -29,8 +28,6 @@ from hybridml.shared.schema import EncodedBatch
 
 from .fallback import REASONS, Fallback
 from .loaded import CLOUD, SOURCES, LoadedVersion
-
-log = logging.getLogger("hybridml.edge.columnar")
 
 _SOURCES = np.array(SOURCES, dtype=object)
 _REASONS = np.array(REASONS, dtype=object)
