@@ -2,6 +2,13 @@
 
 Connection problems become :class:`CloudUnavailableError`, time-outs :class:`CloudTimeoutError`,
 and JSON error bodies are rebuilt into the error class the cloud raised.
+
+Every body is read by :mod:`hybridml.edge.bodies` — raw, decoded in bounded steps, and only up
+to its bound (:class:`BodyLimits`): a manifest 1 MiB, an error body 64 KiB, a prediction answer
+in proportion to the rows sent, an artifact its manifest size. Redirects are never followed (a
+3xx is a :class:`RemoteError`: a redirect must not carry the device token to another host).
+The transport rules — https or loopback, a pinned CA bundle, tokens not on the command line —
+are :mod:`hybridml.edge.transport`'s.
 """
 
 from __future__ import annotations
@@ -14,17 +21,18 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
-import urllib3
 
 from hybridml.shared.errors import (
     ArtifactError,
+    BodyTooLargeError,
     CloudTimeoutError,
     CloudUnavailableError,
     HybridMLError,
@@ -34,12 +42,27 @@ from hybridml.shared.errors import (
 )
 from hybridml.shared.files import crash_point
 
+from .bodies import ACCEPT_ENCODING, CHUNK, BodyLimits, decoded_blocks, read_body
+from .transport import (
+    check_cloud_url,
+    check_token,
+    read_token_file,
+    resolve_ca_bundle,
+    tls_failure,
+)
+
 log = logging.getLogger("hybridml.edge.client")
 
-CHUNK = 1 << 16
 DEFAULT_TIMEOUT = (3.05, 30.0)
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 T = TypeVar("T")
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON")
+
+
+_JSON = json.JSONDecoder(parse_constant=_not_json)  # strict: no NaN/Infinity literals
 
 
 @dataclass(frozen=True)
@@ -51,67 +74,132 @@ class ManifestResponse:
     wire_bytes: int
 
 
-class CloudClient:
-    """Talks to one cloud endpoint; keeps a connection pool across calls."""
+class _Session(requests.Session):
+    """A requests session that never follows a redirect, not even to look at it: requests
+    reads a 3xx body whole (decoded, unbounded) to prepare the next hop even with
+    ``allow_redirects=False``; with no redirect target it reads nothing."""
 
-    def __init__(self, base_url: str, token: str | None = None,
-                 device: str | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        return None
+
+
+class CloudClient:
+    """Talks to one cloud endpoint; keeps a connection pool across calls.
+
+    ``token`` (else ``$HYBRIDML_TOKEN``) is sent as a bearer token. ``ca_bundle`` (else
+    ``$HYBRIDML_CA_BUNDLE``) pins the CAs the cloud's certificate is checked against;
+    ``allow_http`` (else ``HYBRIDML_ALLOW_HTTP=1``) permits ``http://`` to a host other than
+    loopback. A URL the rules refuse is a :class:`ConfigError` here, before any connection.
+    ``limits`` bounds what is read of each answer (default: :meth:`BodyLimits.from_env`).
+    """
+
+    def __init__(self, base_url: str, token: str | None = None, device: str | None = None,
+                 *, ca_bundle: str | os.PathLike[str] | None = None, allow_http: bool = False,
+                 limits: BodyLimits | None = None) -> None:
+        parts = check_cloud_url(base_url, allow_http)
+        self.base_url = base_url.strip().rstrip("/")
+        self.host = parts.hostname or ""
         self.device = device or os.environ.get("HYBRIDML_DEVICE_ID")
-        self._http = requests.Session()
+        self.ca_bundle = resolve_ca_bundle(ca_bundle)
+        self.limits = limits or BodyLimits.from_env()
+        # Passed on each request: a session-wide verify loses to $REQUESTS_CA_BUNDLE.
+        self._verify: str | bool = self.ca_bundle or True
+        self._http = _Session()
         self._http.headers["User-Agent"] = "hybridml-edge/0.1"
-        token = token or os.environ.get("HYBRIDML_TOKEN")
+        self._http.headers["Accept-Encoding"] = ACCEPT_ENCODING
+        source = "the token argument"
+        if not token:
+            token, source = os.environ.get("HYBRIDML_TOKEN"), "$HYBRIDML_TOKEN"
+        token = token.strip() if token else None  # a trailing newline from a file or env file
         if token:
-            self._http.headers["Authorization"] = f"Bearer {token}"
+            self._http.headers["Authorization"] = f"Bearer {check_token(token, source)}"
 
     def close(self) -> None:
         """Close pooled connections."""
         self._http.close()
 
     def _request(self, method: str, path: str, *, timeout: Any = DEFAULT_TIMEOUT,
+                 cancel: threading.Event | None = None, deadline: float | None = None,
                  **kwargs: Any) -> requests.Response:
+        """Send a request; the response's body is left to read (through :mod:`.bodies`).
+
+        A 3xx (but 304) is a :class:`RemoteError`; a 4xx/5xx (but 416) raises the error its
+        bounded JSON body describes."""
         url = self.base_url + path
         try:
-            resp = self._http.request(method, url, timeout=timeout, **kwargs)
+            resp = self._http.request(method, url, timeout=timeout, stream=True,
+                                      allow_redirects=False, verify=self._verify, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise tls_failure(exc, self.host, self.ca_bundle) from exc
         except requests.Timeout as exc:
             raise CloudTimeoutError(f"the cloud at {self.base_url} did not answer in time "
                                     f"({method} {path})") from exc
         except requests.RequestException as exc:
             raise CloudUnavailableError(f"cannot reach the cloud at {self.base_url}: "
                                         f"{type(exc).__name__}") from exc
-        if resp.status_code >= 400 and resp.status_code != 416:
-            try:
-                payload = resp.json()
-            except ValueError:
-                payload = None
-            err = HybridMLError.from_json(payload, resp.status_code)
-            if resp.status_code >= 500 and isinstance(err, RemoteError):
-                raise CloudUnavailableError(
-                    f"the cloud answered HTTP {resp.status_code} to {method} {path}: "
-                    f"{err.message}")
-            raise err
+        status = resp.status_code
+        if 300 <= status < 400 and status != 304:
+            resp.close()
+            location = resp.headers.get("Location", "")
+            target = urlsplit(urljoin(url, location)).hostname or location
+            raise RemoteError(f"the cloud answered HTTP {status} to {method} {path}, a redirect "
+                              f"to {target[:100]!r}; not followed (it would carry this device's "
+                              "token there): point --cloud at the final URL", status=status)
+        if status >= 400 and status != 416:
+            with resp:
+                self._raise_error(resp, method, path, cancel, deadline)
         return resp
 
-    def manifest(self, name: str, etag: str | None = None) -> ManifestResponse:
-        """GET the manifest of ``name``; conditional on ``etag``."""
+    def _raise_error(self, resp: requests.Response, method: str, path: str,
+                     cancel: threading.Event | None, deadline: float | None) -> None:
+        status = resp.status_code
+        said = f"the cloud answered HTTP {status} to {method} {path}"
+        limit = self.limits.error_bytes
+        try:
+            raw = read_body(resp, f"the HTTP {status} answer to {method} {path}", limit,
+                            cancel=cancel, deadline=deadline)
+        except BodyTooLargeError as exc:
+            message = f"{said} with an error body over {limit:,} bytes; not parsed"
+            if status >= 500:
+                raise CloudUnavailableError(message) from exc
+            raise BodyTooLargeError(message, limit=limit) from exc
+        try:
+            payload = _JSON.decode(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            payload = None
+        err = HybridMLError.from_json(payload, status)
+        if status >= 500 and isinstance(err, RemoteError):
+            raise CloudUnavailableError(f"{said}: {err.message}")
+        raise err
+
+    def manifest(self, name: str, etag: str | None = None, *, alias: str | None = None
+                 ) -> ManifestResponse:
+        """GET the manifest of ``name`` (for ``alias``, default the cloud's ``stable``);
+        conditional on ``etag``. At most ``limits.manifest_bytes`` decoded bytes
+        (:class:`BodyTooLargeError`)."""
         headers = {"If-None-Match": etag} if etag else {}
-        params = {"device": self.device} if self.device else None
+        params = {"device": self.device} if self.device else {}
+        if alias is not None:
+            params["alias"] = alias
         resp = self._request("GET", f"/v1/models/{name}/manifest", headers=headers,
                              params=params)
-        wire = len(resp.content) + sum(len(k) + len(v) + 4 for k, v in resp.headers.items())
+        with resp:
+            body = read_body(resp, f"the manifest of {name!r}", self.limits.manifest_bytes)
+        wire = len(body) + sum(len(k) + len(v) + 4 for k, v in resp.headers.items())
         if resp.status_code == 304:
             return ManifestResponse(None, etag, wire)
-        return ManifestResponse(resp.content, resp.headers.get("ETag"), wire)
+        return ManifestResponse(body, resp.headers.get("ETag"), wire)
 
     def download(self, sha256: str, dest: Path, size: int) -> int:
         """Fetch an artifact into ``dest`` (a ``.part`` file), resuming what is there.
 
         A fresh download accepts gzip (the cloud compresses large artifacts; the body is
-        decoded as it arrives, so ``dest`` always holds the artifact's own bytes). A resumed
-        download asks for ``Range: bytes=N-`` with ``Accept-Encoding: identity``, so the range
-        counts those same bytes. A connection cut keeps ``dest`` for the next resume; bytes that do
-        not fit the manifest (too long, an undecodable stream, a wrong ``Content-Range``) and
-        a full disk remove it. Returns the number of body bytes received.
+        decoded as it arrives, in bounded steps, so ``dest`` always holds the artifact's own
+        bytes). A resumed download asks for ``Range: bytes=N-`` with ``Accept-Encoding:
+        identity``, so the range counts those same bytes. A connection cut keeps ``dest`` for
+        the next resume; bytes that do not fit the manifest (too long, an undecodable stream, a
+        wrong ``Content-Range``) and a full disk remove it. Returns the number of body bytes
+        received.
         """
         have = dest.stat().st_size if dest.exists() else 0
         if have > size:
@@ -120,7 +208,7 @@ class CloudClient:
         if have == size:
             return 0
         headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
-        resp = self._request("GET", f"/v1/artifacts/{sha256}", headers=headers, stream=True)
+        resp = self._request("GET", f"/v1/artifacts/{sha256}", headers=headers)
         with resp:
             if resp.status_code == 416:  # our part is stale or complete: start over
                 dest.unlink(missing_ok=True)
@@ -134,9 +222,15 @@ class CloudClient:
     def _write_body(self, resp: requests.Response, sha256: str, dest: Path, have: int,
                     size: int) -> int:
         received = 0
+
+        def corrupt(reason: str) -> HybridMLError:
+            return IntegrityError(
+                f"artifact {sha256[:12]} arrived as a corrupted stream ({reason}); dropped the "
+                "partial file, the next sync fetches it again", sha256=sha256)
+
         try:
             with open(dest, "ab" if have else "wb") as fh:
-                for block in _body_blocks(resp):
+                for block in decoded_blocks(resp, f"artifact {sha256[:12]}", corrupt=corrupt):
                     if have + received + len(block) > size:
                         raise IntegrityError(
                             f"artifact {sha256[:12]} is longer than the manifest's {size} "
@@ -148,17 +242,15 @@ class CloudClient:
                 fh.flush()
                 os.fsync(fh.fileno())
         except IntegrityError:
-            dest.unlink(missing_ok=True)
-            raise
-        except (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError) as exc:
             dest.unlink(missing_ok=True)  # decoded bytes before the damage are suspect too
-            raise IntegrityError(
-                f"artifact {sha256[:12]} arrived as a corrupted gzip stream; dropped the "
-                "partial file, the next sync fetches it again", sha256=sha256) from exc
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise
+        except (CloudUnavailableError, CloudTimeoutError) as exc:
             raise CloudUnavailableError(
                 f"download of {sha256[:12]} broke off after {have + received} of {size} "
-                "bytes; the next sync resumes it") from exc
+                f"bytes ({exc.message}); the next sync resumes it") from exc
+        except RemoteError:  # an encoding this device does not read: nothing to resume
+            dest.unlink(missing_ok=True)
+            raise
         except OSError as exc:
             dest.unlink(missing_ok=True)  # a partial file on a full disk only blocks others
             what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
@@ -171,31 +263,42 @@ class CloudClient:
         return received
 
     def predict(self, name: str, rows: Sequence[Mapping[str, Any] | Sequence[Any]],
-                timeout_s: float) -> dict[str, Any]:
+                timeout_s: float, *, version: int | None = None,
+                max_bytes: int | None = None) -> dict[str, Any]:
         """POST rows (objects by column name, or lists in schema order) for prediction.
 
-        The whole call — DNS, connect, a server that trickles its answer — ends within
-        ``timeout_s`` (:class:`CloudTimeoutError`); ``requests`` alone only bounds each
-        socket read, so a slow-dripping cloud could otherwise hold a prediction for minutes.
+        ``version`` pins the model version that answers (default: the cloud's stable one).
+        The answer may be at most ``max_bytes`` decoded bytes (default: ``limits.answer_bytes``
+        plus ``limits.row_bytes`` per row); :class:`BodyTooLargeError` past it. The whole
+        call — DNS, connect, a server that trickles its answer — ends within ``timeout_s``
+        (:class:`CloudTimeoutError`); ``requests`` alone only bounds each socket read, so a
+        slow-dripping cloud could otherwise hold a prediction for minutes. An abandoned call
+        stops reading at its next block and drops the connection.
         """
+        payload: dict[str, Any] = {}
         try:
-            body = json.dumps({"inputs": [
+            payload["inputs"] = [
                 {k: _json_safe(v) for k, v in r.items()} if isinstance(r, Mapping)
-                else [_json_safe(v) for v in r] for r in rows]})
+                else [_json_safe(v) for v in r] for r in rows]
+            body = json.dumps(payload if version is None else dict(payload, version=version))
         except (TypeError, ValueError) as exc:  # bytes, sets...: nothing the cloud could read
             raise InputError(f"a row holds a value JSON cannot carry ({exc}); send numbers, "
                              "strings or null", field="inputs") from None
         deadline = time.monotonic() + timeout_s
+        limit = max_bytes or self.limits.answer_bytes + len(rows) * self.limits.row_bytes
+        path = f"/v1/models/{name}/predict"
 
-        def call() -> dict[str, Any]:
-            resp = self._request("POST", f"/v1/models/{name}/predict", data=body,
+        def call(cancel: threading.Event) -> dict[str, Any]:
+            resp = self._request("POST", path, data=body,
                                  headers={"Content-Type": "application/json"},
-                                 timeout=(timeout_s, timeout_s), stream=True)
+                                 timeout=(timeout_s, timeout_s), cancel=cancel,
+                                 deadline=deadline)
             with resp:
-                raw = _read_before(resp, deadline, f"POST /v1/models/{name}/predict")
+                raw = read_body(resp, f"the answer to POST {path}", limit, cancel=cancel,
+                                deadline=deadline)
             try:
-                data = json.loads(raw)
-            except ValueError as exc:
+                data = _JSON.decode(raw.decode("utf-8"))
+            except (ValueError, RecursionError) as exc:
                 raise RemoteError("the cloud's prediction answer is not JSON") from exc
             if not isinstance(data, dict) or "predictions" not in data:
                 raise RemoteError("the cloud's prediction answer has no 'predictions'")
@@ -206,24 +309,36 @@ class CloudClient:
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
         """True if ``/healthz`` answers 200 within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+
+        def call(cancel: threading.Event) -> int:
+            resp = self._request("GET", "/healthz", timeout=timeout_s, cancel=cancel,
+                                 deadline=deadline)
+            with resp:
+                read_body(resp, "the answer to GET /healthz", self.limits.error_bytes,
+                          cancel=cancel, deadline=deadline)
+            return resp.status_code
+
         try:
-            return _within(lambda: self._request("GET", "/healthz", timeout=timeout_s),
-                           timeout_s, "health check timed out").status_code == 200
+            return _within(call, timeout_s, "health check timed out") == 200
         except HybridMLError:
             return False
 
 
-def _within(fn: Callable[[], T], timeout_s: float, message: str) -> T:
-    """Run ``fn`` in a daemon thread; raise :class:`CloudTimeoutError` after ``timeout_s``.
+def _within(fn: Callable[[threading.Event], T], timeout_s: float, message: str) -> T:
+    """Run ``fn(cancel)`` in a daemon thread; raise :class:`CloudTimeoutError` after
+    ``timeout_s``.
 
-    A call still blocked at the deadline is abandoned: its thread ends at the next socket
-    time-out and its answer is dropped. Daemon threads never hold up process exit.
+    A call still running at the deadline is abandoned: ``cancel`` is set, so its body reader
+    closes the response at its next block (or its socket times out), and its answer is
+    dropped. Daemon threads never hold up process exit.
     """
     box: list[tuple[bool, Any]] = []
+    cancel = threading.Event()
 
     def run() -> None:
         try:
-            box.append((True, fn()))
+            box.append((True, fn(cancel)))
         except BaseException as exc:  # handed to the caller below
             box.append((False, exc))
 
@@ -231,42 +346,12 @@ def _within(fn: Callable[[], T], timeout_s: float, message: str) -> T:
     worker.start()
     worker.join(timeout_s)
     if not box:
+        cancel.set()
         raise CloudTimeoutError(message)
     ok, value = box[0]
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
-
-
-def _read_before(resp: requests.Response, deadline: float, what: str) -> bytes:
-    """Read a streamed body, giving up at ``deadline`` (a trickling server cannot hold us)."""
-    parts: list[bytes] = []
-    try:
-        for block in resp.iter_content(8192):
-            parts.append(block)
-            if time.monotonic() > deadline:
-                raise CloudTimeoutError(f"the cloud's answer to {what} arrived too slowly")
-    except requests.RequestException as exc:
-        raise CloudUnavailableError(f"the cloud's answer to {what} broke off: "
-                                    f"{type(exc).__name__}") from exc
-    return b"".join(parts)
-
-
-def _body_blocks(resp: requests.Response) -> Iterator[bytes]:
-    """The decoded body in blocks of at most :data:`CHUNK`, handed over as they arrive.
-
-    ``read1`` returns whatever the socket and the gzip decoder hold instead of waiting for a
-    full chunk, so when the connection breaks every byte received so far is already written:
-    a resumed download fetches again at most the bytes in flight, never a lost chunk of
-    decoded data (with ``iter_content`` a cut gzip stream lost up to a chunk of compressed
-    input, which can decode to many chunks). urllib3 < 2.3 has no ``read1``: use iter_content.
-    """
-    raw = resp.raw
-    if not hasattr(raw, "read1"):
-        yield from resp.iter_content(CHUNK)
-        return
-    while block := raw.read1(CHUNK, decode_content=True):
-        yield block
 
 
 def _check_content_range(resp: requests.Response, sha256: str, have: int, size: int,
@@ -293,3 +378,6 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+__all__ = ["CHUNK", "CloudClient", "ManifestResponse", "read_token_file"]

@@ -105,7 +105,7 @@ def predict_arrays(v: LoadedVersion, fallback: Fallback, num: Any = None, cat: A
     if not ask.size:
         return result, batch
     result._reason = _REASONS[reasons]
-    answers = fallback.ask(v.schema, batch.take(ask))
+    answers = fallback.ask(v.manifest, batch.take(ask))
     degraded = np.zeros(n, dtype=bool)
     probs = result.probabilities
     for i, a in zip(ask.tolist(), answers):

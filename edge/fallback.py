@@ -13,15 +13,18 @@ definition; the single-row fast path only skips rows it would flag), and :meth:`
 sends them. It asks in chunks of at most ``max_batch`` rows (the cloud's batch limit; a 413
 shrinks the chunks to what the cloud says it takes) under one deadline, ``timeout_ms``, for the
 whole call. It sends the rows as the local model saw them (numbers after float32 rounding,
-categories normalised), so cloud and edge answer the same input. An answer that does not fit
-the rows asked is refused. Rows without an answer keep their local answer, marked
-``degraded``.
+categories normalised) and asks for the device's own model version, so cloud and edge answer
+the same input with the same model. An answer is read only up to a bound in proportion to the
+rows asked, and checked (:class:`~hybridml.edge.answers.AnswerCheck`: one prediction per row,
+the model's name, version, classes and probabilities) before any of it is used; one that does
+not fit is refused. Rows without an answer keep their local answer, marked ``degraded``.
 
 Only a cloud that cannot answer counts as a breaker failure: unreachable, timed out, 5xx
-(503 included) or a malformed answer. A 4xx (rows the cloud refuses, a batch too large, a bad
-token) means the cloud is up: it is recorded in :attr:`Fallback.last_error` and the local
-answers stand. After ``failures`` consecutive failures the breaker stops calling the cloud for
-``cooldown_s`` seconds, then lets one trial call through, so offline latency stays local.
+(503 included), an answer too large, or a malformed or forged one. A 4xx (rows the cloud
+refuses, a batch too large, a bad token) means the cloud is up: it is recorded in
+:attr:`Fallback.last_error` and the local answers stand. After ``failures`` consecutive
+failures the breaker stops calling the cloud for ``cooldown_s`` seconds, then lets one trial
+call through, so offline latency stays local.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ from hybridml.shared.errors import (
     HybridMLError,
     RemoteError,
 )
+from hybridml.shared.manifest import Manifest
 from hybridml.shared.schema import EncodedBatch, InputSchema
 from hybridml.shared.settings import load_env
+
+from .answers import AnswerCheck, CloudRow
 
 if TYPE_CHECKING:  # requests loads only when a cloud is configured
     from .client import CloudClient
@@ -159,15 +165,6 @@ class CircuitBreaker:
             self._trial = False
 
 
-@dataclass(frozen=True)
-class CloudRow:
-    """The cloud's answer for one row."""
-
-    prediction: Any
-    probabilities: dict[str, float] | None
-    model_version: int | None
-
-
 class Fallback:
     """The fallback component: policy, breaker and client, shared by every predict path."""
 
@@ -181,6 +178,8 @@ class Fallback:
         self.breaker = CircuitBreaker(self._policy.failures, self._policy.cooldown_s, clock)
         self.failures = 0  # failed cloud calls (the breaker's count resets on success)
         self.last_error: str | None = None
+        self._any_version = AnswerCheck(name)  # no local model: the cloud's own classes
+        self._check: tuple[Manifest, AnswerCheck] | None = None  # the last version asked for
 
     @property
     def policy(self) -> FallbackPolicy:
@@ -225,25 +224,41 @@ class Fallback:
         return out
 
     # ------------------------------------------------------------------------------ ask
-    def ask(self, schema: InputSchema, batch: EncodedBatch) -> list[CloudRow | None]:
-        """The cloud's answers for the rows of ``batch`` (None where it gave none)."""
+    def ask(self, manifest: Manifest, batch: EncodedBatch) -> list[CloudRow | None]:
+        """The cloud's answers for the rows of ``batch``, encoded for the version
+        ``manifest`` describes, from that same version (None where it gave none)."""
         if not self.can_ask or not self.breaker.allow_soon():
             return [None] * len(batch)  # offline: no request to build
-        return self.ask_rows(payload_rows(schema, batch))
+        return self.ask_rows(payload_rows(manifest.schema, batch),
+                             expect=self.check_for(manifest))
+
+    def check_for(self, manifest: Manifest) -> AnswerCheck:
+        """The rules the cloud's answers about ``manifest``'s version must pass (kept for
+        the last version asked about)."""
+        cached = self._check
+        if cached is not None and cached[0] is manifest:
+            return cached[1]
+        check = AnswerCheck.of(manifest)
+        self._check = (manifest, check)
+        return check
 
     def ask_rows(self, rows: Sequence[Mapping[str, Any] | Sequence[Any]], *,
-                 strict: bool = False) -> list[CloudRow | None]:
+                 strict: bool = False, expect: AnswerCheck | None = None
+                 ) -> list[CloudRow | None]:
         """The cloud's answers for ``rows`` (JSON-ready), in chunks, within one deadline.
 
-        Rows without an answer are None; with ``strict`` (no local answer to fall back on)
-        the first failure is raised instead: the cloud's own error, a
-        :class:`CloudUnavailableError` while the breaker is open, or a
-        :class:`CloudTimeoutError` when the deadline passes between chunks.
+        ``expect`` says which answers to accept, and pins the version asked for; without it
+        (no local model) the cloud's default version answers, checked against itself. Rows
+        without an answer are None; with ``strict`` (no local answer to fall back on) the
+        first failure is raised instead: the cloud's own error, a refused answer
+        (:class:`RemoteError`), a :class:`CloudUnavailableError` while the breaker is open,
+        or a :class:`CloudTimeoutError` when the deadline passes between chunks.
         """
         out: list[CloudRow | None] = [None] * len(rows)
         if not self.can_ask or not rows:
             return out
         assert self.client is not None
+        check = expect or self._any_version
         deadline = self.clock() + self._policy.timeout_ms / 1000.0
         start = 0
         size = self.max_batch
@@ -262,7 +277,10 @@ class Fallback:
                 break
             chunk = rows[start:start + size]
             try:
-                got = _cloud_rows(self.client.predict(self.name, chunk, left), len(chunk))
+                answer = self.client.predict(
+                    self.name, chunk, left, version=check.version,
+                    max_bytes=check.max_bytes(len(chunk), self.client.limits))
+                got = check.rows(answer, len(chunk))
             except HybridMLError as exc:
                 if exc.status >= 500 or isinstance(exc, RemoteError):
                     self._failed(exc)
@@ -315,23 +333,3 @@ def payload_rows(schema: InputSchema, batch: EncodedBatch) -> list[dict[str, Any
             values[j] = c or None
         rows.append(dict(zip(names, values)))
     return rows
-
-
-def _cloud_rows(answer: Mapping[str, Any], n: int) -> list[CloudRow | None]:
-    """Per-row answers, or :class:`RemoteError` when the answer does not fit ``n`` rows."""
-    preds = answer.get("predictions")
-    probs = answer.get("probabilities")
-    version = answer.get("model_version")
-    if not isinstance(preds, list) or len(preds) != n:
-        raise RemoteError(f"the cloud answered {_count(preds)} prediction(s) for {n} row(s)")
-    if probs is not None and (not isinstance(probs, list) or len(probs) != n or not all(
-            isinstance(p, dict) for p in probs)):
-        raise RemoteError(f"the cloud's probabilities do not fit {n} row(s)")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise RemoteError(f"the cloud's model_version {str(version)[:40]!r} is not a number")
-    return [CloudRow(p, None if probs is None else probs[k], version)
-            for k, p in enumerate(preds)]
-
-
-def _count(value: Any) -> str:
-    return str(len(value)) if isinstance(value, list) else f"no list of ({type(value).__name__})"
