@@ -15,7 +15,22 @@ Access rules (``Authorization: Bearer <token>``):
 * no or an unknown/revoked token is 401, a device token on an admin endpoint 403, both as JSON
   errors from the error tree with a ``WWW-Authenticate: Bearer`` header.
 
-With ``HYBRIDML_INSECURE=1`` (``serve --insecure``, loopback only) nothing is checked.
+With ``HYBRIDML_INSECURE=1`` (``serve --insecure``, loopback only) no token is checked, so
+every caller is an admin; a web page the operator visits must not become one. One hook
+(:func:`loopback_only`) then refuses, before anything else runs:
+
+* a ``Host`` that is not a loopback name or address (``localhost``, ``127.x.y.z``, ``[::1]``,
+  any port): 403 ``forbidden_host``. DNS rebinding points a hostile name at 127.0.0.1, so the
+  browser calls this server as that name's "same origin"; the name stays in ``Host``;
+* an ``Origin`` that is not a loopback origin (``http(s)://`` one of those hosts): 403
+  ``forbidden_origin`` — a cross-site page;
+* a write (POST, PUT, PATCH, DELETE) to an endpoint without ``Content-Type: application/json``:
+  415. A form or a ``no-cors`` fetch can send a cross-site POST without asking the server
+  first, but only with a form, text or empty content type; a JSON one makes the browser ask
+  first (a CORS preflight), which this server never grants.
+
+Admin bodies are strict JSON read by :func:`hybridml.shared.jsontext.loads`: malformed,
+non-UTF-8 or absurdly nested bodies are a 400 naming ``body``.
 
 Every promote and rollback (over HTTP or from the CLI) is appended to ``<registry>/audit.jsonl``
 with the token that did it. That log is also the rollback history: ``rollback`` without a
@@ -26,18 +41,29 @@ rollback undoes the first.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
+from hybridml.shared import jsontext
 from hybridml.shared.clock import utc_iso
-from hybridml.shared.errors import AuthError, ForbiddenError, InputError, NotFoundError
+from hybridml.shared.errors import (
+    AuthError,
+    ForbiddenError,
+    HTTPError,
+    InputError,
+    NotFoundError,
+)
+from hybridml.shared.net import is_loopback
 from hybridml.shared.settings import env_flag
+from hybridml.shared.text import printable
 
 from .registry import Ref, Registry
 from .tokens import TokenStore
@@ -48,6 +74,7 @@ OPEN_ENDPOINTS = frozenset({"healthz", "static"})
 DEVICE_ENDPOINTS = frozenset({"list_models", "manifest", "artifact", "predict", "telemetry"})
 INSECURE_ENV = "HYBRIDML_INSECURE"
 AUDIT_NAME = "audit.jsonl"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def insecure_from_env(env: Mapping[str, str] | None = None) -> bool:
@@ -64,8 +91,10 @@ def install(app: Flask, registry: Registry, *, insecure: bool | None = None) -> 
     off = insecure_from_env() if insecure is None else insecure
     app.register_blueprint(_admin_blueprint(registry))
     if off:
-        # No hooks at all: nothing to check, and every request would still pay for the calls.
-        log.warning("API tokens are NOT checked (insecure mode): every caller is an admin")
+        # No token hooks; one cheap guard against browsers (see loopback_only).
+        log.warning("API tokens are NOT checked (insecure mode): every caller is an admin; "
+                    "only loopback Host and Origin headers and JSON writes are accepted")
+        app.before_request_funcs.setdefault(None, []).insert(0, loopback_only)
         return
     tokens = TokenStore(registry.root)
 
@@ -100,6 +129,71 @@ def install(app: Flask, registry: Registry, *, insecure: bool | None = None) -> 
     # First in line: an anonymous caller learns nothing from body or content-type checks.
     app.before_request_funcs.setdefault(None, []).insert(0, authenticate)
     app.after_request(challenge)
+
+
+# ------------------------------------------------------------------- insecure-mode guard
+def loopback_host(host: str) -> bool:
+    """True for a ``Host`` header naming loopback: ``localhost``, ``127.x.y.z`` or ``[::1]``,
+    with or without a port."""
+    # The longest loopback spelling has under 64 characters; shorter ones are remembered,
+    # as a client sends the same few values every time.
+    return len(host) <= 64 and _loopback_host(host)
+
+
+def loopback_origin(origin: str) -> bool:
+    """True for an ``Origin`` header of a page served from loopback (http or https)."""
+    return len(origin) <= 64 and _loopback_origin(origin)
+
+
+@functools.lru_cache(maxsize=64)
+def _loopback_host(host: str) -> bool:
+    name, port = host, ""
+    if host.startswith("["):  # [v6]:port
+        name, sep, port = host[1:].partition("]")
+        if not sep or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    elif host.count(":") == 1:
+        name, port = host.split(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return False
+    return is_loopback(name.removesuffix(".")) if name.strip() == name else False
+
+
+@functools.lru_cache(maxsize=64)
+def _loopback_origin(origin: str) -> bool:
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and parts.hostname is not None
+            and not parts.path and is_loopback(parts.hostname))
+
+
+def loopback_only() -> None:
+    """The insecure mode's guard (a ``before_request`` hook); see the module docstring."""
+    environ = request.environ
+    host = environ.get("HTTP_HOST")
+    if host is not None and not loopback_host(host):
+        raise HTTPError(
+            f"Host {printable(host, 80)!r} is not a loopback name: this server runs without "
+            "tokens (--insecure) and only answers requests addressed to localhost, 127.0.0.1 "
+            "or [::1]; otherwise any web page could reach it by DNS rebinding (a hostile name "
+            "that resolves to 127.0.0.1). Call it by one of those names, or serve with tokens",
+            status=403, code="forbidden_host", field="Host")
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is not None and not loopback_origin(origin):
+        raise HTTPError(
+            f"Origin {printable(origin, 80)!r} is not a loopback origin: this server runs "
+            "without tokens (--insecure) and refuses requests from web pages served elsewhere "
+            "(cross-site requests); serve with tokens to be called from other sites",
+            status=403, code="forbidden_origin", field="Origin")
+    # endpoint None: no route matched; routing answers its 404/405 and nothing is written.
+    if environ.get("REQUEST_METHOD") in WRITE_METHODS and request.endpoint is not None \
+            and not request.is_json:
+        raise HTTPError("send the body as JSON with 'Content-Type: application/json'",
+                        status=415, code="unsupported_media_type", field="Content-Type")
 
 
 # ------------------------------------------------------------------------- admin actions
@@ -208,10 +302,20 @@ def _admin_blueprint(registry: Registry) -> Blueprint:
 
 
 def _body() -> dict[str, Any]:
-    """The JSON object body of an admin call; an empty body is ``{}``."""
-    if not request.get_data(cache=True):
+    """The JSON object body of an admin call; an empty body is ``{}``.
+
+    Strict JSON whatever the content type (a token-checked caller need not set it; the
+    insecure mode's guard requires it); 400 naming ``body`` for anything else.
+    """
+    raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: werkzeug raises 413
+    if not raw:
         return {}
-    data = request.get_json(silent=True, force=True)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the request body is not UTF-8 (bad byte at offset {exc.start}); "
+                         "send JSON encoded as UTF-8", field="body") from None
+    data = jsontext.loads(text, "the request body", field="body")
     if not isinstance(data, dict):
         raise InputError("the body must be a JSON object, e.g. {\"version\": 3}", field="body")
     return data

@@ -9,11 +9,20 @@ not its content is reported as a :class:`ConflictError`, never silently replaced
 
 Names are checked against ``[0-9a-f]{64}`` with ``fullmatch`` before any path is built, so no
 caller-supplied string can point outside the directory.
+
+Blobs are ``0400`` (owner-only, read-only) in a ``0700`` directory (:mod:`hybridml.cloud.private`).
+
+:meth:`BlobStore.gzipped` keeps a gzip copy of a blob in a cache directory for the API to
+serve with ``Content-Encoding: gzip``. It is made once, whatever the number of threads and
+processes asking at the same time: the first compresses, streaming, under an exclusive
+``flock`` on ``<cache>/<sha256>.lock``; the others wait for that lock and find the result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import gzip
 import hashlib
 import logging
 import os
@@ -26,9 +35,14 @@ from hybridml.shared.errors import ConflictError, NotFoundError, RegistryError
 from hybridml.shared.files import CHUNK, file_sha256, fsync_dir
 from hybridml.shared.manifest import SHA256_RE
 
+from .private import FILE_MODE, private_dir, private_file
+
 log = logging.getLogger("hybridml.cloud.blobs")
 
 TEMP_PREFIX = ".tmp-"
+BLOB_MODE = 0o400  # owner-only, and read-only: blobs are immutable
+GZIP_LEVEL = 6
+GZIP_MAX_RATIO = 0.9  # a gzip copy must save 10% to be worth serving
 
 BlobSource = bytes | bytearray | memoryview | os.PathLike[str]
 
@@ -102,15 +116,17 @@ class BlobStore:
         return self._commit(tmp, digest.hexdigest(), size)
 
     def _write_temp(self, chunks: Iterator[bytes] | list[bytes]) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         tmp = self.dir / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         try:
-            with open(tmp, "xb") as f:
+            # Created owner-only: never readable by others, not even before the chmod.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
                 for chunk in chunks:
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o444)  # blobs are immutable; make accidental edits fail loudly
+            os.chmod(tmp, BLOB_MODE)  # blobs are immutable; make accidental edits fail loudly
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -152,6 +168,33 @@ class BlobStore:
             os.utime(path)  # a re-put blob counts as fresh, so gc's grace period protects it
         return sha, size
 
+    def gzipped(self, sha256: str, cache: str | os.PathLike[str]) -> Path | None:
+        """The gzip copy of blob ``sha256`` in ``cache``, made on first use; None when gzip
+        would not make the blob at least 10% smaller (remembered by a ``.raw`` marker).
+
+        Made once across threads and processes (see the module docstring); the blob is read
+        in chunks, never whole. NotFoundError if the blob does not exist.
+        """
+        src = self.path(sha256)
+        folder = Path(cache)
+        gz, raw = folder / f"{sha256}.gz", folder / f"{sha256}.raw"
+        if gz.exists():
+            return gz
+        if raw.exists():
+            return None
+        private_dir(folder)
+        lock = os.open(folder / f"{sha256}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                       FILE_MODE)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the descriptor closes
+            if gz.exists():  # another thread or process made it while we waited
+                return gz
+            if raw.exists():
+                return None
+            return _compress(src, gz, raw)
+        finally:
+            os.close(lock)
+
     def entries(self) -> Iterator[tuple[str, float]]:
         """Yield ``(sha256, mtime)`` for every blob (temp and foreign files are skipped)."""
         if not self.dir.is_dir():
@@ -190,3 +233,37 @@ class BlobStore:
                         os.unlink(entry.path)
                         removed += 1
         return removed
+
+
+def _compress(src: Path, gz: Path, raw: Path) -> Path | None:
+    """Stream ``src`` through gzip into ``gz`` (via a temp file); ``raw`` marks "not worth it".
+
+    Called with the blob's lock held, so the temp file's fixed name is this caller's alone;
+    one a crash left behind is overwritten.
+    """
+    tmp = gz.with_name(gz.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            with open(src, "rb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=out,
+                                                     compresslevel=GZIP_LEVEL, mtime=0) as z:
+                while chunk := f.read(CHUNK):
+                    z.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+            packed = out.tell()
+        size = src.stat().st_size
+        if packed > GZIP_MAX_RATIO * size:
+            private_file(raw)
+            tmp.unlink()
+            log.info("blob %s does not compress (%d -> %d bytes): served as is", src.name,
+                     size, packed)
+            return None
+        os.replace(tmp, gz)
+        fsync_dir(gz.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    log.info("compressed blob %s for gzip responses: %d -> %d bytes", src.name, size, packed)
+    return gz

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true",
                    help="serve without token checks (and unsigned if there is no key); "
                    "loopback hosts only")
+    s.add_argument("--certfile", metavar="FILE", default=None,
+                   help="serve HTTPS with this PEM certificate (chain); needs --keyfile "
+                   "(default: $HYBRIDML_CERTFILE)")
+    s.add_argument("--keyfile", metavar="FILE", default=None,
+                   help="the PEM private key of --certfile (default: $HYBRIDML_KEYFILE)")
     s.set_defaults(func=cmd_serve)
     return p
 
@@ -376,7 +381,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(registry=str(_registry(args).root), host=args.host, port=args.port,
                  workers=args.workers, dev=args.dev, insecure=args.insecure,
-                 ready_file=args.ready_file)
+                 ready_file=args.ready_file, certfile=args.certfile, keyfile=args.keyfile)
 
 
 def _metric(m: dict[str, Any]) -> str:

@@ -7,6 +7,8 @@
   (``busy_timeout``) instead of failing half-way with "database is locked".
 * ``synchronous=FULL``: each commit fsyncs the WAL, so a power cut never undoes a commit that a
   caller (or a device) has already seen.
+* The file is created ``0600`` before SQLite opens it; SQLite gives its ``-wal`` and ``-shm``
+  files the database file's mode, so they are owner-only too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from hybridml.shared.errors import HybridMLError
+
+from .private import private_file
 
 BUSY_TIMEOUT_S = 30.0
 # Connections inherited across fork: closing one in the child could disturb the parent's
@@ -39,6 +43,8 @@ class Database:
         self.error = error
         self._local = threading.local()
         self._mode = "rwc" if create else "rw"
+        if create:
+            private_file(path)  # SQLite reads an empty file as an empty database
         with self.tx(write=False) as c:
             current = c.execute("PRAGMA user_version").fetchone()[0] == version
         if not current:  # only a new database takes the write lock just to be opened

@@ -6,8 +6,15 @@
 
 Secure by default: ``serve`` refuses to start until the registry has an API token and a
 signing key (``hybridml-cloud tokens create``, ``keys init``). ``--insecure`` skips token checks
-and is only allowed on a loopback address, for tests and local experiments. ``wsgi()`` always
-checks tokens unless ``HYBRIDML_INSECURE=1`` is set, which is then the operator's call.
+and is only allowed on a loopback address, for tests and local experiments (the app then also
+refuses cross-site and DNS-rebinding requests, see :mod:`hybridml.cloud.auth`). ``wsgi()``
+always checks tokens unless ``HYBRIDML_INSECURE=1`` is set, which is then the operator's call.
+
+TLS: ``--certfile FILE --keyfile FILE`` (or ``$HYBRIDML_CERTFILE`` / ``$HYBRIDML_KEYFILE``)
+serve HTTPS with gunicorn's TLS; both files are checked before gunicorn starts
+(:mod:`hybridml.cloud.tls`), and the ready file then holds an ``https://`` URL. Under TLS
+the worker has no buffering front (below): for many slow clients, terminate TLS in a proxy
+in front of a plain-HTTP server on loopback instead.
 
 The worker, :class:`SheddingWorker` (gunicorn's gthread with two additions):
 
@@ -31,7 +38,6 @@ the same.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -48,6 +54,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from hybridml.shared.errors import ConfigError
 from hybridml.shared.files import atomic_write
+from hybridml.shared.net import is_loopback
 
 from .app import create_app
 from .auth import INSECURE_ENV
@@ -55,6 +62,7 @@ from .config import ServeConfig
 from .front import Front
 from .shedding import HEALTH_PATH, ShedLog, overloaded
 from .signing import KeyRing
+from .tls import tls_files
 from .tokens import TokenStore
 from .writebehind import ClientStalled, WriteBehind
 
@@ -274,9 +282,9 @@ def _waiting(listener: Any) -> int:
         return 0
 
 
-def url_of(host: str, port: int) -> str:
-    """``http://host:port``, with brackets around an IPv6 address."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def url_of(host: str, port: int, scheme: str = "http") -> str:
+    """``scheme://host:port``, with brackets around an IPv6 address."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def write_ready_file(path: str | os.PathLike[str], url: str) -> None:
@@ -290,9 +298,10 @@ def ready_hook(path: str | os.PathLike[str] | None) -> Callable[[Any], None]:
     With port 0 the system picks the port; this is how the caller learns it.
     """
     def when_ready(server: Any) -> None:
+        scheme = "https" if server.cfg.is_ssl else "http"
         for listener in server.LISTENERS:
             host, port = listener.getsockname()[:2]
-            url = url_of(host, port)
+            url = url_of(host, port, scheme)
             log.warning("listening on %s", url)
             if path is not None:
                 write_ready_file(path, url)
@@ -303,16 +312,6 @@ def ready_hook(path: str | os.PathLike[str] | None) -> Callable[[Any], None]:
 def wsgi() -> Flask:
     """App factory for an external WSGI server."""
     return create_app()
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_security(registry: str, host: str, insecure: bool) -> None:
@@ -340,18 +339,23 @@ def check_security(registry: str, host: str, insecure: bool) -> None:
 
 def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
           dev: bool = False, timeout: int = 30, insecure: bool = False,
-          ready_file: str | os.PathLike[str] | None = None) -> int:
+          ready_file: str | os.PathLike[str] | None = None, certfile: str | None = None,
+          keyfile: str | None = None) -> int:
     """Serve ``registry`` on ``host:port`` until interrupted; returns an exit code.
 
     Without ``insecure`` the registry needs an active token and a signing key; with it, only
     a loopback ``host`` is allowed (see :func:`check_security`). ``port`` 0 takes any free
-    port; ``ready_file`` receives the URL once the server listens.
+    port; ``ready_file`` receives the URL once the server listens. ``certfile`` and
+    ``keyfile`` (or their environment variables, :func:`~hybridml.cloud.tls.tls_files`)
+    serve HTTPS.
     """
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port", field="port")
     if workers < 1:
         raise ConfigError("--workers must be at least 1", field="workers")
+    tls = tls_files(certfile, keyfile)
     check_security(registry, host, insecure)
+    scheme = "http" if tls is None else "https"
     os.environ["HYBRIDML_REGISTRY"] = registry
     os.environ[INSECURE_ENV] = "1" if insecure else "0"
     config = ServeConfig.from_env()
@@ -359,8 +363,9 @@ def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int
     if dev:
         from werkzeug.serving import make_server
 
-        server = make_server(host, port, app, threaded=True)
-        url = url_of(host, server.server_port)
+        server = make_server(host, port, app, threaded=True,
+                             ssl_context=None if tls is None else (tls.certfile, tls.keyfile))
+        url = url_of(host, server.server_port, scheme)
         log.warning("serving %s on %s with Flask's development server", registry, url)
         if ready_file is not None:
             write_ready_file(ready_file, url)
@@ -398,9 +403,11 @@ def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int
         "proc_name": "hybridml-cloud",
         "when_ready": ready_hook(ready_file),
     }
-    log.warning("serving %s with gunicorn (%d workers x %d threads; 503 past %d pending or "
-                "%d ms queued per worker; requests in %d s, responses read within %d s)",
-                registry, workers, config.threads, config.max_pending, config.max_queue_ms,
-                config.request_timeout_s, config.send_timeout_s)
+    if tls is not None:
+        options.update(certfile=tls.certfile, keyfile=tls.keyfile)
+    log.warning("serving %s over %s with gunicorn (%d workers x %d threads; 503 past %d "
+                "pending or %d ms queued per worker; requests in %d s, responses read within "
+                "%d s)", registry, scheme.upper(), workers, config.threads, config.max_pending,
+                config.max_queue_ms, config.request_timeout_s, config.send_timeout_s)
     _Gunicorn(app, options).run()
     return 0

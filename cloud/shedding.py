@@ -6,7 +6,9 @@ Two guards share the answer (:func:`overloaded`) and the rate-limited log line (
   sheds before the app runs, counting the requests queued for its threads too;
 * :class:`LoadShedder`, WSGI middleware around the Flask app, guards any other WSGI server
   (Flask's, an external gunicorn) by counting the requests in flight in the process. Being the
-  outermost layer, it also writes the one INFO line per request (method, path, status, ms).
+  outermost layer, it also writes the one INFO line per request (method, path, status, ms);
+  the method and path are escaped (:func:`hybridml.shared.text.printable`), so a path with
+  ``%0d%0a`` or other control characters stays on its line and cannot forge another.
 
 ``/healthz`` is never shed: it says the process lives, not that it has room.
 """
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from hybridml.shared.errors import HTTPError
+from hybridml.shared.text import printable
 
 from .config import ServeConfig
 
@@ -114,7 +117,7 @@ class LoadShedder:
 
         body = self.app(environ, noting)
         # One line, formatted only when a handler takes it (%-style arguments).
-        request_log.info("%s %s %s %.1fms", environ.get("REQUEST_METHOD"),
-                         environ.get("PATH_INFO"), status[-1][:3] if status else "-",
-                         (time.perf_counter() - t0) * 1000)
+        request_log.info("%s %s %s %.1fms", printable(str(environ.get("REQUEST_METHOD")), 20),
+                         printable(environ.get("PATH_INFO", "")),
+                         status[-1][:3] if status else "-", (time.perf_counter() - t0) * 1000)
         return body

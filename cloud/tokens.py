@@ -33,6 +33,8 @@ from typing import Any
 from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import ConfigError, NotFoundError
 
+from .private import private_dir, private_file
+
 log = logging.getLogger("hybridml.cloud.tokens")
 
 DB_NAME = "tokens.db"
@@ -89,9 +91,9 @@ class TokenStore:
             conn = sqlite3.connect(":memory:")  # no tokens yet: read an empty table
         else:
             if not self.path.exists():
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(self.path.parent)
                 # Hashes only, but nobody else needs to read who may call the cloud.
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+                private_file(self.path)
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         try:
             conn.execute(_SCHEMA)

@@ -37,8 +37,8 @@ def loads(text: str, what: str = "the input", field: str = "body") -> Any:
         raise InputError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column "
                          f"{exc.colno}", field=field) from None
     except RecursionError:
-        raise InputError(f"{what} nests arrays or objects too deeply; a row is a flat object "
-                         "or list", field=field) from None
+        raise InputError(f"{what} nests arrays or objects too deeply; send shallow JSON (a "
+                         "row is a flat object or list)", field=field) from None
     except ValueError:  # an integer literal over Python's 4300-digit limit
         raise InputError(f"{what} holds a number with thousands of digits; send numbers that "
                          "fit a float", field=field) from None

@@ -50,6 +50,7 @@ from .cells import (
     short_repr,
 )
 from .errors import InputError, SchemaError
+from .text import printable
 
 NUMERIC = "numeric"
 CATEGORICAL = "categorical"
@@ -267,8 +268,11 @@ class InputSchema:
                                  "value", row=r, field=absent[0])
             extra = [k for k in row if k not in self._names_set]
             if extra:
+                # The field echoes the key escaped: a lone surrogate or a control character
+                # in it must not break whoever encodes or prints the error.
                 raise InputError(f"row {r} has unknown column {short_repr(extra[0])}; the model "
-                                 f"takes {', '.join(names)}", row=r, field=str(extra[0])[:80])
+                                 f"takes {', '.join(names)}", row=r,
+                                 field=printable(str(extra[0]), 80))
             values: Sequence[Any] = [row[k] for k in names]
         elif isinstance(row, (list, tuple)):
             if len(row) != len(names):

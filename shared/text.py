@@ -1,4 +1,9 @@
-"""Text tables for the command lines and reports: one printer, plain or Markdown.
+"""Text for people: tables for the command lines and reports, and echoed input made safe.
+
+:func:`printable` is how text that came from a request (a path, a header, a column name) goes
+into a log line or an error's details: control characters, lone surrogates and other
+non-printables become escapes, and the length is capped, so a request cannot forge log lines
+or make an encoder fail.
 
 Plain (the CLIs)::
 
@@ -13,6 +18,36 @@ right-aligned ones. Columns are as wide as their widest cell; lines carry no tra
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+
+ECHO_LIMIT = 200
+
+
+def printable(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` with every non-printable character escaped and at most ``limit`` of its
+    characters kept (then ``...``): safe in one log line and in UTF-8 output.
+
+    Escapes look like Python's (``\\r``, ``\\n``, ``\\t``, ``\\x1b``, ``\\ud800``); printable
+    text, including letters of any script, is kept as it is. The result is for people, not
+    for parsing back: a backslash already in ``text`` is left alone.
+    """
+    if len(text) <= limit and text.isprintable():  # the common case: nothing to do
+        return text
+    cut = text[:limit]
+    out = "".join(c if c.isprintable() else _escape(c) for c in cut)
+    return out if len(text) <= limit else out + "..."
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], *, align: str = "",
@@ -51,4 +86,4 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], *, ali
     return "\n".join(out)
 
 
-__all__ = ["format_table"]
+__all__ = ["ECHO_LIMIT", "format_table", "printable"]

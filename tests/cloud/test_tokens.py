@@ -14,10 +14,11 @@ from hybridml.cloud.app import create_app
 from hybridml.cloud.auth import AuditLog, promote, rollback
 from hybridml.cloud.cli import main as cloud_main
 from hybridml.cloud.registry import Registry
-from hybridml.cloud.serve import check_security, is_loopback
+from hybridml.cloud.serve import check_security
 from hybridml.cloud.signing import KeyRing
 from hybridml.cloud.tokens import TokenStore, hash_token
 from hybridml.shared.errors import ConfigError, NotFoundError
+from hybridml.shared.net import is_loopback
 from tests.cloud.conftest import IRIS_ROW as ROW
 
 
