@@ -20,17 +20,17 @@ import numpy as np
 
 from .common import Stats, log
 from .servers import cloud
-from .workspace import Model
+from .workspace import Model, provision
 
 
 class Device:
     """One simulated device: a store and a client."""
 
-    def __init__(self, root: Path, url: str, name: str, i: int) -> None:
+    def __init__(self, root: Path, url: str, name: str, i: int, registry: Path) -> None:
         from hybridml.edge.client import CloudClient
         from hybridml.edge.store import LocalStore
 
-        self.store = LocalStore(root / f"dev{i:04d}")
+        self.store = LocalStore(provision(root / f"dev{i:04d}", registry))
         self.client = CloudClient(url, device=f"dev{i:04d}")
         self.name = name
 
@@ -82,7 +82,7 @@ def run(model: Model, work: Path, *, sizes: tuple[int, ...], request_budget: int
             log(f"fleet: {n} devices")
             root = work / f"fleet-{n}"
             shutil.rmtree(root, ignore_errors=True)
-            devices = [Device(root, server.url, model.name, i) for i in range(n)]
+            devices = [Device(root, server.url, model.name, i, model.registry) for i in range(n)]
             cpu0 = server.cpu_seconds()
             lat, err, wall = _drive(devices, Device.sync, threads)
             cpu1 = server.cpu_seconds()

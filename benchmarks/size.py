@@ -15,7 +15,7 @@ from typing import Any
 
 from .common import log, ratio
 from .servers import CountingProxy, cloud
-from .workspace import Model
+from .workspace import Model, provision
 
 
 def sizes(models: list[Model], work: Path) -> list[dict[str, Any]]:
@@ -58,7 +58,7 @@ def wire(model: Model, work: Path) -> dict[str, Any]:
     shutil.rmtree(store, ignore_errors=True)
     res: dict[str, Any] = {"model": model.name}
     with cloud(reg_dir) as server, CountingProxy(server.port) as proxy:
-        rt = EdgeRuntime(store, model.name, proxy.url)
+        rt = EdgeRuntime(provision(store, reg_dir), model.name, proxy.url)
         first = rt.sync()
         res["first_sync"] = {**proxy.totals(), "artifact_bytes": first.bytes_downloaded}
         proxy.reset()

@@ -266,6 +266,18 @@ class Workspace:
                      rows[in_table[0]], miss, [rows[i] for i in good])
 
 
+def provision(store_dir: Path, registry: Path) -> Path:
+    """Make ``store_dir`` trust ``registry``'s signing key (created if it has none), as a
+    device is provisioned before its first sync: the benchmarks measure signed manifests."""
+    from hybridml.cloud.signing import KeyRing
+    from hybridml.edge.trust import TrustStore
+
+    ring = KeyRing(registry)
+    key_id = ring.active_id() or ring.init().key_id
+    TrustStore(store_dir).add(ring.info(key_id).public_path)
+    return store_dir
+
+
 def make_store(registry: Path, name: str, store_dir: Path, ref: str = "stable",
                with_table: bool = True) -> Path:
     """Copy ``name``'s model (and table) into a fresh edge store and activate it."""

@@ -27,14 +27,13 @@ class names) is built once, and the answer is encoded by one prebuilt JSON encod
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,8 +47,9 @@ from hybridml.shared.errors import (
     InputError,
     NotFoundError,
 )
-from hybridml.shared.files import atomic_write
 from hybridml.shared.manifest import Manifest
+from hybridml.shared.release import Release, issue_window
+from hybridml.shared.text import printable
 
 from . import auth
 from .config import ServeConfig
@@ -154,7 +154,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     app.extensions["hybridml"] = {"registry": reg, "config": cfg}
     models = ModelCache(reg, cfg.model_cache)
     signer = Signer(reg.root)  # signs every manifest served (hybridml.cloud.signing)
-    gz_dir = reg.root / "cache" / "gzip"
+    gz_dir = reg.gzip_cache
 
     # No per-request timing/logging hooks here: LoadShedder, the outermost layer, writes the
     # one line per request, and costs nothing more when INFO is off.
@@ -187,7 +187,8 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", printable(request.method, 20),
+                      printable(request.path))
         return jsonify({"error": {"code": "internal",
                                   "message": "internal error; see the server log"}}), 500
 
@@ -202,11 +203,18 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     @app.get("/v1/models/<name>/manifest")
     def manifest(name: str) -> Response:
         ref = _ref(request)
-        etag = signer.etag(reg.manifest_etag(name, ref))
+        served = reg.served(name, ref)
+        # Re-signed on a fixed grid: every worker and replica serves the same bytes (and
+        # ETag) within a period, and a device sees a new issued-at at least once per period.
+        issued, expires = issue_window(time.time(), cfg.manifest_lifetime_s)
+        etag = signer.etag(f"{served.etag[:40]}.{served.sequence}.{int(issued)}.{ref}")
         if request.if_none_match.contains(etag):
             resp = Response(status=304)
         else:
-            resp = jsonify(signer.sign(reg.manifest(name, ref)))
+            doc = json.loads(served.manifest)
+            doc["release"] = Release(served.name, str(ref), served.version, served.sequence,
+                                     issued, expires).to_json()
+            resp = jsonify(signer.sign(doc))
         resp.set_etag(etag)
         resp.headers["Cache-Control"] = "no-cache"
         return resp
@@ -229,7 +237,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             request.environ["HTTP_RANGE"] = f"bytes={byte_range[0]}-{byte_range[1]}"
         wants_gzip = "gzip" in request.headers.get("Accept-Encoding", "")
         if wants_gzip and byte_range is None and size >= cfg.compress_min_bytes:
-            gz = _gzipped(gz_dir, path, sha256)
+            gz = reg.blobs.gzipped(sha256, gz_dir)  # made once, by one process
             if gz is not None:
                 resp = send_file(gz, mimetype="application/octet-stream", conditional=False,
                                  etag=False)
@@ -316,7 +324,7 @@ def _json_body(req: Request) -> dict[str, Any]:
     unknown = [k for k in data if k not in BODY_KEYS]
     if unknown:
         raise InputError(f"unknown key {_short(unknown[0])} in the request body; send "
-                         "'inputs' and optionally 'version'", field=unknown[0][:80])
+                         "'inputs' and optionally 'version'", field=printable(unknown[0], 80))
     return data
 
 
@@ -369,19 +377,3 @@ def _clipped(payload: dict[str, Any], limit: int = 500) -> dict[str, Any]:
                            for k, v in body["details"].items()}
     return payload
 
-
-def _gzipped(cache: Path, path: Path, sha256: str) -> Path | None:
-    """A gzip copy of an artifact (made once, atomically); None if it would not be smaller."""
-    gz = cache / f"{sha256}.gz"
-    skip = cache / f"{sha256}.raw"
-    if gz.exists():
-        return gz
-    if skip.exists():
-        return None
-    cache.mkdir(parents=True, exist_ok=True)
-    data = gzip.compress(path.read_bytes(), compresslevel=6, mtime=0)
-    if len(data) > 0.9 * path.stat().st_size:
-        skip.touch()
-        return None
-    atomic_write(gz, data)
-    return gz

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from hybridml.shared.errors import ConfigError, HTTPError
+from hybridml.shared.release import DEFAULT_LIFETIME_S
 from hybridml.shared.settings import load_env
 
 
@@ -27,6 +28,10 @@ class ServeConfig:
     its first byte, or of the connection for a new one, and its headers within
     ``max_header_bytes``; a response the client stops reading for ``send_timeout_s`` is
     abandoned. Until then such a client waits on the worker's main thread, not in a thread.
+
+    Freshness: a served manifest's signed release block expires ``manifest_lifetime_s``
+    after it was issued (default 24 h); devices refuse an expired one, so this bounds how
+    long a recorded manifest can be replayed (:mod:`hybridml.shared.release`).
     """
 
     max_batch: int = 1000
@@ -40,6 +45,7 @@ class ServeConfig:
     request_timeout_s: int = 10
     send_timeout_s: int = 30
     max_header_bytes: int = 64 * 1024
+    manifest_lifetime_s: int = DEFAULT_LIFETIME_S
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -4,6 +4,10 @@ Layout under the root::
 
     <root>/blobs/<sha256>   immutable content-addressed artifacts (:mod:`hybridml.cloud.blobs`)
     <root>/registry.db      SQLite: versions (manifest + metadata JSON), aliases, blob references
+    <root>/cache/gzip/      gzip copies of large blobs, made once (:meth:`BlobStore.gzipped`)
+
+Everything under the root is its owner's alone: directories 0700, files 0600, blobs 0400
+(:mod:`hybridml.cloud.private`); opening a registry an older release made tightens it.
 
 Several processes share one registry (gunicorn workers serve it while a cron job retrains), so:
 
@@ -60,6 +64,7 @@ from hybridml.shared.manifest import (
 
 from .blobs import BlobSource, BlobStore, check_sha
 from .database import Database
+from .private import private_dir, tighten_tree
 
 log = logging.getLogger("hybridml.cloud.registry")
 
@@ -67,7 +72,7 @@ ENV_VAR = "HYBRIDML_REGISTRY"
 DEFAULT_ROOT = "registry"
 DB_NAME = "registry.db"
 GC_MIN_AGE_S = 3600.0
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: release sequences
 MODEL_ROLES = ("model", "model_fp32")
 Ref = int | str
 
@@ -91,6 +96,12 @@ _SCHEMA = (
         sha256 TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
         PRIMARY KEY (sha256, name, version),
         FOREIGN KEY (name, version) REFERENCES versions (name, version))""",
+    # Schema 2. Per model, the release sequence signed into every served manifest: raised in
+    # the same transaction as each change of what the model's references resolve to, never
+    # lowered (see hybridml.shared.release). A model without a row is at 0.
+    """CREATE TABLE IF NOT EXISTS sequences (
+        name TEXT PRIMARY KEY, sequence INTEGER NOT NULL CHECK (sequence >= 0),
+        updated TEXT NOT NULL)""",
 )
 
 
@@ -129,6 +140,22 @@ class ModelSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the manifest endpoint needs, read in one transaction: the version a reference
+    resolves to, its manifest text and the model's release sequence."""
+
+    name: str
+    version: int
+    sequence: int
+    manifest: str
+
+    @property
+    def etag(self) -> str:
+        """sha256 hex of the canonical manifest text (the registry's own copy)."""
+        return hashlib.sha256(self.manifest.encode("utf-8")).hexdigest()
+
+
 class Registry:
     """Versions, manifests, metadata, aliases and blobs of every model; safe across processes.
 
@@ -141,14 +168,16 @@ class Registry:
         # Absolute: Flask resolves relative file paths against the package, not the cwd.
         self.root = Path(root).expanduser().resolve()
         self.db_path = self.root / DB_NAME
+        self.gzip_cache = self.root / "cache" / "gzip"  # derived copies, dropped with the blob
         self.blobs = BlobStore(self.root / "blobs")
         if not self.db_path.exists():
             if not create:
                 raise NotFoundError(
                     f"no registry at {self.root} (no {DB_NAME}): pass create=True, or point "
                     f"${ENV_VAR} at an existing registry", field="root")
-            self.root.mkdir(parents=True, exist_ok=True)
-        self.blobs.dir.mkdir(exist_ok=True)
+            private_dir(self.root)
+        tighten_tree(self.root)  # 0700/0600, also for a registry an older release created
+        private_dir(self.blobs.dir)
         self._db = Database(self.db_path, create=create, schema=_SCHEMA,
                             version=SCHEMA_VERSION, error=RegistryError)
         # Bumped after each write through this object: SQLite's data_version does not change
@@ -227,6 +256,7 @@ class Registry:
             _index_refs(c, name, version, (doc, meta))
             c.execute("INSERT OR IGNORE INTO aliases (name, alias, version, updated) "
                       "VALUES (?, 'stable', ?, ?)", (name, version, utc_iso()))
+            _bump_sequence(c, name)  # 'latest' (and a first 'stable') now resolve anew
         log.info("registered %s version %d (%s, parent %s)", name, version, lineage, parent)
         return json.loads(text)  # type: ignore[no-any-return]
 
@@ -241,6 +271,22 @@ class Registry:
     def manifest_etag(self, name: str, ref: Ref = "stable") -> str:
         """Return a strong ETag (unquoted): sha256 hex of the canonical manifest bytes."""
         return hashlib.sha256(self._column(name, ref, "manifest").encode("utf-8")).hexdigest()
+
+    def served(self, name: str, ref: Ref = "stable") -> Served:
+        """The version ``ref`` resolves to, its manifest and the model's sequence, at once."""
+        name = _lookup_name(name)
+        with self._tx(write=False) as c:
+            version = self._resolve(c, name, ref)
+            text = c.execute("SELECT manifest FROM versions WHERE name = ? AND version = ?",
+                             (name, version)).fetchone()[0]
+            return Served(name, version, _sequence(c, name), str(text))
+
+    def sequence(self, name: str) -> int:
+        """The release sequence of ``name`` (0 before its first change under schema 2)."""
+        name = _lookup_name(name)
+        with self._tx(write=False) as c:
+            self._resolve(c, name, "latest")  # NotFoundError for an unknown model
+            return _sequence(c, name)
 
     def resolve(self, name: str, ref: Ref = "stable") -> int:
         """Return the version number ``ref`` points at; NotFoundError lists what exists."""
@@ -317,6 +363,7 @@ class Registry:
                                (name, alias)).fetchone()
             c.execute("INSERT OR REPLACE INTO aliases (name, alias, version, updated) "
                       "VALUES (?, ?, ?, ?)", (name, alias, version, utc_iso()))
+            _bump_sequence(c, name)
         log.info("alias %s/%s: %s -> %d", name, alias, before[0] if before else None, version)
         return version
 
@@ -336,6 +383,7 @@ class Registry:
             gone = c.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
             if gone.rowcount == 0:
                 raise self._not_found(c, name, f"alias {alias!r} of model {name!r}")
+            _bump_sequence(c, name)
         log.info("alias %s/%s deleted", name, alias)
 
     # -------------------------------------------------------------------------- artifacts
@@ -375,6 +423,7 @@ class Registry:
                       (text, name, version))
             c.execute("DELETE FROM blob_refs WHERE name = ? AND version = ?", (name, version))
             _index_refs(c, name, version, (doc, json.loads(meta)))
+            _bump_sequence(c, name)  # a device must prefer this manifest to the one before
         log.info("attached %s %s to %s version %d", art.role, art.sha256[:12], name, version)
         return json.loads(text)  # type: ignore[no-any-return]
 
@@ -392,6 +441,9 @@ class Registry:
             doomed = [sha for sha, mtime in self.blobs.entries()
                       if sha not in keep and now - mtime >= min_age_seconds]
             removed = self.blobs.delete(doomed)
+        for sha in doomed:  # a deleted blob's gzip copy (and its lock and marker) go too
+            for suffix in (".gz", ".raw", ".lock"):
+                (self.gzip_cache / f"{sha}{suffix}").unlink(missing_ok=True)
         removed += self.blobs.sweep(min_age_seconds)
         log.info("gc removed %d files from %s", removed, self.root)
         return removed
@@ -504,6 +556,19 @@ def _json_copy(value: object, what: str, error: type[RegistryError] | type[Manif
     except (TypeError, ValueError) as exc:
         raise error(f"{what} is not valid JSON: {exc}; convert numpy values with float() or "
                     ".tolist() and replace NaN/inf", field=what) from exc
+
+
+def _sequence(c: sqlite3.Connection, name: str) -> int:
+    row = c.execute("SELECT sequence FROM sequences WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _bump_sequence(c: sqlite3.Connection, name: str) -> int:
+    """Raise ``name``'s release sequence by one, inside the caller's write transaction."""
+    c.execute("INSERT INTO sequences (name, sequence, updated) VALUES (?, 1, ?) "
+              "ON CONFLICT (name) DO UPDATE SET sequence = sequence + 1, "
+              "updated = excluded.updated", (name, utc_iso()))
+    return _sequence(c, name)
 
 
 def _index_refs(c: sqlite3.Connection, name: str, version: int,

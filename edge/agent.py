@@ -3,7 +3,12 @@
 Syncs every ``interval`` seconds with ±``jitter`` so a fleet does not hit the cloud in lockstep;
 while the cloud is down it backs off exponentially (capped at ``max_backoff``). A failed sync
 never touches the active model, so a process serving predictions from the same store keeps
-serving throughout.
+serving throughout. Any single failed step — a typed error, or a bug or hostile input that
+raises something else — is logged and retried with backoff; the loop itself never dies of it.
+
+Every interval it also checks freshness (:mod:`hybridml.edge.freshness`): when no newer signed
+manifest has arrived for ``stale_after_s`` it logs a warning each cycle, so a device frozen
+by the network (304s forever, the same old manifest replayed) is noticed.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from types import FrameType
 from hybridml.shared.errors import ConfigError, HybridMLError
 
 from .client import CloudClient
+from .freshness import Seen, describe
 from .store import LocalStore
-from .sync import SyncResult, sync
+from .sync import SyncOptions, SyncResult, sync
 
 log = logging.getLogger("hybridml.edge.agent")
 
@@ -58,9 +64,11 @@ class Agent:
 
     def __init__(self, store: LocalStore, client: CloudClient, name: str,
                  settings: AgentSettings | None = None, *, seed: int | None = None,
-                 on_result: Callable[[SyncResult | HybridMLError], None] | None = None) -> None:
+                 on_result: Callable[[SyncResult | HybridMLError], None] | None = None,
+                 options: SyncOptions | None = None) -> None:
         self.store, self.client, self.name = store, client, name
         self.settings = settings or AgentSettings()
+        self.options = options or SyncOptions()
         self.rng = random.Random(seed)
         self.on_result = on_result
         self.failures = 0
@@ -75,20 +83,44 @@ class Agent:
         """One sync; returns the delay before the next one."""
         self.cycles += 1
         try:
-            result = sync(self.store, self.client, self.name)
+            result = sync(self.store, self.client, self.name, self.options)
         except HybridMLError as exc:
             self.failures += 1
             log.warning("sync of %s failed (%d in a row): %s", self.name, self.failures,
                         exc.message)
             if self.on_result:
                 self.on_result(exc)
+        except Exception as exc:  # a bug or hostile input: this step failed, the agent lives
+            self.failures += 1
+            log.exception("sync of %s failed (%d in a row) with an unexpected %s",
+                          self.name, self.failures, type(exc).__name__)
+            if self.on_result:
+                self.on_result(HybridMLError(f"unexpected {type(exc).__name__}: {exc}"))
         else:
             self.failures = 0
             if result.changed:
                 log.warning("activated %s v%s", self.name, result.version)
             if self.on_result:
                 self.on_result(result)
+        self._check_freshness()
         return self.settings.next_delay(self.failures, self.rng)
+
+    def freshness(self) -> dict[str, object]:
+        """The model's freshness now (:func:`hybridml.edge.freshness.describe`)."""
+        store, name = self.store, self.name
+        seen = Seen.load(store.sync_state(name), store.active(name), store.previous(name))
+        return describe(seen, self.options.clock(), self.options.freshness)
+
+    def _check_freshness(self) -> None:
+        try:
+            fresh = self.freshness()
+        except Exception as exc:  # an unreadable store is reported by the next sync
+            log.warning("cannot judge the freshness of %s: %s", self.name, exc)
+            return
+        if fresh["state"] == "stale":
+            log.warning("%s is STALE: no newer signed manifest since %s (over %g s); the cloud "
+                        "is unreachable, or the network withholds updates", self.name,
+                        fresh["since"], fresh["stale_after_s"])
 
     def run(self, max_cycles: int | None = None, install_signals: bool = True) -> int:
         """Loop until stopped or ``max_cycles`` syncs; returns the number of cycles run."""

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,14 +22,17 @@ import numpy as np
 
 from hybridml.shared import jsontext
 from hybridml.shared.errors import ConfigError, HybridMLError, InputError
+from hybridml.shared.settings import env_flag
 from hybridml.shared.text import format_table
 
+from . import freshness
 from .agent import Agent, AgentSettings
-from .client import CloudClient
+from .client import CloudClient, read_token_file
 from .fallback import FallbackPolicy
+from .freshness import FreshnessSettings
 from .runtime import EdgeRuntime, Prediction
 from .store import LocalStore
-from .sync import sync
+from .sync import SyncOptions, sync
 from .trust import TrustStore, describe
 
 log = logging.getLogger("hybridml.edge.cli")
@@ -57,7 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local store directory (default: $HYBRIDML_STORE or ~/.hybridml)")
     common.add_argument("--cloud", default=os.environ.get("HYBRIDML_CLOUD"),
                         help="cloud base URL, e.g. http://127.0.0.1:8000 ($HYBRIDML_CLOUD)")
-    common.add_argument("--token", default=None, help="device token ($HYBRIDML_TOKEN)")
+    common.add_argument("--token-file", default=None, metavar="PATH",
+                        help="file holding the device token, readable by its owner only "
+                        "(chmod 600); default: $HYBRIDML_TOKEN")
+    common.add_argument("--token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
+    common.add_argument("--ca-bundle", default=None, metavar="PEM",
+                        help="check the cloud's TLS certificate against the CAs in this file "
+                        "only ($HYBRIDML_CA_BUNDLE; default: the system CAs)")
+    common.add_argument("--allow-http", action="store_true",
+                        help="allow plain http:// to a cloud off this machine, on a network "
+                        "you trust ($HYBRIDML_ALLOW_HTTP)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--verbose", "-v", action="store_true", help="log INFO messages")
 
@@ -68,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     trust_flag.add_argument("--trust", action="append", default=[], metavar="PUBKEY_FILE",
                             help="trust this cloud signing key from now on, as 'trust add' "
                             "does (repeatable)")
+    trust_flag.add_argument("--allow-unsigned", action="store_true",
+                            default=env_flag("HYBRIDML_ALLOW_UNSIGNED", False),
+                            help="accept unsigned manifests while this device trusts no key "
+                            "(unsafe off a trusted network; $HYBRIDML_ALLOW_UNSIGNED)")
+    trust_flag.add_argument("--alias", default="stable",
+                            help="the alias this device follows (default: stable)")
+    stale_flag = argparse.ArgumentParser(add_help=False)
+    stale_flag.add_argument("--stale-after", type=float, default=None, metavar="SECONDS",
+                            help="call a model stale after this long without a newer signed "
+                            "manifest (default 86400, $HYBRIDML_STALE_AFTER_S)")
 
     s = sub.add_parser("sync", parents=[common, trust_flag],
                        help="fetch and activate the cloud's version")
@@ -87,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-fallback", action="store_true", help="never ask the cloud")
     pr.set_defaults(func=cmd_predict)
 
-    st = sub.add_parser("status", parents=[common], help="what is active, synced and reachable")
+    st = sub.add_parser("status", parents=[common, stale_flag],
+                        help="what is active, synced, fresh and reachable")
     st.add_argument("--name", default=None, help="one model (default: every model in store)")
     st.set_defaults(func=cmd_status)
 
@@ -106,13 +130,47 @@ def build_parser() -> argparse.ArgumentParser:
     trm.add_argument("key_id")
     trm.set_defaults(func=cmd_trust_remove)
 
-    ag = sub.add_parser("agent", parents=[common, trust_flag],
+    ag = sub.add_parser("agent", parents=[common, trust_flag, stale_flag],
                         help="sync in a loop (for systemd)")
     ag.add_argument("--name", required=True)
     ag.add_argument("--interval", type=float, default=300.0, help="seconds between syncs")
     ag.add_argument("--max-cycles", type=int, default=None, help="stop after N syncs")
     ag.set_defaults(func=cmd_agent)
     return p
+
+
+def _freshness(args: argparse.Namespace) -> FreshnessSettings:
+    settings = FreshnessSettings.from_env()
+    if getattr(args, "stale_after", None) is not None:
+        if args.stale_after <= 0:
+            raise ConfigError("--stale-after must be a positive number of seconds",
+                              field="stale_after")
+        settings = dataclasses.replace(settings, stale_after_s=args.stale_after)
+    return settings
+
+
+def _sync_options(args: argparse.Namespace) -> SyncOptions:
+    return SyncOptions(alias=args.alias, allow_unsigned=args.allow_unsigned,
+                       freshness=_freshness(args))
+
+
+class _RefuseToken(argparse.Action):
+    """``--token``: refused, saying where a token goes instead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error("--token is not accepted: a token on the command line is visible to every "
+                     "user of this machine (ps, /proc, shell history). Set $HYBRIDML_TOKEN, or "
+                     "write the token to a file only you can read (chmod 600 FILE) and pass "
+                     "--token-file FILE")
+
+
+def _client(args: argparse.Namespace) -> CloudClient:
+    """The cloud client the flags describe: ``--cloud`` (required), ``--token-file`` (else
+    $HYBRIDML_TOKEN), ``--ca-bundle`` and ``--allow-http``."""
+    token = read_token_file(args.token_file) if args.token_file else None
+    return CloudClient(_need_cloud(args), token=token, ca_bundle=args.ca_bundle,
+                       allow_http=args.allow_http)
 
 
 def _need_cloud(args: argparse.Namespace) -> str:
@@ -124,9 +182,9 @@ def _need_cloud(args: argparse.Namespace) -> str:
 def cmd_sync(args: argparse.Namespace) -> int:
     """``sync``: one verified sync."""
     store = LocalStore(args.store)
-    client = CloudClient(_need_cloud(args), token=args.token)
+    client = _client(args)
     _add_trusted(store, args.trust)
-    r = sync(store, client, args.name)
+    r = sync(store, client, args.name, _sync_options(args))
     if r.changed:
         text = (f"{args.name}: activated v{r.version}"
                 + (f" (previous v{r.previous_version})" if r.previous_version else "")
@@ -145,7 +203,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.timeout_ms is not None:
         changes["timeout_ms"] = args.timeout_ms
     policy = dataclasses.replace(FallbackPolicy.from_env(), **changes)
-    rt = EdgeRuntime(args.store, args.name, args.cloud, policy=policy, token=args.token)
+    rt = EdgeRuntime(args.store, args.name, policy=policy,
+                     client=_client(args) if args.cloud else None)
     text = _read_input(args.input)
     rows = read_rows(text)
     if isinstance(rows, dict):  # CSV: text columns, typed by the model's schema
@@ -169,8 +228,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``status``: per model, the active and previous versions, table, last sync."""
     store = LocalStore(args.store)
     names = [args.name] if args.name else store.model_names()
-    reachable = CloudClient(args.cloud, token=args.token).healthy() if args.cloud else None
+    reachable = _client(args).healthy() if args.cloud else None
     models: list[dict[str, Any]] = []
+    fresh_settings = _freshness(args)
     for name in names:
         active, prev = store.active(name), store.previous(name)
         entry: dict[str, Any] = {"name": name, "active_version": active.version if active else None,
@@ -183,7 +243,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             entry["variant"] = model.variant if model else None
             entry["table_bytes"] = table.size if table else 0
             entry["signature"] = describe(store.root, active)
-        entry.update({k: v for k, v in store.sync_state(name).items() if k != "etag"})
+        state = store.sync_state(name)
+        entry["freshness"] = freshness.describe(
+            freshness.Seen.load(state, active, prev), time.time(), fresh_settings)
+        entry.update({k: v for k, v in state.items()
+                      if k not in ("etag", "sequence", "issued", "fresh_at")})
         models.append(entry)
     disk = store.disk_bytes()
     if args.json:
@@ -206,6 +270,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(line)
         if e.get("signature"):
             print(f"  signature: {_signature_text(e['signature'])}")
+        if e["active_version"]:
+            print(f"  freshness: {freshness.text(e['freshness'])}")
         print(f"  last sync: {e.get('last_sync', 'never')}"
               + (f"; last error: {e['last_error']}" if e.get("last_error") else ""))
     return 0
@@ -224,9 +290,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     """``agent``: the sync loop."""
     store = LocalStore(args.store)
-    client = CloudClient(_need_cloud(args), token=args.token)
+    client = _client(args)
     _add_trusted(store, args.trust)
-    agent = Agent(store, client, args.name, AgentSettings(interval=args.interval))
+    agent = Agent(store, client, args.name, AgentSettings(interval=args.interval),
+                  options=_sync_options(args))
     cycles = agent.run(max_cycles=args.max_cycles)
     log.info("agent stopped after %d cycles", cycles)
     return 0
@@ -248,8 +315,8 @@ def cmd_trust_list(args: argparse.Namespace) -> int:
         print(json.dumps({"trusted": keys}))
     else:
         print("\n".join(keys) if keys else
-              "no trusted keys: manifests are accepted unsigned (run 'hybridml-edge trust add "
-              "KEY.pub')")
+              "no trusted keys: sync refuses every manifest until you run 'hybridml-edge "
+              "trust add KEY.pub' (or passes --allow-unsigned)")
     return 0
 
 

@@ -47,7 +47,7 @@ from .store import LocalStore
 
 if TYPE_CHECKING:  # the cloud side (requests, signature checks) loads only when used
     from .client import CloudClient
-    from .sync import SyncResult
+    from .sync import SyncOptions, SyncResult
 
 log = logging.getLogger("hybridml.edge.runtime")
 
@@ -146,7 +146,9 @@ class Prediction:
 class EdgeRuntime:
     """Serve one model from a local store, offline first.
 
-    ``store`` is a directory; ``model`` the model name; ``cloud_url`` enables sync and fallback.
+    ``store`` is a directory; ``model`` the model name; ``cloud_url`` enables sync and fallback
+    (``token``, ``ca_bundle`` and ``allow_http`` as :class:`~hybridml.edge.client.CloudClient`
+    takes them; or pass a ready ``client``).
     ``observers`` are called after every prediction call, whichever door it came in by, with
     an :class:`~hybridml.edge.observe.Observation` (they run in the caller's thread: keep
     them fast, and they must not raise). ``clock`` (monotonic seconds) drives the fallback's
@@ -157,14 +159,16 @@ class EdgeRuntime:
                  cloud_url: str | None = None, *, policy: FallbackPolicy | None = None,
                  token: str | None = None, threads: int = 1,
                  observers: Iterable[Observer] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 ca_bundle: str | os.PathLike[str] | None = None, allow_http: bool = False,
+                 client: CloudClient | None = None) -> None:
         self.store = store if isinstance(store, LocalStore) else LocalStore(store)
         self.name = model
-        client: CloudClient | None = None
-        if cloud_url:
+        if client is None and cloud_url:
             from .client import CloudClient
 
-            client = CloudClient(cloud_url, token=token)
+            client = CloudClient(cloud_url, token=token, ca_bundle=ca_bundle,
+                                 allow_http=allow_http)
         self.fallback = Fallback(model, policy or FallbackPolicy.from_env(), client,
                                  clock=clock)
         self.threads = threads
@@ -212,14 +216,15 @@ class EdgeRuntime:
             None if tab is None else self.store.artifact_path(tab.sha256), self.policy,
             Prediction.deferred, self.threads)
 
-    def sync(self) -> SyncResult:
-        """Sync with the cloud, then load the new version if one was activated."""
+    def sync(self, options: SyncOptions | None = None) -> SyncResult:
+        """Sync with the cloud (:func:`hybridml.edge.sync.sync`, with ``options``), then load
+        the new version if one was activated."""
         if self.client is None:
             raise ConfigError("no cloud URL configured; pass cloud_url to sync",
                               field="cloud_url")
         from .sync import sync
 
-        result = sync(self.store, self.client, self.name)
+        result = sync(self.store, self.client, self.name, options)
         if result.changed or self._loaded is None:
             self.reload()
         return result
@@ -401,7 +406,7 @@ class EdgeRuntime:
         ask = np.flatnonzero(reasons)
         if ask.size:
             unanswered = 0
-            answers = self.fallback.ask(v.schema, batch.take(ask))
+            answers = self.fallback.ask(v.manifest, batch.take(ask))
             for i, a in zip(ask.tolist(), answers):
                 reason = REASONS[reasons[i]]
                 if a is None:

@@ -198,7 +198,7 @@ class LocalStore:
             data = json.loads((d / JOURNAL).read_bytes())
         except FileNotFoundError:
             return None
-        except ValueError as exc:  # written atomically, so only tampering gets here
+        except (ValueError, RecursionError) as exc:  # written atomically: only tampering
             raise ManifestError(f"the rollback journal {d / JOURNAL} is unreadable ({exc}); "
                                 "delete it and run sync") from exc
         if not isinstance(data, dict) or not all(
@@ -226,8 +226,8 @@ class LocalStore:
         try:
             data = json.loads((self.model_dir(name) / "sync.json").read_text())
             return data if isinstance(data, dict) else {}
-        except (FileNotFoundError, ValueError):
-            return {}
+        except (FileNotFoundError, ValueError, RecursionError):
+            return {}  # bookkeeping only: the next sync writes it again
 
     def save_sync_state(self, name: str, state: dict[str, Any]) -> None:
         """Record sync state (atomically)."""

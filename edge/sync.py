@@ -3,6 +3,10 @@
 One sync:
 
 1. conditional manifest fetch (``If-None-Match``): nothing else happens when it is unchanged;
+   a new manifest must be signed by a trusted key (:mod:`hybridml.edge.trust`) and be the
+   current answer for the alias asked — not a replay, downgrade or expired copy
+   (:mod:`hybridml.edge.freshness`) — before anything is fetched; the same model re-signed
+   later only refreshes the stored manifest;
 2. download only missing artifacts, resuming ``.part`` files with Range requests;
 3. verify each artifact's size and sha256, fsync, rename into place;
 4. load the new model and reproduce the manifest's golden rows within tolerance, and open the
@@ -21,9 +25,12 @@ again. Temp files a SIGKILL left behind are removed by the next sync.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +43,15 @@ from hybridml.shared.manifest import Manifest
 from hybridml.shared.table import Table
 
 from .client import CloudClient
+from .freshness import FreshnessSettings, Seen, check_release
 from .session import ModelSession
 from .store import LocalStore
 from .trust import check_manifest
 
 log = logging.getLogger("hybridml.edge.sync")
 EDGE_ROLES = ("model", "table")
+MAX_ETAG = 512
+ETAG_RE = re.compile(r'(W/)?"[\x21\x23-\x7e]*"')  # RFC 9110 entity-tag: quoted visible ASCII
 
 
 @dataclass(frozen=True)
@@ -65,18 +75,41 @@ class SyncResult:
                 "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3)}
 
 
-def sync(store: LocalStore, client: CloudClient, name: str) -> SyncResult:
-    """Bring ``name`` in ``store`` up to the cloud's manifest; see the module docstring."""
+@dataclass(frozen=True)
+class SyncOptions:
+    """How a sync judges what it receives.
+
+    ``alias``: the reference the device follows (signed into the manifest it gets back).
+    ``allow_unsigned``: a device that trusts no key accepts unsigned manifests (unsafe off a
+    trusted network). ``clock``: POSIX seconds, for expiry and freshness (tests pass one).
+    """
+
+    alias: str = "stable"
+    allow_unsigned: bool = False
+    freshness: FreshnessSettings | None = None
+    clock: Callable[[], float] = time.time
+
+
+def sync(store: LocalStore, client: CloudClient, name: str,
+         options: SyncOptions | None = None, *, allow_unsigned: bool | None = None
+         ) -> SyncResult:
+    """Bring ``name`` in ``store`` up to the cloud's manifest; see the module docstring.
+
+    ``allow_unsigned`` overrides ``options.allow_unsigned`` (a shortcut for scripts).
+    """
+    opts = options or SyncOptions()
+    if allow_unsigned is not None:
+        opts = dataclasses.replace(opts, allow_unsigned=allow_unsigned)
     store.ensure()
     t0 = time.perf_counter()
     with store.lock(name):
         store.clean_temp(name)
         state = store.sync_state(name)
-        state["last_attempt"] = utc_iso()
+        state["last_attempt"] = utc_iso(opts.clock())
         try:
             try:
                 with store.shared():  # no store gc while artifacts land and pointers move
-                    result = _sync_locked(store, client, name, state, t0)
+                    result = _sync_locked(store, client, name, state, t0, opts)
             except OSError as exc:
                 raise _os_error(exc, store) from exc
         except HybridMLError as exc:
@@ -87,7 +120,7 @@ def sync(store: LocalStore, client: CloudClient, name: str) -> SyncResult:
                 log.warning("could not record the sync error for %s: %s", name, save_exc)
             raise
         state.pop("last_error", None)
-        state["last_sync"] = utc_iso()
+        state["last_sync"] = utc_iso(opts.clock())
         try:
             store.save_sync_state(name, state)
         except OSError as exc:  # the version is active; only the bookkeeping failed
@@ -107,21 +140,28 @@ def _os_error(exc: OSError, store: LocalStore) -> ArtifactError:
 
 
 def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[str, Any],
-                 t0: float) -> SyncResult:
+                 t0: float, opts: SyncOptions) -> SyncResult:
     active = store.active(name)
     # Only trust the stored ETag if the active pointer still exists.
     etag = state.get("etag") if active is not None else None
-    resp = client.manifest(name, etag)
-    if resp.body is None:
+    resp = client.manifest(name, etag, alias=opts.alias)
+    if resp.body is None:  # 304: unsigned, so it never counts as fresh (a freeze shows)
         return SyncResult(name, False, active.version if active else None, None, (), 0,
                           resp.wire_bytes, time.perf_counter() - t0)
     manifest = Manifest.loads(resp.body)
-    check_manifest(store.root, manifest)  # SignatureError before anything is fetched
     if manifest.name != name:
         raise ManifestError(f"asked for {name!r}, the cloud sent a manifest for "
                             f"{manifest.name!r}", field="name")
-    if active is not None and active.dumps() == manifest.dumps():
-        state["etag"] = resp.etag
+    # SignatureError / FreshnessError before anything is fetched
+    key_id = check_manifest(store.root, manifest, allow_unsigned=opts.allow_unsigned)
+    seen = check_release(manifest, name=name, ref=opts.alias, now=opts.clock(),
+                         seen=Seen.load(state, active, store.previous(name)),
+                         required=key_id is not None, settings=opts.freshness)
+    if active is not None and active.content() == manifest.content():
+        if active.dumps() != manifest.dumps():
+            store.activate(manifest)  # the same version, newer release or signature
+        seen.save(state)
+        _keep_etag(state, resp.etag)
         return SyncResult(name, False, active.version, None, (), 0, resp.wire_bytes,
                           time.perf_counter() - t0)
     fetched: list[str] = []
@@ -139,10 +179,23 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
     crash_point("after_verify")
     store.activate(manifest)
     crash_point("after_active")
-    state["etag"] = resp.etag
+    seen.save(state)
+    _keep_etag(state, resp.etag)
     return SyncResult(name, True, manifest.version, active.version if active else None,
                       tuple(fetched), received, resp.wire_bytes + received,
                       time.perf_counter() - t0)
+
+
+def _keep_etag(state: dict[str, Any], etag: str | None) -> None:
+    """Remember ``etag`` for the next conditional request, if it is one a server will take
+    back: a hostile ETag (control characters, kilobytes) stored here would be sent on every
+    later sync and get each one refused, even on a clean network."""
+    if etag is not None and len(etag) <= MAX_ETAG and ETAG_RE.fullmatch(etag):
+        state["etag"] = etag
+    else:
+        state.pop("etag", None)
+        if etag is not None:
+            log.warning("ignoring a malformed ETag from the cloud (%d characters)", len(etag))
 
 
 def verify_model(store: LocalStore, manifest: Manifest) -> ModelSession:

@@ -9,9 +9,11 @@ Policy (:func:`check_manifest`, called by sync right after parsing a manifest):
 
 * the store trusts one or more keys: the manifest must be signed by one of them with a valid
   signature, else :class:`SignatureError` and nothing is downloaded or activated;
-* the store trusts no key: the manifest is accepted (signed or not) with a warning, and
-  ``status`` reports it as not verified. Devices are provisioned with a key to turn checks on;
-  a device that already trusts a key never falls back to accepting unsigned manifests.
+* the store trusts no key: the manifest is refused (fail-closed: such a device cannot tell
+  the cloud's manifests from an attacker's), unless the caller passes ``allow_unsigned``
+  (``--allow-unsigned``, for a lab or a test on a trusted network); then it is accepted with
+  a warning and ``status`` reports it as not verified. A device that trusts a key never
+  accepts an unsigned manifest, whatever the flag.
 
 Pure: cryptography + stdlib + :mod:`hybridml.shared` (the key id and signed bytes are
 :mod:`hybridml.shared.signature`'s).
@@ -142,15 +144,25 @@ class TrustStore:
         log.info("no longer trusting key %s", key_id)
 
 
-def check_manifest(store_root: str | os.PathLike[str], manifest: Manifest) -> str | None:
-    """Apply the device's policy (module docstring); returns the verifying key id or None."""
+def check_manifest(store_root: str | os.PathLike[str], manifest: Manifest, *,
+                   allow_unsigned: bool = False) -> str | None:
+    """Apply the device's policy (module docstring); returns the verifying key id, or None
+    when ``allow_unsigned`` let a device that trusts no key accept it unchecked."""
     keys = TrustStore(store_root).keys()
-    if not keys:
-        log.warning("no trusted keys in %s: %s v%d accepted without a signature check; "
-                    "provision one with 'hybridml-edge trust add KEY.pub'",
-                    Path(store_root).expanduser() / TRUST_DIR, manifest.name, manifest.version)
-        return None
-    return verify(manifest.raw, keys)
+    if keys:
+        return verify(manifest.raw, keys)
+    where = Path(store_root).expanduser() / TRUST_DIR
+    if not allow_unsigned:
+        raise SignatureError(
+            f"this device trusts no signing key ({where} is empty), so it cannot tell the "
+            f"cloud's manifest {manifest.name!r} from an attacker's; not installed. Copy the "
+            ".pub file 'hybridml-cloud keys init' wrote and run 'hybridml-edge trust add "
+            "KEY.pub' (or sync with --trust KEY.pub); --allow-unsigned skips the check on a "
+            "network you trust", field="signature")
+    log.warning("no trusted keys in %s: %s v%d accepted without a signature check "
+                "(--allow-unsigned); provision one with 'hybridml-edge trust add KEY.pub'",
+                where, manifest.name, manifest.version)
+    return None
 
 
 def describe(store_root: str | os.PathLike[str], manifest: Manifest) -> dict[str, Any]:

@@ -194,6 +194,14 @@ class SignatureError(ManifestError):
     status = 502
 
 
+class FreshnessError(SignatureError):
+    """A validly signed manifest that is not current: an older sequence (a replay or a
+    downgrade), another model or alias than asked for, or expired."""
+
+    code = "not_fresh"
+    status = 502
+
+
 class TableError(HybridMLError):
     """A precomputed table is malformed or bound to another model."""
 
@@ -235,6 +243,13 @@ class CloudUnavailableError(RemoteError):
 
     code = "cloud_unavailable"
     status = 503
+
+
+class BodyTooLargeError(RemoteError):
+    """An answer from the cloud grew past its bound while it was read (or decompressed)."""
+
+    code = "body_too_large"
+    status = 502
 
 
 class CloudTimeoutError(RemoteError):

@@ -15,6 +15,10 @@ Format 1 (``"format": 1``)::
                  "tolerance": 1e-4}
     }
 
+A served manifest adds ``release`` (which alias it answers, its sequence, issued-at and
+expiry: :mod:`hybridml.shared.release`) and ``signature``; both are about the delivery, not
+the model, so :meth:`Manifest.content` leaves them out when a device compares versions.
+
 Artifact roles: ``model`` (what the edge runs: fp32 or int8, whichever passed the accuracy
 guard), ``model_fp32`` (the cloud's serving model) and ``table`` (precomputed predictions).
 """
@@ -28,12 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ManifestError
+from .release import Release
 from .schema import InputSchema
 
 FORMAT = 1
 ROLES = ("model", "model_fp32", "table")
 TASKS = ("binary", "multiclass", "regression")
 LINEAGES = ("retrain", "finetune")
+DELIVERY_KEYS = ("release", "signature")  # about how a manifest was served, not the model
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -112,6 +118,17 @@ class Manifest:
         """Canonical bytes: sorted keys, no spaces (what is hashed and signed)."""
         return canonical_json(self.raw)
 
+    def content(self) -> bytes:
+        """Canonical bytes of the model description alone, without ``release`` and
+        ``signature``: equal for two servings of the same version, whenever they were signed."""
+        return canonical_json({k: v for k, v in self.raw.items() if k not in DELIVERY_KEYS})
+
+    @property
+    def release(self) -> Release | None:
+        """The signed release block, or None (a manifest from an older cloud, or the registry's
+        own copy)."""
+        return Release.of(self.raw)
+
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
         """Validate a decoded manifest; raises :class:`ManifestError` naming the field."""
@@ -144,18 +161,48 @@ class Manifest:
             schema = InputSchema.from_json(data.get("schema"))
         except Exception as exc:
             raise ManifestError(f"manifest 'schema' is invalid: {exc}", field="schema") from exc
+        try:
+            canonical_json(data)  # what is hashed, signed and stored must serialise
+        except UnicodeEncodeError:
+            raise ManifestError("manifest holds text that is not valid Unicode (a lone "
+                                "surrogate such as \\ud800)", field="manifest") from None
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest holds a value JSON cannot carry: {exc}",
+                                field="manifest") from None
+        release = Release.of(data)
+        if release is not None and (release.name != name or release.version != version):
+            raise ManifestError(f"the release block names {release.name!r} v{release.version} "
+                                f"but the manifest is {name!r} v{version}", field="release")
         return cls(name, version, str(output["task"]),
                    tuple(classes) if isinstance(classes, list) else None,
                    artifacts, schema, dict(data))
 
     @classmethod
     def loads(cls, text: str | bytes) -> Manifest:
-        """Parse manifest text; invalid JSON is a :class:`ManifestError`."""
+        """Parse manifest text; invalid JSON (also: nested too deeply, not UTF-8, a NaN
+        literal) is a :class:`ManifestError`."""
         try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+            data = _DECODER.decode(text.decode("utf-8") if isinstance(text, bytes) else text)
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"manifest is not UTF-8 (bad byte at offset {exc.start})",
+                                field="manifest") from None
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc.msg} at line {exc.lineno} "
+                                f"column {exc.colno}", field="manifest") from None
+        except RecursionError:
+            raise ManifestError("manifest nests arrays or objects too deeply to be one",
+                                field="manifest") from None
+        except ValueError as exc:  # NaN/Infinity literals, numbers of thousands of digits
+            raise ManifestError(f"manifest is not valid JSON: {str(exc)[:80]}",
+                                field="manifest") from None
         return cls.from_json(data)
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
 def canonical_json(data: Any) -> bytes:

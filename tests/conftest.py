@@ -57,6 +57,7 @@ class CloudServer:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _runs: itertools.count[int] = field(default_factory=itertools.count, repr=False)
+    ca: Path | None = None  # the CA file of a server started with --certfile (https)
 
     def workers(self) -> list[int]:
         """PIDs of the gunicorn workers: the children of the server's process."""
@@ -111,7 +112,8 @@ class CloudServer:
         self.url, self.port = url, int(url.rsplit(":", 1)[1])
         while time.monotonic() < deadline:
             try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
+                if requests.get(self.url + "/healthz", timeout=1,
+                                verify=str(self.ca) if self.ca else True).ok:
                     return self
             except requests.RequestException:
                 time.sleep(0.05)
@@ -132,6 +134,14 @@ class CloudServer:
         raise RuntimeError(f"cloud did not listen within {START_TIMEOUT_S:g} s:\n"
                            f"{self.log_text()[-3000:]}")
 
+    def trust(self, store: Path) -> Path:
+        """Provision the device store at ``store`` with this cloud's signing key (created if
+        the registry has none; the server signs with it from its next request)."""
+        from tests.edgekit import trusting
+
+        trusting(store, self.registry)
+        return store
+
     def log_text(self) -> str:
         """What the server wrote to stderr so far (its last run)."""
         if self.log_path is None or not self.log_path.exists():
@@ -140,9 +150,10 @@ class CloudServer:
 
 
 def start_cloud(registry: Path, *extra: str, insecure: bool = True,
-                log_dir: Path | None = None) -> CloudServer:
-    """Start a server over ``registry`` on a free port (``insecure=False``: tokens required)."""
-    return CloudServer(registry, insecure, log_dir).start(*extra)
+                log_dir: Path | None = None, ca: Path | None = None) -> CloudServer:
+    """Start a server over ``registry`` on a free port (``insecure=False``: tokens required;
+    ``ca``: the CA that signed the ``--certfile`` passed in ``extra``)."""
+    return CloudServer(registry, insecure, log_dir, ca=ca).start(*extra)
 
 
 @pytest.fixture(scope="session")

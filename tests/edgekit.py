@@ -1,7 +1,9 @@
 """Helpers for edge tests: a store holding a registry's versions, and an in-process cloud.
 
 ``install`` copies a registry version's artifacts into an edge store and activates it, as a
-sync would (without the network). ``ThreadCloud`` serves the real Flask app of
+sync would (without the network). ``trusting`` provisions a store with a registry's signing
+key (creating one if the registry has none), as a device is provisioned before its first sync.
+``ThreadCloud`` serves the real Flask app of
 ``hybridml.cloud.app`` with werkzeug's threaded server on a loopback port the OS picks (port 0),
 for tests that need the app with other settings than ``hybridml-cloud serve``'s (a batch limit
 of 3 rows) or that count the requests it gets.
@@ -22,8 +24,10 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from hybridml.cloud.app import create_app
 from hybridml.cloud.config import ServeConfig
 from hybridml.cloud.registry import Registry
+from hybridml.cloud.signing import KeyRing
 from hybridml.cloud.tokens import TokenStore
 from hybridml.edge.store import LocalStore
+from hybridml.edge.trust import TrustStore
 from hybridml.shared.manifest import Manifest
 
 
@@ -40,11 +44,24 @@ def install(reg: Registry, name: str, store: LocalStore, version: int | None = N
     return manifest
 
 
+def trusting(store: LocalStore | str | Path, registry: str | Path) -> LocalStore:
+    """``store``, trusting ``registry``'s public keys (a key is created if it has none)."""
+    ring = KeyRing(registry)
+    if ring.active_id() is None:
+        ring.init()
+    store = store if isinstance(store, LocalStore) else LocalStore(store)
+    trust = TrustStore(store.root)
+    for key in ring.list():
+        trust.add(key.public_path)
+    return store
+
+
 class ThreadCloud:
     """The cloud app on a loopback port in this process; ``requests`` records each predict
     call's row count (or the status it answered)."""
 
     def __init__(self, registry: Path, config: ServeConfig | None = None) -> None:
+        self.registry = Path(registry)
         _, self.token = TokenStore(registry).create("device", "edgekit")
         self.app = create_app(registry, config or ServeConfig())
         self.requests: list[dict[str, Any]] = []
@@ -71,6 +88,11 @@ class ThreadCloud:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
+
+    def trust(self, store: Path) -> Path:
+        """Provision the device store at ``store`` with this cloud's signing key."""
+        trusting(store, self.registry)
+        return store
 
     def rows(self) -> list[int]:
         """Rows in each predict request so far."""

@@ -141,12 +141,14 @@ def test_signature_by_untrusted_key_names_it_and_how_to_fix(tmp_path: Path,
     assert info.value.details["key_id"] == other.key_id
 
 
-def test_no_trusted_keys_accepts_with_a_warning_and_status_says_so(
+def test_no_trusted_keys_refuses_unless_unsigned_is_allowed_and_status_says_so(
         tmp_path: Path, ring: KeyRing, caplog: pytest.LogCaptureFixture) -> None:
     store = tmp_path / "store"
     unsigned = Manifest.from_json(manifest())
+    with pytest.raises(SignatureError, match=r"trusts no signing key.*trust add"):
+        check_manifest(store, unsigned)  # fail-closed by default
     with caplog.at_level(logging.WARNING, "hybridml.edge.trust"):
-        assert check_manifest(store, unsigned) is None
+        assert check_manifest(store, unsigned, allow_unsigned=True) is None
     assert "without a signature check" in caplog.text
     assert describe(store, unsigned)["state"] == "unsigned"
     ring.init()

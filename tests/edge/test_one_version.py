@@ -97,7 +97,7 @@ def test_every_answer_is_the_whole_answer_of_one_version(
     for a, b in zip(expected[1], expected[2]):  # the test can only see mixing if they differ
         assert not _same(a[:1] + b[1:], a), "the two versions answer a row alike"
 
-    rt = EdgeRuntime(store, "iris", cloud.url, token=cloud.token)
+    rt = EdgeRuntime(cloud.trust(store.root), "iris", cloud.url, token=cloud.token)
     stop = threading.Event()
     seen: list[tuple[int, tuple[Any, ...]]] = []
     errors: list[BaseException] = []

@@ -66,7 +66,7 @@ def promote(registry: Path, version: int) -> None:
 
 def test_syncing_six_new_versions_leaves_only_two_versions_files(
         registry: Path, cloud: ThreadCloud, tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
+    store = LocalStore(cloud.trust(tmp_path / "store"))
     rt = EdgeRuntime(store, "iris", cloud.url, token=cloud.token)
     shas: dict[int, set[str]] = {}
     for v in range(1, VERSIONS + 1):
@@ -86,7 +86,7 @@ def test_syncing_six_new_versions_leaves_only_two_versions_files(
 
 
 def test_status_shows_the_store_bytes_on_disk(cloud: ThreadCloud, tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
+    store = LocalStore(cloud.trust(tmp_path / "store"))
     EdgeRuntime(store, "iris", cloud.url, token=cloud.token).sync()
     done = subprocess.run([str(BIN / "hybridml-edge"), "status", "--store", str(store.root),
                            "--json"], capture_output=True, text=True, timeout=60, check=True)

@@ -11,6 +11,7 @@ import pytest
 
 from hybridml.cloud.precompute import precompute
 from hybridml.cloud.registry import Registry
+from hybridml.cloud.signing import KeyRing
 from hybridml.cloud.train import train
 from hybridml.shared.schema import InputSchema
 from tests.conftest import CloudServer, start_cloud
@@ -59,6 +60,7 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory, orders_csv: Path)
                 w.writerow(r)
     attach_table(reg, "late", log_csv)
     reg.close()
+    KeyRing(root).init()  # served manifests are signed; devices trust it (edgekit.trusting)
     return root
 
 

@@ -62,7 +62,7 @@ def two_versions(trained_registry: Path,
     try:
         template = base / "template"
         client = CloudClient(server.url)
-        assert sync(LocalStore(template), client, NAME).version == 1
+        assert sync(LocalStore(server.trust(template)), client, NAME).version == 1
         client.close()
         reg.set_alias(NAME, "stable", 2)
         v1 = Manifest.from_json(reg.manifest(NAME, 1))

@@ -28,7 +28,7 @@ def typed(row: dict[str, str]) -> dict[str, object]:
 
 
 def test_sync_downloads_verifies_and_activates(cloud: CloudServer, tmp_path: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "store", "late", cloud.url)
+    rt = EdgeRuntime(cloud.trust(tmp_path / "store"), "late", cloud.url)
     assert rt.version is None
     result = rt.sync()
     assert result.changed and result.version == 1
@@ -41,7 +41,7 @@ def test_sync_downloads_verifies_and_activates(cloud: CloudServer, tmp_path: Pat
 
 def test_second_sync_downloads_nothing_and_costs_under_1kb(cloud: CloudServer,
                                                            tmp_path: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "store", "late", cloud.url)
+    rt = EdgeRuntime(cloud.trust(tmp_path / "store"), "late", cloud.url)
     rt.sync()
     again = rt.sync()
     assert not again.changed and again.bytes_downloaded == 0 and again.downloaded == ()
@@ -50,7 +50,7 @@ def test_second_sync_downloads_nothing_and_costs_under_1kb(cloud: CloudServer,
 
 def test_offline_runtime_answers_every_row_locally(cloud: CloudServer, tmp_path: Path,
                                                    orders_csv: Path) -> None:
-    EdgeRuntime(tmp_path / "s", "late", cloud.url).sync()
+    EdgeRuntime(cloud.trust(tmp_path / "s"), "late", cloud.url).sync()
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port
     rt = EdgeRuntime(tmp_path / "s", "late", dead)
     rows = [typed(r) for r in frequent_rows(orders_csv, 3)] + [ROW]
@@ -62,7 +62,7 @@ def test_offline_runtime_answers_every_row_locally(cloud: CloudServer, tmp_path:
 
 def test_table_hit_equals_local_inference(cloud: CloudServer, tmp_path: Path,
                                           orders_csv: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "s", "late", cloud.url)
+    rt = EdgeRuntime(cloud.trust(tmp_path / "s"), "late", cloud.url)
     rt.sync()
     row = typed(frequent_rows(orders_csv, 1)[0])
     hit = rt.predict([row])[0]
@@ -76,7 +76,7 @@ def test_table_hit_equals_local_inference(cloud: CloudServer, tmp_path: Path,
 
 
 def test_out_of_range_row_falls_back_to_live_cloud(cloud: CloudServer, tmp_path: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "s", "late", cloud.url)
+    rt = EdgeRuntime(cloud.trust(tmp_path / "s"), "late", cloud.url)
     rt.sync()
     preds = rt.predict([ROW, dict(ROW, distance_km=500.0), dict(ROW, restaurant="r999")])
     assert [p.source for p in preds] == ["edge", "cloud", "cloud"]
@@ -85,7 +85,7 @@ def test_out_of_range_row_falls_back_to_live_cloud(cloud: CloudServer, tmp_path:
 
 def test_low_confidence_threshold_sends_rows_to_the_cloud(cloud: CloudServer,
                                                           tmp_path: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "s", "late", cloud.url,
+    rt = EdgeRuntime(cloud.trust(tmp_path / "s"), "late", cloud.url,
                      policy=FallbackPolicy(min_confidence=1.0))
     rt.sync()
     p = rt.predict([ROW])[0]
@@ -94,7 +94,7 @@ def test_low_confidence_threshold_sends_rows_to_the_cloud(cloud: CloudServer,
 
 def test_dead_cloud_gives_degraded_local_answers_and_opens_the_breaker(
         cloud: CloudServer, tmp_path: Path) -> None:
-    EdgeRuntime(tmp_path / "s", "late", cloud.url).sync()
+    EdgeRuntime(cloud.trust(tmp_path / "s"), "late", cloud.url).sync()
     rt = EdgeRuntime(tmp_path / "s", "late", "http://127.0.0.1:9",
                      policy=FallbackPolicy(cooldown_s=60))
     odd = dict(ROW, distance_km=500.0)
@@ -113,14 +113,14 @@ def test_no_model_and_no_cloud_says_to_run_sync(tmp_path: Path) -> None:
 
 
 def test_no_local_model_asks_the_cloud(cloud: CloudServer, tmp_path: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "empty", "late", cloud.url)
+    rt = EdgeRuntime(cloud.trust(tmp_path / "empty"), "late", cloud.url)
     p = rt.predict([ROW])[0]
     assert p.source == "cloud" and p.reason == "no_local_model" and p.model_version == 1
 
 
 def test_new_version_is_activated_and_rollback_restores_the_old(
         own_cloud: CloudServer, tmp_path: Path, orders_csv: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "s", "iris", own_cloud.url)
+    rt = EdgeRuntime(own_cloud.trust(tmp_path / "s"), "iris", own_cloud.url)
     rt.sync()
     reg = Registry(own_cloud.registry)
     train(reg, "iris", dataset="iris", model="logreg", seed=3)
@@ -135,7 +135,7 @@ def test_new_version_is_activated_and_rollback_restores_the_old(
 
 def test_corrupted_artifact_is_rejected_and_old_model_stays(
         own_cloud: CloudServer, tmp_path: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "s", "iris", own_cloud.url)
+    rt = EdgeRuntime(own_cloud.trust(tmp_path / "s"), "iris", own_cloud.url)
     rt.sync()
     reg = Registry(own_cloud.registry)
     v2 = train(reg, "iris", dataset="iris", model="rf", seed=3).manifest
@@ -156,7 +156,7 @@ def test_corrupted_artifact_is_rejected_and_old_model_stays(
 
 
 def test_golden_rows_mismatch_blocks_activation(own_cloud: CloudServer, tmp_path: Path) -> None:
-    rt = EdgeRuntime(tmp_path / "s", "iris", own_cloud.url)
+    rt = EdgeRuntime(own_cloud.trust(tmp_path / "s"), "iris", own_cloud.url)
     rt.sync()
     reg = Registry(own_cloud.registry)
     train(reg, "iris", dataset="iris", model="logreg", seed=4)
@@ -177,7 +177,7 @@ def test_golden_rows_mismatch_blocks_activation(own_cloud: CloudServer, tmp_path
 
 def test_fallback_timeout_keeps_prediction_latency_bounded(cloud: CloudServer,
                                                            tmp_path: Path) -> None:
-    EdgeRuntime(tmp_path / "s", "late", cloud.url).sync()
+    EdgeRuntime(cloud.trust(tmp_path / "s"), "late", cloud.url).sync()
     # A listening socket that never answers: the fallback must give up at the timeout.
     import socket
 

@@ -22,7 +22,7 @@ def edge(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
 
 def test_sync_then_predict_json_lines_prints_one_object_per_row(cloud: CloudServer,
                                                                 tmp_path: Path) -> None:
-    store = str(tmp_path / "s")
+    store = str(cloud.trust(tmp_path / "s"))
     r = edge("sync", "--cloud", cloud.url, "--name", "late", "--store", store)
     assert r.returncode == 0 and "activated v1" in r.stdout
     r = edge("sync", "--cloud", cloud.url, "--name", "late", "--store", store)
@@ -35,7 +35,7 @@ def test_sync_then_predict_json_lines_prints_one_object_per_row(cloud: CloudServ
 
 
 def test_predict_reads_json_arrays_and_csv_files(cloud: CloudServer, tmp_path: Path) -> None:
-    store = str(tmp_path / "s")
+    store = str(cloud.trust(tmp_path / "s"))
     edge("sync", "--cloud", cloud.url, "--name", "late", "--store", store)
     r = edge("predict", "--store", store, "--name", "late", "--json",
              stdin=json.dumps([ROW, list(ROW.values())]))
@@ -49,7 +49,7 @@ def test_predict_reads_json_arrays_and_csv_files(cloud: CloudServer, tmp_path: P
 
 
 def test_offline_predict_warns_once_not_per_row(cloud: CloudServer, tmp_path: Path) -> None:
-    store = str(tmp_path / "s")
+    store = str(cloud.trust(tmp_path / "s"))
     edge("sync", "--cloud", cloud.url, "--name", "late", "--store", store)
     odd = "\n".join(json.dumps(dict(ROW, distance_km=100.0 + i)) for i in range(5))
     r = edge("predict", "--store", store, "--name", "late", "--json", "--cloud",
@@ -61,7 +61,7 @@ def test_offline_predict_warns_once_not_per_row(cloud: CloudServer, tmp_path: Pa
 
 def test_bad_rows_are_reported_per_row_or_fail_with_the_column(cloud: CloudServer,
                                                                tmp_path: Path) -> None:
-    store = str(tmp_path / "s")
+    store = str(cloud.trust(tmp_path / "s"))
     edge("sync", "--cloud", cloud.url, "--name", "late", "--store", store)
     rows = json.dumps([ROW, dict(ROW, hour="noon")])
     r = edge("predict", "--store", store, "--name", "late", stdin=rows)
@@ -79,7 +79,7 @@ def test_predict_without_a_model_says_to_sync(tmp_path: Path) -> None:
 
 
 def test_status_and_rollback(own_cloud: CloudServer, tmp_path: Path) -> None:
-    store = str(tmp_path / "s")
+    store = str(own_cloud.trust(tmp_path / "s"))
     edge("sync", "--cloud", own_cloud.url, "--name", "iris", "--store", store)
     reg = Registry(own_cloud.registry)
     train(reg, "iris", dataset="iris", model="logreg", seed=5)
@@ -98,7 +98,7 @@ def test_status_and_rollback(own_cloud: CloudServer, tmp_path: Path) -> None:
 
 def test_agent_syncs_and_keeps_going_when_cloud_is_down(own_cloud: CloudServer,
                                                         tmp_path: Path) -> None:
-    store = str(tmp_path / "s")
+    store = str(own_cloud.trust(tmp_path / "s"))
     r = edge("agent", "--cloud", own_cloud.url, "--name", "iris", "--store", store,
              "--interval", "0.2", "--max-cycles", "2")
     assert r.returncode == 0

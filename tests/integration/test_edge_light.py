@@ -18,7 +18,7 @@ def test_edge_syncs_and_predicts_without_heavy_imports(cloud: CloudServer,
     code = textwrap.dedent(f"""
         import json, sys
         from hybridml.edge import EdgeRuntime
-        rt = EdgeRuntime({str(tmp_path / 'store')!r}, "late", {cloud.url!r})
+        rt = EdgeRuntime({str(cloud.trust(tmp_path / 'store'))!r}, "late", {cloud.url!r})
         rt.sync()
         p = rt.predict([{{"restaurant": "r001", "hour": 12, "distance_km": 3.0,
                          "rain": "no", "items": 2}}])[0]

@@ -31,7 +31,7 @@ BOUND_S = TIMEOUT_MS / 1000 + 1.5  # generous: the timeout plus local work on a 
 def synced(cloud: CloudServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with ``late`` v1 synced from the shared cloud."""
     store = tmp_path_factory.mktemp("fallback") / "s"
-    EdgeRuntime(store, "late", cloud.url).sync()
+    EdgeRuntime(cloud.trust(store), "late", cloud.url).sync()
     return store
 
 

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import requests
 
 from hybridml.edge import EdgeRuntime
 from hybridml.edge.client import CHUNK
+from hybridml.edge.sync import SyncOptions
 from hybridml.shared.errors import (
     ArtifactError,
     CloudUnavailableError,
@@ -31,6 +33,7 @@ from hybridml.shared.errors import (
     ManifestError,
     ModelLoadError,
     NotFoundError,
+    SignatureError,
 )
 from tests.integration.faultkit import (
     NAME,
@@ -216,8 +219,13 @@ def test_bad_manifest_is_refused_and_v1_stays_active(
         if f.reroute is not None:
             f.reroute = (f.reroute[0], sha)
         proxy.add(f)
+    if error is not ManifestError:  # altered after signing: the signature check stops it...
+        with pytest.raises(SignatureError, match="does not match its signature"):
+            rt.sync()
+        # ...and behind it, for a device that checks no signature, the checks tested here
+        shutil.rmtree(store.root / "trusted")
     with pytest.raises(error, match=message):
-        rt.sync()
+        rt.sync(SyncOptions(allow_unsigned=True))
     assert rt.version == 1 and store.previous(NAME) is None
     assert error.code in store.sync_state(NAME)["last_error"]
     assert_intact(store, 1, two_versions.row())

@@ -52,7 +52,9 @@ def secure_cloud(trained_registry: Path, root: Path) -> SecureCloud:
     """Copy the trained registry, add a key and two tokens, serve it without --insecure."""
     reg = root / "reg"
     shutil.copytree(trained_registry, reg)
-    key = KeyRing(reg).init()
+    ring = KeyRing(reg)  # the trained registry already signs with a key
+    active = ring.active_id()
+    key = ring.info(active) if active else ring.init()
     tokens = TokenStore(reg)
     device, admin = tokens.create("device", "edge-1")[1], tokens.create("admin", "ops")[1]
     return SecureCloud(start_cloud(reg, insecure=False), reg, key, device, admin)
@@ -192,8 +194,12 @@ def test_admin_promotes_and_rolls_back_and_revocation_is_immediate(
 def test_edge_cli_syncs_with_token_and_trust_and_status_says_verified(
         shared_secure: SecureCloud, tmp_path: Path) -> None:
     store = str(tmp_path / "edge")
+    token_file = tmp_path / "token"
+    token_file.write_text(shared_secure.device + "\n")
+    token_file.chmod(0o600)  # --token-file refuses a file others may read
     r = run_edge("sync", "--cloud", shared_secure.url, "--name", "iris", "--store", store,
-                 "--token", shared_secure.device, "--trust", str(shared_secure.key.public_path))
+                 "--token-file", str(token_file), "--trust",
+                 str(shared_secure.key.public_path))
     assert r.returncode == 0, r.stderr
     assert "activated v1" in r.stdout
     st = run_edge("status", "--store", store, "--json")
@@ -245,18 +251,34 @@ def test_tampered_manifest_is_refused_before_any_download(
     assert not list(store.artifacts.glob("*.part"))
 
 
-def test_unsigned_cloud_is_refused_by_a_provisioned_edge_only(
-        cloud: CloudServer, shared_secure: SecureCloud, tmp_path: Path) -> None:
-    # ``cloud`` serves the trained registry, which has no signing key: manifests are unsigned.
-    strict = provisioned_store(tmp_path / "strict", shared_secure.key.public_path)
-    with pytest.raises(SignatureError, match="not signed"):
-        sync(strict, CloudClient(cloud.url), "iris")
-    assert strict.active("iris") is None
-    open_store = str(tmp_path / "open")
-    r = run_edge("sync", "--cloud", cloud.url, "--name", "iris", "--store", open_store)
-    assert r.returncode == 0 and "without a signature check" in r.stderr
-    st = run_edge("status", "--store", open_store)
-    assert "signature: unsigned (this device trusts no key)" in st.stdout
+def test_unsigned_cloud_is_refused_unless_the_device_allows_unsigned(
+        registry_copy: Path, shared_secure: SecureCloud, tmp_path: Path) -> None:
+    shutil.rmtree(registry_copy / "keys")  # a cloud without a signing key: unsigned manifests
+    cloud = start_cloud(registry_copy)
+    try:
+        strict = provisioned_store(tmp_path / "strict", shared_secure.key.public_path)
+        with pytest.raises(SignatureError, match="not signed"):
+            sync(strict, CloudClient(cloud.url), "iris")
+        assert strict.active("iris") is None
+        # A device that trusts no key refuses too (fail-closed), and says what to do...
+        open_store = str(tmp_path / "open")
+        r = run_edge("sync", "--cloud", cloud.url, "--name", "iris", "--store", open_store)
+        assert r.returncode == 2 and "trusts no signing key" in r.stderr
+        assert "trust add" in r.stderr and "--allow-unsigned" in r.stderr
+        assert LocalStore(open_store).active("iris") is None
+        # ...unless told to accept unsigned manifests, as on a lab network.
+        r = run_edge("sync", "--cloud", cloud.url, "--name", "iris", "--store", open_store,
+                     "--allow-unsigned")
+        assert r.returncode == 0 and "without a signature check" in r.stderr
+        st = run_edge("status", "--store", open_store)
+        assert "signature: unsigned (this device trusts no key)" in st.stdout
+        # Trusting a key later turns the checks on for good, flag or not.
+        run_edge("trust", "add", str(shared_secure.key.public_path), "--store", open_store)
+        r = run_edge("sync", "--cloud", cloud.url, "--name", "iris", "--store", open_store,
+                     "--allow-unsigned")
+        assert r.returncode == 2 and "not signed" in r.stderr
+    finally:
+        cloud.stop()
 
 
 def test_key_rotation_with_two_trusted_keys(own_secure: SecureCloud, tmp_path: Path) -> None:
