@@ -169,10 +169,10 @@ def describe(seen: Seen, now: float, settings: FreshnessSettings | None = None
 def text(fresh: Mapping[str, Any]) -> str:
     """One line for ``status``."""
     state = fresh.get("state")
-    hours = float(fresh.get("stale_after_s") or 0) / 3600
     if state == "stale":
-        line = (f"STALE since {fresh['since']}: no newer signed manifest for over {hours:g} h "
-                "(the cloud is unreachable, or the network is withholding updates)")
+        line = (f"STALE since {fresh['since']}: no newer signed manifest for over "
+                f"{_duration(float(fresh.get('stale_after_s') or 0))} (the cloud is "
+                "unreachable, or the network is withholding updates)")
     elif state == "fresh":
         line = f"fresh (sequence {fresh['sequence']}, issued {fresh['issued']})"
     else:
@@ -180,6 +180,14 @@ def text(fresh: Mapping[str, Any]) -> str:
     if fresh.get("clock") == "behind":
         line += "; the device clock is behind the cloud's signed time: set it (NTP)"
     return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.3g} h"
 
 
 __all__ = ["FreshnessSettings", "Seen", "check_release", "describe", "text"]

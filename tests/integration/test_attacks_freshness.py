@@ -275,3 +275,19 @@ def test_a_store_of_the_previous_release_upgrades_without_downloading(
     assert active is not None and active.version == 2 and active.release is not None
     assert store.sync_state(NAME)["sequence"] == active.release.sequence
     assert store.previous(NAME) is None
+
+
+# ------------------------------------------------------------------------------ the agent
+def test_a_manifest_nested_200000_deep_is_a_typed_error_and_the_agent_lives_on(
+        site: Site, attacker: Attacker, store: LocalStore) -> None:
+    attacker.add(Fault(path="/manifest", transform=lambda _body: b"[" * 200_000))
+    store.save_sync_state(NAME, {})  # no ETag: the cloud answers with a body to rewrite
+    with pytest.raises(ManifestError, match="nests"):
+        sync(store, CloudClient(attacker.url), NAME)
+    agent = Agent(store, CloudClient(attacker.url), NAME, seed=1)
+    delays = [agent.step() for _ in range(3)]  # each step fails, none kills the loop
+    assert agent.failures == 3 and delays[2] < agent.settings.interval  # backing off
+    attacker.reset()
+    agent.step()
+    assert agent.failures == 0
+    assert_intact(store, 2, site.row)
