@@ -312,13 +312,8 @@ def _json_body(req: Request) -> dict[str, Any]:
         limit = req.max_content_length
         if limit is not None and len(raw) >= limit:
             raise RequestEntityTooLarge()  # werkzeug cuts a chunked body at the limit silently
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"the request body is not UTF-8 (bad byte at offset {exc.start}); "
-                         "send JSON encoded as UTF-8", field="body") from None
     # Strict JSON, as the edge CLI reads it: a NaN literal is refused by the row rules.
-    data = jsontext.loads(text, "the request body", field="body")
+    data = jsontext.loads_body(raw)
     if not isinstance(data, dict):
         raise InputError("the request body must be a JSON object with 'inputs'", field="body")
     unknown = [k for k in data if k not in BODY_KEYS]

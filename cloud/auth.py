@@ -310,12 +310,7 @@ def _body() -> dict[str, Any]:
     raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: werkzeug raises 413
     if not raw:
         return {}
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"the request body is not UTF-8 (bad byte at offset {exc.start}); "
-                         "send JSON encoded as UTF-8", field="body") from None
-    data = jsontext.loads(text, "the request body", field="body")
+    data = jsontext.loads_body(raw)
     if not isinstance(data, dict):
         raise InputError("the body must be a JSON object, e.g. {\"version\": 3}", field="body")
     return data

@@ -42,3 +42,14 @@ def loads(text: str, what: str = "the input", field: str = "body") -> Any:
     except ValueError:  # an integer literal over Python's 4300-digit limit
         raise InputError(f"{what} holds a number with thousands of digits; send numbers that "
                          "fit a float", field=field) from None
+
+
+def loads_body(raw: bytes, what: str = "the request body", field: str = "body") -> Any:
+    """Parse a UTF-8 body as strict JSON (:func:`loads`); bytes that are not UTF-8 are an
+    :class:`InputError` naming the offset."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} is not UTF-8 (bad byte at offset {exc.start}); send JSON "
+                         "encoded as UTF-8", field=field) from None
+    return loads(text, what, field)

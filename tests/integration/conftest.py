@@ -6,6 +6,7 @@ import csv
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from hybridml.cloud.signing import KeyRing
 from hybridml.cloud.train import train
 from hybridml.shared.schema import InputSchema
 from tests.conftest import CloudServer, start_cloud
+from tests.integration.attacker import Attacker
 
 LATE_FEATURES = ["restaurant", "hour", "distance_km", "rain", "items"]
 
@@ -86,3 +88,20 @@ def own_cloud(registry_copy: Path) -> Iterator[CloudServer]:
     server = start_cloud(registry_copy)
     yield server
     server.stop()
+
+
+# ------------------------------------------------------------------------- the attacker
+@pytest.fixture(scope="module")
+def module_attacker(site: Any) -> Iterator[Attacker]:
+    """An :class:`Attacker` in front of the requesting module's ``site.cloud``, for the
+    whole module (each attack test module defines its own module-scoped ``site``)."""
+    with Attacker(site.cloud.url) as a:
+        yield a
+
+
+@pytest.fixture
+def attacker(module_attacker: Attacker) -> Iterator[Attacker]:
+    """The module's attacker, with no attack on at the start and the end of each test."""
+    module_attacker.reset()
+    yield module_attacker
+    module_attacker.reset()

@@ -75,21 +75,6 @@ def site(trained_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def module_attacker(site: Site) -> Iterator[Attacker]:
-    """One attacker in front of the cloud for the whole module."""
-    with Attacker(site.cloud.url) as a:
-        yield a
-
-
-@pytest.fixture
-def attacker(module_attacker: Attacker) -> Iterator[Attacker]:
-    """The attacker with no attack on at the start and the end of each test."""
-    module_attacker.reset()
-    yield module_attacker
-    module_attacker.reset()
-
-
 @pytest.fixture
 def store(site: Site, tmp_path: Path) -> LocalStore:
     """A private copy of the template store (on v2, trusting the cloud's key)."""

@@ -100,21 +100,6 @@ def trusting_store(path: Path, *pub_files: Path) -> LocalStore:
 
 
 @pytest.fixture(scope="module")
-def module_attacker(site: Site) -> Iterator[Attacker]:
-    """One attacker in front of the cloud for the whole module."""
-    with Attacker(site.cloud.url) as a:
-        yield a
-
-
-@pytest.fixture
-def attacker(module_attacker: Attacker) -> Iterator[Attacker]:
-    """The module's attacker, with no attack on at the start and end of each test."""
-    module_attacker.reset()
-    yield module_attacker
-    module_attacker.reset()
-
-
-@pytest.fixture(scope="module")
 def module_others() -> Iterator[dict[str, OtherHost]]:
     """Servers a redirect may point to: another port of 127.0.0.1, and another address."""
     with OtherHost("127.0.0.1") as port, OtherHost("127.0.0.2") as host:
