@@ -387,8 +387,9 @@ def read_rows(text: str) -> list[Any] | dict[str, list[str]]:
     header. JSON is strict, as the cloud reads it, and gives typed rows; CSV gives text
     columns by name, typed later by the model's schema.
 
-    A JSON document that is one list of plain values is one row in schema order (a JSON
-    lines file of a single list row), not a list of rows.
+    A JSON array is an array of rows when every element is a row (a list or an object);
+    otherwise it is one row in schema order (a JSON lines file of a single list row), whose
+    nested value, if any, is refused naming its column.
     """
     stripped = text.lstrip()
     if not stripped:
@@ -406,9 +407,11 @@ def read_rows(text: str) -> list[Any] | dict[str, list[str]]:
         return rows
     if isinstance(data, dict):
         return [data]
-    if data and not any(isinstance(v, (list, dict)) for v in data):
-        return [data]
-    return list(data)
+    if data and all(isinstance(v, (list, dict)) for v in data):
+        return list(data)  # an array of rows
+    # One row in schema order: plain values, or values mixed with a list or an object — a
+    # bad cell of one row (refused naming its column), not an array of rows with numbers in it.
+    return [data] if data else []
 
 
 def _csv_columns(text: str) -> dict[str, list[str]]:
