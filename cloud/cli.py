@@ -19,6 +19,7 @@ from hybridml.shared.errors import ConfigError, HybridMLError
 from hybridml.shared.schema import InputSchema
 from hybridml.shared.text import format_table
 
+from .freshness import add_parser as add_freshness
 from .models import FAMILIES
 from .progress import StepProgress
 from .registry import Registry
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tsub.add_parser("revoke", parents=[common], help="revoke a token by id or name")
     tr.add_argument("token", metavar="ID_OR_NAME")
     tr.set_defaults(func=cmd_tokens_revoke)
+
+    add_freshness(sub, common)
 
     s = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     s.add_argument("--host", default="127.0.0.1")

@@ -12,9 +12,14 @@ Earlier releases wrote tokens and audit entries with microseconds
 
 from __future__ import annotations
 
+import re
 import time
 
+from .errors import ConfigError
+
 FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)")
 
 
 def utc_iso(when: float | None = None) -> str:
@@ -22,4 +27,15 @@ def utc_iso(when: float | None = None) -> str:
     return time.strftime(FORMAT, time.gmtime(when))
 
 
-__all__ = ["FORMAT", "utc_iso"]
+def parse_duration(text: str, field: str = "duration") -> float:
+    """Seconds in ``text``: a number with an optional unit, ``s``, ``m``, ``h``, ``d`` or ``w``
+    (``90m``, ``6h``, ``7d``; a bare number is seconds). :class:`ConfigError` naming ``field``
+    for anything else, or for zero."""
+    m = _DURATION_RE.fullmatch(str(text).strip().lower())
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"{field} {str(text)[:40]!r} is not a duration: write a positive "
+                          "number with a unit, such as 90m, 6h, 7d or 2w", field=field)
+    return float(m.group(1)) * UNITS[m.group(2) or "s"]
+
+
+__all__ = ["FORMAT", "UNITS", "parse_duration", "utc_iso"]
