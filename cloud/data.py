@@ -23,7 +23,6 @@ from hybridml.shared import cells
 from hybridml.shared.errors import DataError
 from hybridml.shared.schema import (
     CATEGORICAL,
-    MISSING_CATEGORY,
     NUMERIC,
     Feature,
     InputSchema,
@@ -197,37 +196,7 @@ def fit_schema(names: Sequence[str], kinds: Sequence[str], num: np.ndarray,
     return InputSchema(tuple(feats))
 
 
-def profile(schema: InputSchema, num: np.ndarray, cat: np.ndarray,
-            bins: int = 10) -> dict[str, Any]:
-    """Reference profile of training data for drift checks: per-feature histograms."""
-    out: dict[str, Any] = {"rows": int(num.shape[0]), "features": {}}
-    for j, name in enumerate(schema.numeric_names):
-        col = num[:, j].astype(np.float64)
-        ok = col[~np.isnan(col)]
-        entry: dict[str, Any] = {"kind": NUMERIC, "missing": _share(col.size - ok.size, col.size)}
-        if ok.size:
-            counts, edges = np.histogram(ok, bins=bins)
-            entry.update(mean=float(ok.mean()), std=float(ok.std()),
-                         edges=[float(e) for e in edges],
-                         counts=[int(c) for c in counts])
-        out["features"][name] = entry
-    for j, name in enumerate(schema.categorical_names):
-        values, counts = np.unique(cat[:, j].astype(str), return_counts=True)
-        order = np.argsort(-counts, kind="stable")[:50]
-        out["features"][name] = {
-            "kind": CATEGORICAL,
-            "missing": _share(int(counts[values == MISSING_CATEGORY].sum()), cat.shape[0]),
-            "frequencies": {str(values[i]): int(counts[i]) for i in order},
-            "other": int(counts.sum() - counts[order].sum()),
-        }
-    return out
-
-
 # -------------------------------------------------------------------------------- internals
-def _share(part: int, whole: int) -> float:
-    return float(part) / whole if whole else 0.0
-
-
 def _safe_name(name: str) -> str:
     return name.strip().replace(" ", "_").replace("(", "").replace(")", "")
 

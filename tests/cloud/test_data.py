@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybridml.cloud.data import load_builtin, load_csv, profile, split
+from hybridml.cloud.data import load_builtin, load_csv, split
 from hybridml.shared.errors import DataError
 
 
@@ -126,12 +126,3 @@ def test_split_is_seeded_disjoint_and_stratified() -> None:
     assert a.train.size + a.validation.size + a.test.size == len(ds)
     assert set(np.bincount(ds.y[a.test])) == {10}
     assert not np.array_equal(split(ds, seed=8).test, a.test)
-
-
-def test_profile_has_histograms_and_category_frequencies(tmp_path: Path) -> None:
-    ds = load_csv(orders(tmp_path), "delivery_minutes")
-    prof = profile(ds.schema, ds.num, ds.cat)
-    hour = prof["features"]["hour"]
-    assert sum(hour["counts"]) == len(ds) and len(hour["edges"]) == 11
-    assert prof["features"]["restaurant"]["frequencies"]["r000"] == 15
-    assert prof["features"]["distance_km"]["missing"] > 0
