@@ -9,6 +9,11 @@ raises something else — is logged and retried with backoff; the loop itself ne
 Every interval it also checks freshness (:mod:`hybridml.edge.freshness`): when no newer signed
 manifest has arrived for ``stale_after_s`` it logs a warning each cycle, so a device frozen
 by the network (304s forever, the same old manifest replayed) is noticed.
+
+Given a spool, it then uploads the spooled telemetry and feedback (:func:`hybridml.edge.push.
+push`) after each sync; a push the cloud cannot take (unreachable, 5xx) backs off like a failed
+sync. Given ``flush`` (an in-process runtime's :meth:`~hybridml.edge.runtime.EdgeRuntime.
+flush`), it flushes the counters before each push and once more when it stops (SIGTERM).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from hybridml.shared.errors import ConfigError, HybridMLError
 
 from .client import CloudClient
 from .freshness import Seen, describe
+from .push import PushResult, push
+from .spool import Spool
 from .store import LocalStore
 from .sync import SyncOptions, SyncResult, sync
 
@@ -60,18 +67,24 @@ class AgentSettings:
 
 
 class Agent:
-    """Runs :func:`sync` in a loop until :meth:`stop` (or SIGTERM/SIGINT via :meth:`run`)."""
+    """Runs :func:`sync` (then, with a ``spool``, :func:`push`) in a loop until :meth:`stop`
+    (or SIGTERM/SIGINT via :meth:`run`)."""
 
     def __init__(self, store: LocalStore, client: CloudClient, name: str,
                  settings: AgentSettings | None = None, *, seed: int | None = None,
                  on_result: Callable[[SyncResult | HybridMLError], None] | None = None,
-                 options: SyncOptions | None = None) -> None:
+                 options: SyncOptions | None = None, spool: Spool | None = None,
+                 flush: Callable[[], object] | None = None) -> None:
         self.store, self.client, self.name = store, client, name
         self.settings = settings or AgentSettings()
         self.options = options or SyncOptions()
         self.rng = random.Random(seed)
         self.on_result = on_result
+        self.spool = spool
+        self.flush = flush
         self.failures = 0
+        self.push_failures = 0
+        self.last_push: PushResult | None = None
         self.cycles = 0
         self._stop = threading.Event()
 
@@ -102,8 +115,35 @@ class Agent:
                 log.warning("activated %s v%s", self.name, result.version)
             if self.on_result:
                 self.on_result(result)
+        self._push()
         self._check_freshness()
-        return self.settings.next_delay(self.failures, self.rng)
+        return self.settings.next_delay(max(self.failures, self.push_failures), self.rng)
+
+    def _push(self) -> None:
+        """Flush the counters (if given) and upload the spool (if given); never raises."""
+        self._flush()
+        if self.spool is None:
+            return
+        try:
+            result = push(self.spool, self.client, model=self.name)
+        except Exception as exc:  # a bug or a broken spool: this push failed, the agent lives
+            self.push_failures += 1
+            log.warning("push of %s failed (%d in a row): %s", self.name, self.push_failures,
+                        getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+            return
+        self.last_push = result
+        self.push_failures = self.push_failures + 1 if result.unavailable else 0
+        if result.accepted or result.quarantined:
+            log.info("pushed %d record(s) of %s, quarantined %d, %d left", result.accepted,
+                     self.name, result.quarantined, result.pending)
+
+    def _flush(self) -> None:
+        if self.flush is None:
+            return
+        try:
+            self.flush()
+        except Exception as exc:  # the counters stay in memory for the next flush
+            log.warning("telemetry flush failed: %s", getattr(exc, "message", exc))
 
     def freshness(self) -> dict[str, object]:
         """The model's freshness now (:func:`hybridml.edge.freshness.describe`)."""
@@ -136,4 +176,5 @@ class Agent:
             if max_cycles is not None and self.cycles >= max_cycles:
                 break
             self._stop.wait(delay)
+        self._flush()  # what was counted since the last push waits in the spool
         return self.cycles

@@ -1,4 +1,4 @@
-"""``hybridml-edge``: sync, predict, status, rollback, the sync agent and trusted keys.
+"""``hybridml-edge``: sync, predict, status, rollback, push, the sync agent and trusted keys.
 
 The store defaults to ``$HYBRIDML_STORE``, else ``~/.hybridml``; the cloud URL to
 ``$HYBRIDML_CLOUD``. Exit codes: 0 ok, 2 bad input or failure.
@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from hybridml.shared import jsontext
+from hybridml.shared.drift import Profile, drift_report, merge_counts
 from hybridml.shared.errors import ConfigError, HybridMLError, InputError
+from hybridml.shared.manifest import Manifest
 from hybridml.shared.settings import env_flag
 from hybridml.shared.text import format_table
 
@@ -30,7 +32,9 @@ from .agent import Agent, AgentSettings
 from .client import CloudClient, read_token_file
 from .fallback import FallbackPolicy
 from .freshness import FreshnessSettings
+from .push import PushResult, push
 from .runtime import EdgeRuntime, Prediction
+from .spool import SPOOL_FILE, Spool
 from .store import LocalStore
 from .sync import SyncOptions, sync
 from .trust import TrustStore, describe
@@ -130,8 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     trm.add_argument("key_id")
     trm.set_defaults(func=cmd_trust_remove)
 
+    pu = sub.add_parser("push", parents=[common],
+                        help="upload the spooled telemetry and feedback to the cloud")
+    pu.add_argument("--name", default=None,
+                    help="only this model's records (default: every record in the store)")
+    pu.set_defaults(func=cmd_push)
+
     ag = sub.add_parser("agent", parents=[common, trust_flag, stale_flag],
-                        help="sync in a loop (for systemd)")
+                        help="sync and push in a loop (for systemd)")
     ag.add_argument("--name", required=True)
     ag.add_argument("--interval", type=float, default=300.0, help="seconds between syncs")
     ag.add_argument("--max-cycles", type=int, default=None, help="stop after N syncs")
@@ -218,6 +228,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         out.write(_table(preds) + "\n")
     out.flush()
+    _flush_telemetry(rt)
     if args.cloud and rt.last_cloud_error and any(p.degraded for p in preds):
         print(f"note: the cloud did not answer ({rt.last_cloud_error}); answered locally and "
               "marked those rows degraded", file=sys.stderr)
@@ -231,6 +242,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     reachable = _client(args).healthy() if args.cloud else None
     models: list[dict[str, Any]] = []
     fresh_settings = _freshness(args)
+    spool = _spool_if_any(store)
     for name in names:
         active, prev = store.active(name), store.previous(name)
         entry: dict[str, Any] = {"name": name, "active_version": active.version if active else None,
@@ -248,15 +260,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             freshness.Seen.load(state, active, prev), time.time(), fresh_settings)
         entry.update({k: v for k, v in state.items()
                       if k not in ("etag", "sequence", "issued", "fresh_at")})
+        entry["drift"] = spooled_drift(spool, active) if spool is not None else None
         models.append(entry)
     disk = store.disk_bytes()
+    spooled = spool.stats() if spool is not None else {
+        "pending": 0, "quarantined": 0, "bytes": 0, "oldest": None, "dropped": {}}
     if args.json:
         print(json.dumps({"store": str(store.root), "disk_bytes": disk, "cloud": args.cloud,
-                          "cloud_reachable": reachable, "models": models}))
+                          "cloud_reachable": reachable, "models": models, "spool": spooled}))
         return 0
     print(f"store: {store.root} ({disk:,} B on disk)")
     if args.cloud:
         print(f"cloud: {args.cloud} ({'reachable' if reachable else 'unreachable'})")
+    print(f"spool: {spooled['pending']} record(s) to upload ({spooled['bytes']:,} B"
+          + (f", oldest {spooled['oldest']}" if spooled["oldest"] else "") + ")"
+          + (f"; {spooled['quarantined']} quarantined" if spooled["quarantined"] else "")
+          + (f"; dropped {spooled['dropped']}" if spooled["dropped"] else ""))
     if not models:
         print("no models yet: run 'hybridml-edge sync --cloud URL --name NAME'")
     for e in models:
@@ -272,6 +291,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  signature: {_signature_text(e['signature'])}")
         if e["active_version"]:
             print(f"  freshness: {freshness.text(e['freshness'])}")
+        if e.get("drift"):
+            print(f"  drift: {_drift_text(e['drift'])}")
         print(f"  last sync: {e.get('last_sync', 'never')}"
               + (f"; last error: {e['last_error']}" if e.get("last_error") else ""))
     return 0
@@ -287,16 +308,82 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    """``push``: upload the spool; exit 2 when the cloud could not take it all."""
+    store = LocalStore(args.store)
+    client = _client(args)
+    spool = _spool_if_any(store)
+    result = PushResult() if spool is None else push(spool, client, model=args.name)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"pushed {result.accepted} record(s)"
+              + (f", {result.duplicates} the cloud had already" if result.duplicates else "")
+              + (f", {result.quarantined} quarantined (refused)" if result.quarantined else "")
+              + (f"; reported dropped {result.dropped_reported}" if result.dropped_reported
+                 else "")
+              + f"; {result.pending} left")
+    if result.error:
+        print(f"error: {result.error}; the records are kept for the next push", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
-    """``agent``: the sync loop."""
+    """``agent``: the sync (and push) loop."""
     store = LocalStore(args.store)
     client = _client(args)
     _add_trusted(store, args.trust)
     agent = Agent(store, client, args.name, AgentSettings(interval=args.interval),
-                  options=_sync_options(args))
+                  options=_sync_options(args), spool=Spool.open(store.root))
     cycles = agent.run(max_cycles=args.max_cycles)
     log.info("agent stopped after %d cycles", cycles)
     return 0
+
+
+def spooled_drift(spool: Spool, active: Manifest | None) -> dict[str, Any] | None:
+    """The drift report of the active version's summaries waiting in the spool (what this
+    device counted since its last push), or None (no model, no profile, no summary)."""
+    if active is None:
+        return None
+    try:
+        profile = Profile.of(active.raw)
+        summaries = spool.summaries(active.name, active.version)
+        if profile is None or not summaries:
+            return None
+        return drift_report(profile, merge_counts(summaries))
+    except HybridMLError as exc:  # status reports what it can
+        log.warning("no drift report for %s: %s", active.name, exc.message)
+        return None
+
+
+def _spool_if_any(store: LocalStore) -> Spool | None:
+    """The store's spool, or None when it has none (status and push do not make one) or it
+    cannot be opened (logged)."""
+    if not (store.root / SPOOL_FILE).exists():
+        return None
+    try:
+        return Spool.open(store.root)
+    except HybridMLError as exc:
+        log.warning("the telemetry spool is unusable: %s", exc.message)
+        return None
+
+
+def _flush_telemetry(rt: EdgeRuntime) -> None:
+    try:
+        rt.close()
+    except HybridMLError as exc:  # the answers are printed; the counters could not be kept
+        log.warning("telemetry not spooled: %s", exc.message)
+
+
+def _drift_text(report: dict[str, Any]) -> str:
+    alerts = [f["name"] for f in report["features"] if f["status"] == "alert"]
+    warns = [f["name"] for f in report["features"] if f["status"] == "warn"]
+    text = (f"{report['rows']} rows; " + ("DATASET DRIFT; " if report["dataset_drift"] else "")
+            + (f"alert: {', '.join(alerts)}; " if alerts else "")
+            + (f"warn: {', '.join(warns)}; " if warns else "")
+            + f"predictions {report['predictions']['status']}")
+    return text
 
 
 def cmd_trust_add(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from hybridml.shared.errors import (
     RemoteError,
 )
 from hybridml.shared.files import crash_point
+from hybridml.shared.manifest import check_name
 
 from .bodies import ACCEPT_ENCODING, CHUNK, BodyLimits, decoded_blocks, read_body
 from .transport import (
@@ -54,6 +55,7 @@ from .transport import (
 log = logging.getLogger("hybridml.edge.client")
 
 DEFAULT_TIMEOUT = (3.05, 30.0)
+UPLOAD_DEADLINE_S = 120.0  # one telemetry upload (256 KB) answered, however slowly it drips
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 T = TypeVar("T")
 
@@ -306,6 +308,52 @@ class CloudClient:
 
         return _within(call, timeout_s, f"the cloud at {self.base_url} did not answer the "
                                         f"prediction within {timeout_s:g} s")
+
+    def telemetry(self, records: Sequence[Mapping[str, Any]],
+                  dropped: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """POST spool records (and the counts of records dropped since the last report) to
+        ``/v1/telemetry``; returns ``{"accepted": [id...], "duplicates": [id...],
+        "refused": [{"id", "index", "error", ...}]}`` (docs/monitoring.md §5).
+
+        A batch the cloud refuses whole raises the error it sent (a 4xx:
+        :class:`InputError`, :class:`HTTPError`, :class:`AuthError`...); an unreachable or
+        failing cloud :class:`CloudUnavailableError`, a slow one :class:`CloudTimeoutError`.
+        """
+        payload: dict[str, Any] = {"records": list(records)}
+        if dropped:
+            payload["dropped"] = dict(dropped)
+        return self._upload("/v1/telemetry", payload)
+
+    def feedback(self, name: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """POST feedback records of model ``name`` to ``/v1/models/<name>/feedback``; the
+        answer and errors are those of :meth:`telemetry`."""
+        return self._upload(f"/v1/models/{check_name(name)}/feedback",
+                            {"records": list(records)})
+
+    def _upload(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST ``payload`` as JSON and read the ``accepted/duplicates/refused`` answer (at
+        most ``limits.error_bytes`` plus 1 KiB per record sent)."""
+        try:
+            body = json.dumps(payload, separators=(",", ":"), allow_nan=False,
+                              ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"a record holds a value JSON cannot carry ({exc})",
+                             field="records") from None
+        limit = self.limits.error_bytes + 1024 * len(payload["records"])
+        deadline = time.monotonic() + UPLOAD_DEADLINE_S
+        resp = self._request("POST", path, data=body, deadline=deadline,
+                             headers={"Content-Type": "application/json"})
+        with resp:
+            raw = read_body(resp, f"the answer to POST {path}", limit, deadline=deadline)
+        try:
+            data = _JSON.decode(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise RemoteError(f"the cloud's answer to POST {path} is not JSON") from exc
+        if not isinstance(data, dict) or not all(
+                isinstance(data.get(k), list) for k in ("accepted", "duplicates", "refused")):
+            raise RemoteError(f"the cloud's answer to POST {path} has no 'accepted', "
+                              "'duplicates' and 'refused' lists; is it an older cloud?")
+        return data
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
         """True if ``/healthz`` answers 200 within ``timeout_s``."""

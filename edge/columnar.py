@@ -28,6 +28,7 @@ from hybridml.shared.schema import EncodedBatch
 
 from .fallback import REASONS, Fallback
 from .loaded import CLOUD, SOURCES, LoadedVersion
+from .observe import Outcome
 
 _SOURCES = np.array(SOURCES, dtype=object)
 _REASONS = np.array(REASONS, dtype=object)
@@ -51,6 +52,7 @@ class BatchPrediction:
         self.model_version = model_version
         self._source_code = source_code  # uint8: index into _SOURCES
         self._reason, self._degraded = reason, degraded
+        self._reason_code: np.ndarray | None = None  # uint8: index into _REASONS
         self._cloud: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -87,6 +89,29 @@ class BatchPrediction:
         return self._degraded if self._degraded is not None else \
             np.zeros(len(self), dtype=bool)
 
+    def outcome(self) -> Outcome:
+        """These answers as the observers' arrays (:class:`~hybridml.edge.observe.Outcome`):
+        class indices (the cloud's answers included) and probabilities, or values."""
+        n = len(self)
+        reason = self._reason_code if self._reason_code is not None else \
+            np.zeros(n, dtype=np.uint8)
+        if self.labels is None:
+            values = self.values
+            if self._cloud:
+                assert values is not None
+                values = values.astype(np.float64)
+                for i, v in self._cloud.items():
+                    values[i] = np.nan if v is None else v
+            return Outcome(self._source_code, reason, self._degraded, None, values, None)
+        labels = self.labels
+        if self._cloud:
+            index = {str(c): j for j, c in enumerate(self.classes)}
+            labels = labels.copy()
+            for i, v in self._cloud.items():
+                labels[i] = index.get(str(v), -1)
+        return Outcome(self._source_code, reason, self._degraded, labels, None,
+                       self.probabilities)
+
 
 def predict_arrays(v: LoadedVersion, fallback: Fallback, num: Any = None, cat: Any = None
                    ) -> tuple[BatchPrediction, EncodedBatch]:
@@ -105,6 +130,7 @@ def predict_arrays(v: LoadedVersion, fallback: Fallback, num: Any = None, cat: A
     if not ask.size:
         return result, batch
     result._reason = _REASONS[reasons]
+    result._reason_code = reasons
     answers = fallback.ask(v.manifest, batch.take(ask))
     degraded = np.zeros(n, dtype=bool)
     probs = result.probabilities

@@ -13,6 +13,11 @@ model itself. One row needs none of it. :class:`RowPath` is compiled once per lo
 * a miss copies the packed bytes into a preallocated input buffer that onnxruntime reads
   through IO binding (numeric-only models), or feeds small arrays (models with strings).
 
+With a telemetry tap attached (:meth:`RowPath.attach`), each answer is also reported to it:
+a hit's table row (one list append), or a miss's key with its class and confidence (or
+value) and how long the model took; the tap bins them later, in bulk
+(:mod:`hybridml.edge.telemetry`).
+
 Anything unusual — a row the schema would reject, a non-canonical NaN, an out-of-range value,
 an unseen category, low confidence, a failed run, another thread holding the buffer — returns
 ``None`` and the caller takes the general path, which gives the same answers and errors.
@@ -31,8 +36,10 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import random
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +71,8 @@ _STR_OR_NONE = frozenset({str, type(None)})
 _NAN = math.nan
 _SPECIAL_HIGH = b"\x80\x7f\xff"  # float32 high bytes worth a closer look
 _SMALL = 8  # up to this many numeric features, range checks run in plain Python
+_clock = time.perf_counter_ns
+_random = random.random
 
 
 def _getter(keys: Sequence[Any]) -> Callable[[Any], tuple[Any, ...]]:
@@ -112,10 +121,11 @@ class RowPath:
         self._check_oor = policy.enabled and policy.on_out_of_range
         self._check_unseen = policy.enabled and policy.on_unseen
         self._min_conf = policy.min_confidence if policy.enabled else 0.0
-        self._hits: dict[bytes, tuple[Any, Any, bool]] = {}
+        # key -> (prediction, probabilities dict, needs the general path, table row)
+        self._hits: dict[bytes, tuple[Any, Any, bool, int]] = {}
         # Ready results by the row's values as sent, for narrow rows (hashing a wide row's
         # values costs more than packing it); None: off.
-        self._raw_hits: dict[Any, tuple[Any, Any, bool]] | None = \
+        self._raw_hits: dict[Any, tuple[Any, Any, bool, int]] | None = \
             {} if table is not None and self._n <= RAW_KEY_MAX else None
         # A small table's key dict, looked up without a method call; None: Table.lookup.
         index = table.key_index() if table is not None else None
@@ -131,6 +141,24 @@ class RowPath:
         runner = session.row_runner(self._buf, self._cat_buf)
         self._reused_outputs = runner.reuses_outputs
         self._run = runner
+        # Telemetry (attach): the tap, and where each model answer's record goes.
+        self.tap: Any = None
+        self._keep = 1.0
+        self._keep_all = True
+        self._on_miss: Callable[[tuple[bytes | None, Any, Any, int]], object] | None = None
+
+    def attach(self, tap: Any) -> None:
+        """Report every answer to ``tap`` (a :class:`~hybridml.edge.telemetry.RowTap`): its
+        ``hits`` list gets each hit's table row, its ``misses`` list ``(key, class index,
+        confidence, ns)`` or ``(key, value, None, ns)`` for each model answer, ``ns`` the
+        nanoseconds from the key to the answer (the row's unpacking before, ~0.5 µs, is not
+        timed); past ``tap.size`` hits or ``tap.miss_size`` answers, ``tap.drain()``. A wide
+        model's answers keep their key with probability ``tap.keep`` only (None otherwise:
+        counted, not binned). None detaches."""
+        self.tap = tap
+        self._keep = 1.0 if tap is None else tap.keep
+        self._keep_all = self._keep >= 1.0
+        self._on_miss = None if tap is None else tap.misses.append
 
     # ---------------------------------------------------------------------------- predict
     def predict(self, row: Any) -> Any:
@@ -168,6 +196,12 @@ class RowPath:
             if entry is not None:
                 if entry[2]:
                     return None
+                tap = self.tap
+                if tap is not None:  # telemetry: the hit's table row, inline (no call)
+                    hits = tap.hits
+                    hits.append(entry[3])
+                    if len(hits) >= tap.size:
+                        tap.drain()
                 return self._make(entry[0], "precomputed", self.version, entry[1], self.classes)
         packed = b""
         unchecked = False  # packed as sent: not yet known to be canonical
@@ -224,9 +258,17 @@ class RowPath:
                 self._raw_hits[raw] = entry  # type: ignore[index]
             if entry[2]:
                 return None
+            tap = self.tap
+            if tap is not None:
+                hits = tap.hits
+                hits.append(entry[3])
+                if len(hits) >= tap.size:
+                    tap.drain()
             return self._make(entry[0], "precomputed", self.version, entry[1], self.classes)
         if unseen and self._check_unseen:
             return None
+        on_miss = self._on_miss
+        t0 = _clock() if on_miss is not None else 0  # telemetry times the model's answers
         if self._check_oor and 0 < self._n_num <= _SMALL:
             try:  # the raw values inside [lo, hi] are inside after float32 rounding too
                 clear = self._in_range(nums)
@@ -254,10 +296,23 @@ class RowPath:
         finally:
             lock.release()
         if probs is None:
+            if on_miss is not None:
+                on_miss((key if self._keep_all or _random() < self._keep else None, first,
+                         None, _clock() - t0))
+                tap = self.tap
+                if len(tap.misses) >= tap.miss_size:
+                    tap.drain()
             return self._make(first, "edge", self.version, None, None)
         if self._min_conf and float(probs.max()) < self._min_conf:
             return None
-        return self._make(self.classes[int(first)], "edge", self.version, probs, self.classes)
+        label = int(first)
+        if on_miss is not None:
+            on_miss((key if self._keep_all or _random() < self._keep else None, label,
+                     probs.item(label), _clock() - t0))
+            tap = self.tap
+            if len(tap.misses) >= tap.miss_size:
+                tap.drain()
+        return self._make(self.classes[label], "edge", self.version, probs, self.classes)
 
     def _pack_missing(self, nums: Sequence[Any]) -> bytes | None:
         """Canonical float32 bytes of values that are not all plain numbers: None (missing)
@@ -298,17 +353,18 @@ class RowPath:
             return self._out_of_range_buf()
 
     def _hit_entry(self, table: Table, j: int, packed: bytes, unseen: bool
-                   ) -> tuple[Any, Any, bool]:
-        """(prediction, probabilities dict, needs the general path) of table row ``j``."""
+                   ) -> tuple[Any, Any, bool, int]:
+        """(prediction, probabilities dict, needs the general path, ``j``) of table row
+        ``j``."""
         flagged = (unseen and self._check_unseen) or \
             (self._check_oor and self._out_of_range(packed))
         if not self.is_clf:
-            return table.value(j), None, flagged
+            return table.value(j), None, flagged, j
         probs = table.probabilities(j)
         if self._min_conf and float(probs.max()) < self._min_conf:
             flagged = True
         shared = {str(c): round(float(p), 6) for c, p in zip(self.classes, probs)}
-        return self.classes[table.label(j)], shared, flagged
+        return self.classes[table.label(j)], shared, flagged, j
 
 
 def _range_test(lo: Sequence[float], hi: Sequence[float]) -> Callable[[Sequence[Any]], bool]:

@@ -13,6 +13,13 @@ one of them then takes the same path::
 A single row first tries the fast path compiled for the loaded version
 (:class:`~hybridml.edge.fastpath.RowPath`), which answers plain rows in microseconds and hands
 anything else to the general path above.
+
+Telemetry (:mod:`hybridml.edge.telemetry`, on unless ``telemetry=False`` or
+``HYBRIDML_TELEMETRY=off``) counts every answer in memory: batches through the observer hook,
+the fast path through its version's tap. :meth:`EdgeRuntime.flush` writes the window to the
+spool (:mod:`hybridml.edge.spool`) — every ``HYBRIDML_TELEMETRY_WINDOW_S``, from a background
+thread, and at exit — and the agent or ``hybridml-edge push`` uploads it. Each answer has a
+``prediction_id`` (:mod:`hybridml.edge.feedback`) that :meth:`EdgeRuntime.feedback` refers to.
 """
 
 from __future__ import annotations
@@ -40,107 +47,23 @@ from hybridml.shared.table import Table
 
 from .columnar import BatchPrediction, predict_arrays
 from .fallback import REASONS, CircuitBreaker, Fallback, FallbackPolicy
-from .loaded import SOURCES, LoadedVersion
-from .observe import Observation, Observer
+from .loaded import CLOUD, SOURCES, LoadedVersion
+from .monitor import Monitor
+from .observe import Observation, Observer, Outcome
+from .prediction import Prediction, maker
 from .session import ModelSession
 from .store import LocalStore
+from .telemetry import Telemetry, TelemetrySettings
 
-if TYPE_CHECKING:  # the cloud side (requests, signature checks) loads only when used
+if TYPE_CHECKING:  # the cloud side (requests, signature checks) and SQLite load when used
     from .client import CloudClient
+    from .push import PushLimits, PushResult
     from .sync import SyncOptions, SyncResult
 
 log = logging.getLogger("hybridml.edge.runtime")
 
 Row = Mapping[str, Any] | Sequence[Any]
-
-
-class Prediction:
-    """One row's answer. ``source`` is ``precomputed``, ``edge`` or ``cloud``.
-
-    ``probabilities`` (classifiers) maps each class to its probability rounded to 6 digits; it
-    is built on first access, so callers that only read ``prediction`` never pay for it.
-    """
-
-    __slots__ = ("_classes", "_probs", "_raw", "degraded", "error", "model_version",
-                 "prediction", "reason", "source")
-
-    def __init__(self, prediction: Any, source: str, model_version: int | None,
-                 probabilities: dict[str, float] | None = None, degraded: bool = False,
-                 reason: str | None = None, error: dict[str, Any] | None = None) -> None:
-        self.prediction = prediction
-        self.source = source
-        self.model_version = model_version
-        self.degraded = degraded
-        self.reason = reason
-        self.error = error
-        self._probs = probabilities
-        self._raw: Any = None
-        self._classes: Sequence[Any] | None = None
-
-    @classmethod
-    def deferred(cls, prediction: Any, source: str, model_version: int | None, raw: Any,
-                 classes: Sequence[Any] | None) -> Prediction:
-        """A local answer whose probabilities dict is built from ``raw`` on first access.
-
-        ``raw`` is a row of class probabilities (built into a dict of ``classes``), a shared
-        dict (copied on access) or None.
-        """
-        p = cls.__new__(cls)
-        p.prediction, p.source, p.model_version = prediction, source, model_version
-        p.degraded, p.reason, p.error = False, None, None
-        p._probs, p._raw, p._classes = None, raw, classes
-        return p
-
-    @property
-    def probabilities(self) -> dict[str, float] | None:
-        """Class -> probability (classifiers), else None."""
-        raw = self._raw
-        if raw is not None:
-            self._raw = None
-            if isinstance(raw, dict):
-                self._probs = dict(raw)
-            else:
-                self._probs = {str(c): round(float(p), 6)
-                               for c, p in zip(self._classes or (), raw)}
-        return self._probs
-
-    @probabilities.setter
-    def probabilities(self, value: dict[str, float] | None) -> None:
-        self._probs, self._raw = value, None
-
-    def _fields(self) -> tuple[Any, ...]:
-        return (self.prediction, self.source, self.model_version, self.probabilities,
-                self.degraded, self.reason, self.error)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Prediction):
-            return NotImplemented
-        return self._fields() == other._fields()
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
-
-    def __repr__(self) -> str:
-        names = ("prediction", "source", "model_version", "probabilities", "degraded", "reason",
-                 "error")
-        return "Prediction(" + ", ".join(f"{k}={v!r}" for k, v in zip(names, self._fields())) \
-            + ")"
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON form printed by ``predict --json``."""
-        pred = self.prediction
-        out: dict[str, Any] = {"prediction": None if pred != pred else pred,
-                               "source": self.source,
-                               "model_version": self.model_version}
-        probabilities = self.probabilities
-        if probabilities is not None:  # NaN (a model overflowing) is not JSON: null
-            out["probabilities"] = {k: None if v != v else v for k, v in probabilities.items()}
-        if self.degraded:
-            out["degraded"] = True
-        if self.reason:
-            out["reason"] = self.reason
-        if self.error is not None:
-            out["error"] = self.error
-        return out
+_clock = time.perf_counter_ns
 
 
 class EdgeRuntime:
@@ -153,6 +76,10 @@ class EdgeRuntime:
     an :class:`~hybridml.edge.observe.Observation` (they run in the caller's thread: keep
     them fast, and they must not raise). ``clock`` (monotonic seconds) drives the fallback's
     deadline and circuit breaker; tests pass their own.
+
+    ``telemetry``: None reads :class:`~hybridml.edge.telemetry.TelemetrySettings` from the
+    environment (on by default); False turns it off; True or settings turn it on; a
+    :class:`~hybridml.edge.telemetry.Telemetry` is used as it is (tests give it a clock).
     """
 
     def __init__(self, store: str | os.PathLike[str] | LocalStore, model: str,
@@ -161,7 +88,8 @@ class EdgeRuntime:
                  observers: Iterable[Observer] = (),
                  clock: Callable[[], float] = time.monotonic,
                  ca_bundle: str | os.PathLike[str] | None = None, allow_http: bool = False,
-                 client: CloudClient | None = None) -> None:
+                 client: CloudClient | None = None,
+                 telemetry: bool | TelemetrySettings | Telemetry | None = None) -> None:
         self.store = store if isinstance(store, LocalStore) else LocalStore(store)
         self.name = model
         if client is None and cloud_url:
@@ -173,6 +101,9 @@ class EdgeRuntime:
                                  clock=clock)
         self.threads = threads
         self.observers: list[Observer] = list(observers)
+        self.monitor = Monitor(self.store, model, telemetry)
+        self.ids = self.monitor.ids
+        self._make = maker(self.ids)
         self._loaded: LoadedVersion | None = None
         self._reload_lock = threading.Lock()  # one reload at a time; readers never wait
         self.reload()
@@ -188,7 +119,7 @@ class EdgeRuntime:
             for attempt in range(3):
                 manifest = self.store.active(self.name)
                 if manifest is None:
-                    self._loaded = None
+                    self._swap(None)
                     return False
                 current = self._loaded
                 if current is not None and manifest.dumps() == current.manifest.dumps():
@@ -201,7 +132,7 @@ class EdgeRuntime:
                     if attempt == 2 or self.store.active(self.name) == manifest:
                         raise
                     continue
-                self._loaded = loaded
+                self._swap(loaded)
                 log.info("loaded %s v%s%s", self.name, manifest.version,
                          f" with a {len(loaded.table)}-row table" if loaded.table else "")
                 return True
@@ -214,7 +145,14 @@ class EdgeRuntime:
         return LoadedVersion.load(
             manifest, self.store.artifact_path(model.sha256),
             None if tab is None else self.store.artifact_path(tab.sha256), self.policy,
-            Prediction.deferred, self.threads)
+            self._make, self.threads)
+
+    def _swap(self, v: LoadedVersion | None) -> None:
+        """Make ``v`` the loaded version (under the reload lock), its fast path reporting to
+        telemetry; what the old one's fast path gathered is counted first."""
+        self.monitor.attach(v)
+        old, self._loaded = self._loaded, v
+        self.monitor.detach(old)
 
     def sync(self, options: SyncOptions | None = None) -> SyncResult:
         """Sync with the cloud (:func:`hybridml.edge.sync.sync`, with ``options``), then load
@@ -267,7 +205,7 @@ class EdgeRuntime:
             if v is None:
                 raise NoModelError(f"no model {self.name!r} loaded; run sync first",
                                    name=self.name)
-            self._loaded = v.replace(table=value, make=Prediction.deferred)
+            self._swap(v.replace(table=value, make=self._make))
 
     @property
     def policy(self) -> FallbackPolicy:
@@ -280,7 +218,7 @@ class EdgeRuntime:
             self.fallback.policy = value
             v = self._loaded
             if v is not None:
-                self._loaded = v.replace(policy=value, make=Prediction.deferred)
+                self._swap(v.replace(policy=value, make=self._make))
 
     @property
     def client(self) -> CloudClient | None:
@@ -320,11 +258,12 @@ class EdgeRuntime:
         if v is not None and type(rows) is list and len(rows) == 1:
             fast = v.fast  # the single-row fast path, checked first
             if fast is not None and (errors == "raise" or errors == "report"):
-                answer = fast.predict(rows[0])
+                answer = fast.predict(rows[0])  # telemetry: it reports to its tap itself
                 if answer is not None:
                     if self.observers:
                         self._observe(Observation("row", v, [answer], rows=rows))
                     return [answer]
+        t0 = _clock() if self.telemetry is not None else 0
         _check_errors(errors)
         if type(rows) is not list:
             rows = list(rows)
@@ -333,24 +272,25 @@ class EdgeRuntime:
         if v is None:
             return self._cloud_only(rows)
         if errors == "raise":
-            return self._answer(v, "rows", v.schema.encode(rows))
+            return self._answer(v, "rows", v.schema.encode(rows), t0)
         try:
             batch = v.schema.encode(rows)
         except InputError:
             good, bad = v.schema.split_bad(rows)
             return self._merge(v, "rows", len(rows), good, bad,
-                               lambda: v.schema.encode([rows[i] for i in good]))
-        return self._answer(v, "rows", batch)
+                               lambda: v.schema.encode([rows[i] for i in good]), t0)
+        return self._answer(v, "rows", batch, t0)
 
     def predict_text(self, columns: Mapping[str, Sequence[str]], *,
                      errors: str = "raise") -> list[Prediction]:
         """Predict rows given as text columns by name (a CSV file's cells: numbers as text,
         the missing spellings of :data:`hybridml.shared.cells.MISSING_TOKENS`); extra
         columns are ignored. ``errors`` as in :meth:`predict`."""
+        t0 = _clock() if self.telemetry is not None else 0
         _check_errors(errors)
         v = self._require()
         if errors == "raise":
-            return self._answer(v, "text", v.schema.encode_text(columns))
+            return self._answer(v, "text", v.schema.encode_text(columns), t0)
         try:
             batch = v.schema.encode_text(columns)
         except InputError as exc:
@@ -359,22 +299,75 @@ class EdgeRuntime:
             good, bad = v.schema.split_bad_text(columns)
             return self._merge(v, "text", len(good) + len(bad), good, bad,
                                lambda: v.schema.encode_text(
-                                   {n: [columns[n][i] for i in good] for n in v.schema.names}))
-        return self._answer(v, "text", batch)
+                                   {n: [columns[n][i] for i in good] for n in v.schema.names}),
+                               t0)
+        return self._answer(v, "text", batch, t0)
 
     def predict_arrays(self, num: Any = None, cat: Any = None) -> BatchPrediction:
         """Predict a batch given as arrays: ``num`` float ``[N, n_numeric]`` and ``cat`` str
         ``[N, n_categorical]``, each in schema order (see :mod:`hybridml.edge.columnar`).
         """
+        tel = self.telemetry
+        t0 = _clock() if tel is not None else 0
         v = self._require()
         result, batch = predict_arrays(v, self.fallback, num, cat)
-        if self.observers:
-            self._observe(Observation("arrays", v, result, batch=batch))
+        if tel is not None or self.observers:
+            obs = Observation("arrays", v, result, batch=batch,
+                              elapsed=(_clock() - t0) / 1e9 if t0 else None,
+                              outcome=result.outcome())
+            if tel is not None:
+                tel(obs)
+            self._observe(obs)
         return result
 
     def predict_one(self, row: Row) -> Prediction:
         """Predict a single row."""
         return self.predict([row])[0]
+
+    # ----------------------------------------------------------------------------- monitoring
+    @property
+    def telemetry(self) -> Telemetry | None:
+        """The in-memory counters (None when telemetry is off)."""
+        return self.monitor.telemetry
+
+    @property
+    def store_id(self) -> str:
+        """The store's id, the first part of record and prediction ids."""
+        return self.monitor.store_id
+
+    def flush(self) -> list[str]:
+        """End the telemetry window and write it to the spool (:meth:`Monitor.flush
+        <hybridml.edge.monitor.Monitor.flush>`); returns the record ids."""
+        return self.monitor.flush()
+
+    def feedback(self, prediction_id: str | None, label: Any, *,
+                 features: Mapping[str, Any] | None = None) -> str:
+        """Queue the true ``label`` of an answer (its ``prediction_id``) or of a row
+        (``features`` by column name, with ``prediction_id`` None) in the spool; the next
+        push sends it to the cloud. Returns the record id.
+
+        The label must be one of the model's classes, or a finite number for regression;
+        :class:`InputError` names ``label``, ``prediction_id`` or the bad feature otherwise.
+        """
+        return self.monitor.feedback(self._require(), prediction_id, label, features=features)
+
+    def drift(self) -> dict[str, Any] | None:
+        """The drift report (docs/monitoring.md §2) of the current telemetry window — what
+        was answered since the last flush — against the loaded version's profile; None without
+        telemetry, a loaded model or a profile (a model trained before profiles)."""
+        return self.monitor.drift(self._loaded)
+
+    def push(self, limits: PushLimits | None = None) -> PushResult:
+        """Flush, then upload this model's spooled records (:func:`hybridml.edge.push.push`)."""
+        client = self.client
+        if client is None:
+            raise ConfigError("no cloud URL configured; pass cloud_url to push telemetry",
+                              field="cloud_url")
+        return self.monitor.push(client, limits)
+
+    def close(self) -> None:
+        """Flush telemetry and close the spool (the runtime can still predict)."""
+        self.monitor.close()
 
     # ------------------------------------------------------------------------- the one path
     def _require(self) -> LoadedVersion:
@@ -386,10 +379,12 @@ class EdgeRuntime:
                 name=self.name)
         return v
 
-    def _answer(self, v: LoadedVersion, route: str, batch: EncodedBatch) -> list[Prediction]:
-        """Infer, ask the cloud for the rows the policy flags, tell the observers."""
+    def _answer(self, v: LoadedVersion, route: str, batch: EncodedBatch, t0: int = 0
+                ) -> list[Prediction]:
+        """Infer, ask the cloud for the rows the policy flags, tell the observers (and
+        telemetry: ``t0`` is when the call came in, ``perf_counter_ns``)."""
         inf = v.infer(batch)
-        make = Prediction.deferred
+        make = self._make
         version = v.version
         sources = [SOURCES[s] for s in inf.source.tolist()]
         if v.is_clf:
@@ -400,10 +395,12 @@ class EdgeRuntime:
                                                   inf.probabilities)]
         else:
             assert inf.values is not None
-            results = [Prediction(val, src, version)
+            results = [make(val, src, version, None, None)
                        for val, src in zip(inf.values.tolist(), sources)]
         reasons = self.fallback.reasons(batch, inf.probabilities, inf.local_failed)
         ask = np.flatnonzero(reasons)
+        tel = self.telemetry
+        degraded = cloud = None
         if ask.size:
             unanswered = 0
             answers = self.fallback.ask(v.manifest, batch.take(ask))
@@ -412,26 +409,40 @@ class EdgeRuntime:
                 if a is None:
                     results[i].degraded, results[i].reason = True, reason
                     unanswered += 1
+                    if tel is not None:
+                        degraded = degraded if degraded is not None else \
+                            np.zeros(len(results), dtype=bool)
+                        degraded[i] = True
                 else:
-                    results[i] = Prediction(a.prediction, "cloud", a.model_version,
-                                            a.probabilities, reason=reason)
+                    p = results[i] = Prediction(a.prediction, "cloud", a.model_version,
+                                                a.probabilities, reason=reason)
+                    p._ids = self.ids
+                    if tel is not None:
+                        cloud = cloud if cloud is not None else {}
+                        cloud[i] = a
             if inf.local_failed and unanswered:
                 raise InferenceError(
                     f"local inference failed and the cloud did not answer {unanswered} of "
                     f"{len(results)} row(s): {self.fallback.last_error or 'no cloud'}")
-        if self.observers:
-            self._observe(Observation(route, v, results, batch=batch))
+        if tel is not None or self.observers:
+            obs = Observation(route, v, results, batch=batch,
+                              elapsed=(_clock() - t0) / 1e9 if t0 else None,
+                              outcome=None if tel is None else
+                              _outcome(v, inf, reasons, degraded, cloud))
+            if tel is not None:
+                tel(obs)
+            self._observe(obs)
         return results
 
     def _merge(self, v: LoadedVersion, route: str, n: int, good: list[int],
-               bad: Mapping[int, InputError], encode_good: Callable[[], EncodedBatch]
-               ) -> list[Prediction]:
+               bad: Mapping[int, InputError], encode_good: Callable[[], EncodedBatch],
+               t0: int = 0) -> list[Prediction]:
         """Report mode: an error answer for each bad row, predictions for the good ones."""
         results: list[Prediction | None] = [None] * n
         for i, err in bad.items():
             results[i] = Prediction(None, "edge", v.version, error=err.to_json()["error"])
         if good:
-            for i, pred in zip(good, self._answer(v, route, encode_good())):
+            for i, pred in zip(good, self._answer(v, route, encode_good(), t0)):
                 results[i] = pred
         return [r for r in results if r is not None]
 
@@ -448,8 +459,36 @@ class EdgeRuntime:
                 f"{self.store.root}' first", name=self.name)
         answers = self.fallback.ask_rows(rows, strict=True)
         reason = REASONS[-1]
-        return [Prediction(a.prediction, "cloud", a.model_version, a.probabilities,
-                           reason=reason) for a in answers if a is not None]
+        out = [Prediction(a.prediction, "cloud", a.model_version, a.probabilities,
+                          reason=reason) for a in answers if a is not None]
+        for p in out:
+            p._ids = self.ids
+        return out
+
+
+def _outcome(v: LoadedVersion, inf: Any, reasons: np.ndarray, degraded: np.ndarray | None,
+             cloud: Mapping[int, Any] | None) -> Outcome:
+    """The observers' arrays for the general path's answers: the local inference, with the
+    rows the cloud answered replaced by its answers."""
+    source = inf.source
+    labels, values, probs = inf.labels, inf.values, inf.probabilities
+    if cloud:
+        source = source.copy()
+        source[list(cloud)] = CLOUD
+        if v.is_clf:
+            assert labels is not None and probs is not None
+            index = {str(c): j for j, c in enumerate(v.classes)}
+            labels, probs = labels.copy(), probs.copy()
+            for i, a in cloud.items():
+                labels[i] = index.get(str(a.prediction), -1)
+                got = a.probabilities or {}
+                probs[i] = [got.get(str(c), 0.0) for c in v.classes]
+        else:
+            assert values is not None
+            values = values.astype(np.float64)
+            for i, a in cloud.items():
+                values[i] = np.nan if a.prediction is None else a.prediction
+    return Outcome(source, reasons, degraded, labels, values, probs)
 
 
 def _check_errors(errors: str) -> None:

@@ -58,6 +58,13 @@ class EncodedBatch:
             self._codes = category_codes(self.cat, self._cat_index)
         return self._codes
 
+    def codes_at(self, index: np.ndarray | slice) -> np.ndarray:
+        """The category codes of the rows at ``index``: taken from :attr:`codes` when they
+        are built, else built for those rows only (a sample costs its rows, not the batch's)."""
+        if self._codes is not None:
+            return self._codes[index]
+        return category_codes(self.cat[index], self._cat_index)
+
     def __len__(self) -> int:
         return int(self.num.shape[0])
 

@@ -320,6 +320,12 @@ class Table:
         """Prediction stored in row ``i`` (regression)."""
         return float(self._output("values")[i])
 
+    def keys(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """A copy of the key bytes of ``rows``, ``uint8 [len(rows), key_width]`` (the rows'
+        inputs, as :meth:`InputSchema.keys <hybridml.shared.schema.InputSchema.keys>` wrote
+        them)."""
+        return np.array(self._arrays["keys"][np.asarray(rows, dtype=np.intp)], dtype=np.uint8)
+
     def take(self, rows: np.ndarray | Sequence[int]
              ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """Return copies of ``(labels int64, probabilities float32, values float32)`` at
