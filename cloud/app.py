@@ -9,9 +9,14 @@
     GET  /v1/artifacts/<sha256>                   immutable bytes; Range; gzip when accepted
     POST /v1/models/<name>/predict                {"inputs": [{col: v}, ...] | [[...], ...]}
                                                   -> predictions, probabilities, model_version
+    POST /v1/telemetry                            {"records": [...], "dropped": {...}?}
+    POST /v1/models/<name>/feedback               {"records": [...]}
+                                                  -> accepted, duplicates, refused (ids)
+    GET  /metrics                                 Prometheus text (hybridml.cloud.prom)
 
 Manifests are signed (:mod:`hybridml.cloud.signing`); bearer tokens and the admin routes
-(promote, rollback) are in :mod:`hybridml.cloud.auth`.
+(promote, rollback) are in :mod:`hybridml.cloud.auth`. Telemetry and feedback are checked by
+:mod:`hybridml.cloud.ingest` and kept by :mod:`hybridml.cloud.telemetry` (docs/monitoring.md).
 
 Every error is a JSON body ``{"error": {"code", "message", "details"?}}`` with a 4xx status for
 bad input; only a bug answers 500. Bodies are strict JSON (``NaN``/``Infinity`` literals are
@@ -37,7 +42,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flask import Flask, Request, Response, jsonify, request, send_file
+from flask import Flask, Request, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from hybridml.shared import jsontext
@@ -51,11 +56,13 @@ from hybridml.shared.manifest import Manifest
 from hybridml.shared.release import Release, issue_window
 from hybridml.shared.text import printable
 
-from . import auth
+from . import auth, prom
 from .config import ServeConfig
+from .ingest import parse_upload
 from .registry import Ref, Registry
 from .shedding import LoadShedder
 from .signing import Signer
+from .telemetry import TelemetryStore
 
 if TYPE_CHECKING:  # imported where a model is loaded: never in gunicorn's master (see below)
     from hybridml.edge.session import ModelSession
@@ -269,6 +276,22 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         answer = models.get(name, reg.resolve_cached(name, ref)).answer(rows)
         return Response(_ENCODER.encode(answer) + "\n", mimetype="application/json")
 
+    # Monitoring (docs/monitoring.md §5): spool uploads and feedback into the telemetry store.
+    store = TelemetryStore(reg)
+    app.extensions["hybridml"]["telemetry"] = store
+
+    @app.post("/v1/telemetry")
+    def telemetry() -> Response:
+        upload = parse_upload(_json_data(request))
+        return jsonify(store.ingest_summaries(_device(), upload.records,
+                                              upload.dropped).to_json())
+
+    @app.post("/v1/models/<name>/feedback")
+    def feedback(name: str) -> Response:
+        upload = parse_upload(_json_data(request), keys=("records",))
+        return jsonify(store.add_feedback(name, _device(), upload.records).to_json())
+
+    prom.install(app, store)  # GET /metrics and request counts (hybridml.cloud.prom)
     auth.install(app, reg)  # bearer tokens + admin routes (hybridml.cloud.auth)
     return app
 
@@ -302,8 +325,28 @@ def _check_ref(value: object, field: str) -> Ref:
                      "(lowercase letters, digits and '_', such as 'stable')", field=field)
 
 
+def _device() -> str | None:
+    """The device sending telemetry: its token's name (None without tokens: the store id in
+    each record's id names it)."""
+    token = g.get("token")
+    return None if token is None else str(token.name)
+
+
 def _json_body(req: Request) -> dict[str, Any]:
     """The request body as a JSON object with known keys; 4xx naming what is wrong."""
+    data = _json_data(req)
+    if not isinstance(data, dict):
+        raise InputError("the request body must be a JSON object with 'inputs'", field="body")
+    unknown = [k for k in data if k not in BODY_KEYS]
+    if unknown:
+        raise InputError(f"unknown key {_short(unknown[0])} in the request body; send "
+                         "'inputs' and optionally 'version'", field=printable(unknown[0], 80))
+    return data
+
+
+def _json_data(req: Request) -> Any:
+    """The request body parsed as strict JSON; 415 without a JSON content type, 413 over
+    the body limit, 400 naming ``body`` for anything that is not JSON."""
     if not req.is_json:
         raise HTTPError("send the body as JSON with 'Content-Type: application/json'",
                         status=415, code="unsupported_media_type", field="Content-Type")
@@ -313,14 +356,7 @@ def _json_body(req: Request) -> dict[str, Any]:
         if limit is not None and len(raw) >= limit:
             raise RequestEntityTooLarge()  # werkzeug cuts a chunked body at the limit silently
     # Strict JSON, as the edge CLI reads it: a NaN literal is refused by the row rules.
-    data = jsontext.loads_body(raw)
-    if not isinstance(data, dict):
-        raise InputError("the request body must be a JSON object with 'inputs'", field="body")
-    unknown = [k for k in data if k not in BODY_KEYS]
-    if unknown:
-        raise InputError(f"unknown key {_short(unknown[0])} in the request body; send "
-                         "'inputs' and optionally 'version'", field=printable(unknown[0], 80))
-    return data
+    return jsontext.loads_body(raw)
 
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:

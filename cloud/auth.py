@@ -10,7 +10,10 @@ Access rules (``Authorization: Bearer <token>``):
 
 * ``/healthz`` is open (load balancers and ``status`` probe it);
 * the endpoints in :data:`DEVICE_ENDPOINTS` (model list, manifest, artifacts, predict,
-  telemetry) take a device or an admin token;
+  telemetry, feedback) take a device or an admin token;
+* ``/metrics`` (:data:`LOOPBACK_ENDPOINTS`) is open to callers on loopback and takes an
+  admin token from anywhere else (behind a reverse proxy on the same host every caller is
+  on loopback: keep ``/metrics`` out of what the proxy forwards);
 * every other endpoint, including any added later, takes an admin token (deny by default);
 * no or an unknown/revoked token is 401, a device token on an admin endpoint 403, both as JSON
   errors from the error tree with a ``WWW-Authenticate: Bearer`` header.
@@ -71,7 +74,10 @@ from .tokens import TokenStore
 log = logging.getLogger("hybridml.cloud.auth")
 
 OPEN_ENDPOINTS = frozenset({"healthz", "static"})
-DEVICE_ENDPOINTS = frozenset({"list_models", "manifest", "artifact", "predict", "telemetry"})
+DEVICE_ENDPOINTS = frozenset({"list_models", "manifest", "artifact", "predict", "telemetry",
+                              "feedback"})
+# Open to callers on this machine (a Prometheus beside the server), admin tokens otherwise.
+LOOPBACK_ENDPOINTS = frozenset({"metrics"})
 INSECURE_ENV = "HYBRIDML_INSECURE"
 AUDIT_NAME = "audit.jsonl"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -100,7 +106,8 @@ def install(app: Flask, registry: Registry, *, insecure: bool | None = None) -> 
 
     def authenticate() -> None:
         endpoint = request.endpoint
-        if endpoint in OPEN_ENDPOINTS:
+        if endpoint in OPEN_ENDPOINTS or (endpoint in LOOPBACK_ENDPOINTS
+                                          and is_loopback(request.remote_addr or "")):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()

@@ -60,6 +60,7 @@ from .app import create_app
 from .auth import INSECURE_ENV
 from .config import ServeConfig
 from .front import Front
+from .prom import prepare_multiprocess
 from .shedding import HEALTH_PATH, ShedLog, overloaded
 from .signing import KeyRing
 from .tls import tls_files
@@ -359,6 +360,7 @@ def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int
     os.environ["HYBRIDML_REGISTRY"] = registry
     os.environ[INSECURE_ENV] = "1" if insecure else "0"
     config = ServeConfig.from_env()
+    prepare_multiprocess()  # before the app and the workers: /metrics sums every worker
     app = create_app(registry, config)
     if dev:
         from werkzeug.serving import make_server
