@@ -12,6 +12,9 @@ from hybridml.shared.lazy import export_lazily
 if TYPE_CHECKING:
     from .app import create_app
     from .auth import promote, rollback
+    from .controller import Controller
+    from .lineage import display_label
+    from .policy import Policy
     from .precompute import PrecomputeReport, precompute
     from .quantize import QuantizationReport
     from .registry import ModelSummary, Registry, VersionInfo
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
 export_lazily(__name__, {
     "app": ("create_app",),
     "auth": ("promote", "rollback"),
+    "controller": ("Controller",),
+    "lineage": ("display_label",),
+    "policy": ("Policy",),
     "precompute": ("PrecomputeReport", "precompute"),
     "quantize": ("QuantizationReport",),
     "registry": ("ModelSummary", "Registry", "VersionInfo"),
@@ -31,8 +37,10 @@ export_lazily(__name__, {
 })
 
 __all__ = [
+    "Controller",
     "KeyRing",
     "ModelSummary",
+    "Policy",
     "PrecomputeReport",
     "QuantizationReport",
     "Registry",
@@ -40,6 +48,7 @@ __all__ = [
     "TrainResult",
     "VersionInfo",
     "create_app",
+    "display_label",
     "precompute",
     "promote",
     "rollback",

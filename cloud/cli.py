@@ -19,8 +19,13 @@ from hybridml.shared.errors import ConfigError, HybridMLError
 from hybridml.shared.schema import InputSchema
 from hybridml.shared.text import format_table
 
+from .feedback import add_parser as add_feedback
 from .freshness import add_parser as add_freshness
+from .lineage import describe, gate_summary
+from .loop import add_parser as add_loop
 from .models import FAMILIES
+from .monitor import add_parser as add_monitor
+from .policy import MODES
 from .progress import StepProgress
 from .registry import Registry
 
@@ -75,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="estimator parameter, value parsed as JSON (repeatable)")
     t.add_argument("--finetune-from", metavar="NAME:VERSION",
-                   help="continue training that version (mlp, sgd) instead of from scratch")
+                   help="follow that version: continue its model (mlp, sgd, gb, hgb, rf) "
+                   "instead of training from scratch; see --mode")
+    t.add_argument("--mode", default="finetune", choices=MODES,
+                   help="with --finetune-from: finetune (default), retrain its line from "
+                   "scratch, or auto (fine-tune where possible, else retrain)")
     t.add_argument("--categorical", action="append", default=[], metavar="COL",
                    help="treat COL as categorical (repeatable or comma-separated)")
     t.add_argument("--numeric", action="append", default=[], metavar="COL",
@@ -141,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_tokens_revoke)
 
     add_freshness(sub, common)
+    add_loop(sub, common)
+    add_feedback(sub, common)
+    add_monitor(sub, common)
 
     s = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     s.add_argument("--host", default="127.0.0.1")
@@ -201,8 +213,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             _registry(args), args.name, data=args.data, dataset=args.dataset,
             target=args.target, model=args.model, task=args.task, seed=args.seed,
             tolerance=args.tolerance, params=_params(args.param),
-            finetune_from=args.finetune_from, categorical=_split_list(args.categorical),
-            numeric=_split_list(args.numeric), drop=_split_list(args.drop), progress=progress)
+            finetune_from=args.finetune_from, mode=args.mode,
+            categorical=_split_list(args.categorical), numeric=_split_list(args.numeric),
+            drop=_split_list(args.drop), progress=progress)
     finally:
         progress.close()
     m = result.manifest
@@ -252,14 +265,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     """``models``: a table of models, or of one model's versions."""
     reg = _registry(args)
     if args.name:
-        versions = reg.versions(args.name)
-        rows = [[v.name, str(v.version), ",".join(v.aliases) or "-", v.task,
-                 _metric(v.metrics), f"{v.model_size:,}", v.lineage +
-                 (f"<-v{v.parent}" if v.parent else ""), v.created]
-                for v in versions]
-        _emit(args, [v.to_json() for v in versions],
-              format_table(["name", "version", "aliases", "task", "test metric", "model bytes",
-                            "lineage", "created"], rows))
+        versions = describe(reg, args.name)
+        rows = [[v["name"], str(v["version"]), v["label"], ",".join(v["aliases"]) or "-",
+                 v["task"], _metric(v["metrics"]), gate_summary(v["gate"]),
+                 f"{v['model_size']:,}", _lineage(v), v["created"]] for v in versions]
+        _emit(args, versions,
+              format_table(["name", "version", "label", "aliases", "task", "test metric",
+                            "gate (candidate/active)", "model bytes", "lineage", "created"],
+                           rows))
         return 0
     models = reg.models()
     rows = []
@@ -385,6 +398,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(registry=str(_registry(args).root), host=args.host, port=args.port,
                  workers=args.workers, dev=args.dev, insecure=args.insecure,
                  ready_file=args.ready_file, certfile=args.certfile, keyfile=args.keyfile)
+
+
+def _lineage(v: dict[str, Any]) -> str:
+    """``finetune(added_trees)<-v1``: how a version came from its parent."""
+    how = f"({v['finetune']})" if v.get("finetune") else ""
+    return v["lineage"] + how + (f"<-v{v['parent']}" if v.get("parent") else "")
 
 
 def _metric(m: dict[str, Any]) -> str:

@@ -30,13 +30,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hybridml.shared.clock import parse_duration, utc_iso
+from hybridml.shared.clock import from_iso, parse_duration, utc_iso
 from hybridml.shared.errors import ConfigError, DataError
 from hybridml.shared.text import format_table
 
@@ -257,14 +256,11 @@ def _parse_time(text: str, row: int, column: str) -> float:
     except ValueError:
         pass
     try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        return from_iso(raw)
     except ValueError:
         raise DataError(f"row {row}: {column} {raw[:40]!r} is not a time; write ISO 8601 "
                         "(2026-11-30T08:00:00Z) or POSIX seconds", field=column,
                         row=row) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
 
 
 def _load(path: Path, target: str, time_column: str,

@@ -72,7 +72,7 @@ ENV_VAR = "HYBRIDML_REGISTRY"
 DEFAULT_ROOT = "registry"
 DB_NAME = "registry.db"
 GC_MIN_AGE_S = 3600.0
-SCHEMA_VERSION = 2  # 2: release sequences
+SCHEMA_VERSION = 3  # 2: release sequences; 3: training policies and their decisions
 MODEL_ROLES = ("model", "model_fp32")
 Ref = int | str
 
@@ -102,6 +102,14 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sequences (
         name TEXT PRIMARY KEY, sequence INTEGER NOT NULL CHECK (sequence >= 0),
         updated TEXT NOT NULL)""",
+    # Schema 3. Per model, the continuous-training policy (hybridml.cloud.policy, JSON), and
+    # every evaluation of its triggers with the evidence, plus what the controller then did.
+    """CREATE TABLE IF NOT EXISTS policies (
+        name TEXT PRIMARY KEY, policy TEXT NOT NULL, updated TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS decisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, time TEXT NOT NULL,
+        fired INTEGER NOT NULL, decision TEXT NOT NULL, outcome TEXT, candidate INTEGER)""",
+    "CREATE INDEX IF NOT EXISTS decisions_by_name ON decisions (name, id)",
 )
 
 
@@ -348,6 +356,59 @@ class Registry:
                                             "ORDER BY name, alias"):
                 aliases.setdefault(name, {})[alias] = v
         return [ModelSummary(name, latest, n, aliases.get(name, {})) for name, latest, n in rows]
+
+    # ------------------------------------------------------------ policies and decisions
+    def set_policy(self, name: str, policy: Mapping[str, Any]) -> None:
+        """Store the training policy of ``name`` (a JSON object), replacing the last one."""
+        name = _lookup_name(name)
+        doc = canonical_json(_json_copy(policy, "policy", RegistryError)).decode("utf-8")
+        with self._tx(write=True) as c:
+            self._resolve(c, name, "latest")  # NotFoundError for an unknown model
+            c.execute("INSERT OR REPLACE INTO policies (name, policy, updated) VALUES (?, ?, ?)",
+                      (name, doc, utc_iso()))
+        log.info("policy of %s set", name)
+
+    def policies(self) -> dict[str, dict[str, Any]]:
+        """``{name: policy}`` of every model that has one."""
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT name, policy FROM policies ORDER BY name").fetchall()
+        return {name: json.loads(text) for name, text in rows}
+
+    def add_decision(self, name: str, decision: Mapping[str, Any]) -> int:
+        """Record one evaluation of ``name``'s triggers (with ``time`` and ``fired``); returns
+        its id, for :meth:`finish_decision`."""
+        name = _lookup_name(name)
+        doc = _json_copy(decision, "decision", RegistryError)
+        with self._tx(write=True) as c:
+            cur = c.execute("INSERT INTO decisions (name, time, fired, decision) "
+                            "VALUES (?, ?, ?, ?)", (name, str(doc.get("time") or utc_iso()),
+                                                    int(bool(doc.get("fired"))),
+                                                    canonical_json(doc).decode("utf-8")))
+            return int(cur.lastrowid or 0)
+
+    def finish_decision(self, decision_id: int, outcome: Mapping[str, Any]) -> None:
+        """Record what followed decision ``decision_id``: the candidate version, or why none."""
+        doc = _json_copy(outcome, "outcome", RegistryError)
+        candidate = doc.get("candidate")
+        with self._tx(write=True) as c:
+            done = c.execute("UPDATE decisions SET outcome = ?, candidate = ? WHERE id = ?",
+                             (canonical_json(doc).decode("utf-8"),
+                              candidate if isinstance(candidate, int) else None, decision_id))
+            if done.rowcount == 0:
+                raise NotFoundError(f"no decision {decision_id}", field="decision")
+
+    def decisions(self, name: str, *, limit: int | None = None, fired_only: bool = False
+                  ) -> list[dict[str, Any]]:
+        """Recorded decisions of ``name``, newest first: each decision with its ``id`` and its
+        ``outcome`` (None while the controller is still acting on it, or if it stopped)."""
+        name = _lookup_name(name)
+        with self._tx(write=False) as c:
+            rows = c.execute("SELECT id, decision, outcome FROM decisions WHERE name = ? AND "
+                             "fired >= ? ORDER BY id DESC LIMIT ?",
+                             (name, int(fired_only), -1 if limit is None else int(limit))
+                             ).fetchall()
+        return [{**json.loads(d), "id": i, "outcome": json.loads(o) if o else None}
+                for i, d, o in rows]
 
     # ---------------------------------------------------------------------------- aliases
     def set_alias(self, name: str, alias: str, ref: Ref) -> int:

@@ -18,21 +18,27 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from hybridml.edge.session import ModelSession
-from hybridml.shared.errors import ConfigError, DataError, NotFoundError
+from hybridml.shared.errors import ConfigError, NotFoundError
 from hybridml.shared.schema import NUMERIC, EncodedBatch, InputSchema
 
 from . import metrics
-from .data import Dataset, Split, fit_schema, load_builtin, load_csv, profile, split
+from .data import Dataset, fit_schema, load_builtin, load_csv, split
 from .export import check_parity, export_onnx
+from .finetune import ModeChoice, Parent, choose_mode, continue_training
+from .labelled import Labelled, from_dataset, holdout_ref, store_holdout
 from .models import build_pipeline, combine, family
+from .policy import MODES
+from .profile import version_profile
 from .quantize import quantize
 from .registry import Registry
 
 log = logging.getLogger("hybridml.cloud.train")
 
 GOLDEN_ROWS = 8
-FINETUNE_EPOCHS = 5
 Progress = Callable[[str], None]
+# Called with the shipped model, the finished manifest and the rows the model was trained on;
+# returns ``manifest["gate"]`` (hybridml.cloud.gate).
+Gate = Callable[[bytes, Mapping[str, Any], Labelled], Mapping[str, Any]]
 
 
 @dataclass
@@ -57,14 +63,24 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
           dataset: str | None = None, target: str | None = None, model: str = "hgb",
           task: str | None = None, seed: int = 0, tolerance: float | None = None,
           params: Mapping[str, Any] | None = None, finetune_from: str | None = None,
-          categorical: Sequence[str] = (), numeric: Sequence[str] = (),
-          drop: Sequence[str] = (), progress: Progress | None = None) -> TrainResult:
+          mode: str | ModeChoice = "finetune", categorical: Sequence[str] = (),
+          numeric: Sequence[str] = (), drop: Sequence[str] = (),
+          progress: Progress | None = None, gate: Gate | None = None) -> TrainResult:
     """Train, export, quantize and register a new version of ``name``.
 
     Exactly one of ``data`` (a CSV, with ``target``) or ``dataset`` (a bundled scikit-learn
-    dataset) is required. ``finetune_from="eta:1"`` continues training that version's model on
-    the new data (families with ``partial_fit``: mlp, sgd) and records lineage ``finetune``.
+    dataset) is required. ``finetune_from="eta:1"`` names the version the new one follows, and
+    ``mode`` says how (:mod:`hybridml.cloud.finetune`): ``finetune`` continues its model on the
+    new data (mlp, sgd: partial_fit; gb, hgb: added boosting rounds; rf: added trees) with
+    lineage ``finetune``, ``retrain`` fits the line's family and parameters from scratch, and
+    ``auto`` fine-tunes when it can, else retrains; the choice and its reason go in
+    ``manifest["training"]["mode"]`` (a caller that chose already passes its ``ModeChoice``).
+    ``gate``, when given, is called with the shipped model, the finished manifest and the
+    training rows before registration; what it returns is ``manifest["gate"]``
+    (:func:`hybridml.cloud.gate.gate_hook`).
     """
+    if isinstance(mode, str) and mode not in MODES:
+        raise ConfigError(f"mode {mode!r}: use one of {', '.join(MODES)}", field="mode")
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
     lap = _Clock()
@@ -73,11 +89,26 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     timings["load"] = lap()
     say(f"loaded {len(ds)} rows from {ds.source} ({ds.task}); split {sp.to_json()}")
 
-    parent_version: int | None
+    parent_version: int | None = None
+    lineage, holdout, tuned = "retrain", None, None
+    choice = ModeChoice("retrain", "retrain", "trained from scratch")
     if finetune_from:
-        pipe, schema, parent_version, model = _finetune(registry, finetune_from, ds, sp, say)
-        lineage = "finetune"
-    else:
+        parent = Parent.load(registry, finetune_from)
+        features = [(f.name, f.kind) for f in ds.schema.features]
+        # Raises what blocks a fine-tune; a caller's own choice keeps its reason.
+        choice = choose_mode(mode if isinstance(mode, str) else mode.mode, parent,
+                             task=ds.task, classes=ds.classes, features=features)
+        if isinstance(mode, ModeChoice):
+            choice = mode
+        parent_version, model = parent.version, parent.family
+        if choice.mode == "finetune":
+            tuned = continue_training(registry, parent, ds, sp, say)
+            pipe, schema, lineage = tuned.pipe, tuned.schema, "finetune"
+            holdout = holdout_ref(registry, parent.name, parent.version)
+        else:
+            say(f"retraining {finetune_from}'s line from scratch: {choice.reason}")
+            params = {**parent.retrain_params(registry), **(params or {})}
+    if tuned is None:
         fam = family(model)
         kinds = [f.kind for f in ds.schema.features]
         xn, xc, y = ds.take(sp.train)
@@ -86,8 +117,8 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
                               params)
         say(f"fitting {fam.name} on {len(y)} rows")
         pipe.fit(combine(xn, xc), y)
-        parent_version = _latest(registry, name)
-        lineage = "retrain"
+        if parent_version is None:
+            parent_version = _latest(registry, name)
     timings["fit"] = lap()
 
     test_num, test_cat, y_test = ds.take(sp.test)
@@ -106,6 +137,8 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
                                          test=test_batch, y_test=y_test, tolerance=tolerance)
     timings["quantize"] = lap()
     say(f"quantization: shipping {variant} ({len(shipped)} bytes)")
+    profile = version_profile(shipped, schema, ds, sp, seed)
+    timings["profile"] = lap()
 
     golden = _golden(shipped, schema, ds.task, test_num, test_cat)
     sk_bytes = pickle.dumps(pipe, protocol=pickle.HIGHEST_PROTOCOL)
@@ -129,12 +162,18 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
                     "edge_test": onnx_metrics, "parity": parity.to_json()},
         "quantization": qreport.to_json(),
         "golden": golden,
-        "profile": profile(schema, train_num, train_cat),
+        "profile": profile,
         "training": {"source": ds.source, "target": ds.target, "data_sha256": ds.sha256,
                      "rows": len(ds), "dropped_rows": ds.dropped_rows, "split": sp.to_json()},
     }
+    manifest["training"]["mode"] = choice.to_json()
+    if tuned is not None:
+        manifest["training"]["finetune"] = tuned.record
+    if gate is not None:
+        manifest["gate"] = dict(gate(shipped, manifest, from_dataset(ds, sp.train)))
     metadata = {"params": _params(pipe), "family": model, "sklearn_sha256": sk_sha,
-                "sklearn_size": sk_size, "seconds": timings}
+                "sklearn_size": sk_size, "seconds": timings,
+                "holdout": holdout or store_holdout(registry, ds, sp.test, seed)}
     stored = registry.create_version(name, manifest, metadata, parent=parent_version,
                                      lineage=lineage)
     timings["register"] = lap()
@@ -231,67 +270,3 @@ def _params(pipe: Pipeline) -> dict[str, Any]:
         elif isinstance(v, tuple):
             out[k] = list(v)
     return out
-
-
-def _finetune(registry: Registry, ref: str, ds: Dataset, sp: Split,
-              say: Progress) -> tuple[Pipeline, InputSchema, int, str]:
-    pname, _, pver = ref.partition(":")
-    if not pname or not pver:
-        raise ConfigError(f"--finetune-from {ref!r}: use NAME:VERSION, e.g. eta:1",
-                          field="finetune_from")
-    version = registry.resolve(pname, pver)
-    meta = registry.metadata(pname, version)
-    parent_manifest = registry.manifest(pname, version)
-    fam = family(str(meta.get("family")))
-    if not fam.finetune:
-        raise ConfigError(f"{pname}:{version} is a {fam.name} model, which cannot be "
-                          "fine-tuned (no partial_fit); fine-tune an mlp or sgd model, or "
-                          "train from scratch", field="finetune_from")
-    if parent_manifest["output"]["task"] != ds.task:
-        raise DataError(f"the new data is {ds.task} but {pname}:{version} is "
-                        f"{parent_manifest['output']['task']}", field="task")
-    schema = InputSchema.from_json(parent_manifest["schema"])
-    if [(f.name, f.kind) for f in schema.features] != \
-            [(f.name, f.kind) for f in ds.schema.features]:
-        raise DataError(f"the new data's columns differ from {pname}:{version}'s schema "
-                        f"({', '.join(schema.names)}); fine-tuning needs the same columns",
-                        field="schema")
-    y_all = ds.y
-    if ds.task != "regression":
-        parent_classes = list(parent_manifest["output"]["classes"])
-        assert ds.classes is not None
-        unknown = [c for c in ds.classes if c not in parent_classes]
-        if unknown:
-            raise DataError(f"the new data has classes {unknown} that {pname}:{version} does "
-                            "not know; retrain from scratch to add classes", field="target")
-        remap = np.array([parent_classes.index(c) for c in ds.classes], dtype=np.int64)
-        y_all = remap[ds.y]
-        ds.y = y_all
-        ds.classes = parent_classes
-    pipe: Pipeline = pickle.loads(registry.blob_path(str(meta["sklearn_sha256"])).read_bytes())
-    xn, xc, y = ds.take(sp.train)
-    pre, est = pipe.steps[0][1], pipe.steps[-1][1]
-    xt = pre.transform(combine(xn, xc))
-    say(f"fine-tuning {pname}:{version} ({fam.name}) for {FINETUNE_EPOCHS} epochs on "
-        f"{len(y)} rows")
-    classes = np.arange(len(ds.classes)) if ds.classes else None
-    for _ in range(FINETUNE_EPOCHS):
-        if classes is not None:
-            est.partial_fit(xt, y, classes=classes)
-        else:
-            est.partial_fit(xt, y)
-    # The schema keeps the parent's categories (the encoder is the parent's); ranges widen.
-    wider = fit_schema(schema.names, [f.kind for f in schema.features], xn, xc)
-    merged = tuple(
-        f if f.kind != NUMERIC else type(f)(f.name, f.kind, _min(f.min, w.min), _max(f.max, w.max))
-        for f, w in zip(schema.features, wider.features))
-    return pipe, InputSchema(merged), version, fam.name
-
-
-def _min(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)
-
-
-def _max(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else max(a, b)
-

@@ -27,6 +27,20 @@ def utc_iso(when: float | None = None) -> str:
     return time.strftime(FORMAT, time.gmtime(when))
 
 
+def from_iso(text: str) -> float:
+    """POSIX seconds of an ISO 8601 time: ``2026-12-01T16:00:00Z``, with a fraction or an
+    offset, or without a zone (taken as UTC). ``ValueError`` for anything else; callers turn
+    it into their typed error naming the field."""
+    import datetime as dt  # only where a time is read, never on a hot path
+
+    raw = text.strip()
+    raw = raw[:-1] + "+00:00" if raw[-1:] in ("Z", "z") else raw
+    when = dt.datetime.fromisoformat(raw)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
 def parse_duration(text: str, field: str = "duration") -> float:
     """Seconds in ``text``: a number with an optional unit, ``s``, ``m``, ``h``, ``d`` or ``w``
     (``90m``, ``6h``, ``7d``; a bare number is seconds). :class:`ConfigError` naming ``field``
@@ -38,4 +52,4 @@ def parse_duration(text: str, field: str = "duration") -> float:
     return float(m.group(1)) * UNITS[m.group(2) or "s"]
 
 
-__all__ = ["FORMAT", "UNITS", "parse_duration", "utc_iso"]
+__all__ = ["FORMAT", "UNITS", "from_iso", "parse_duration", "utc_iso"]

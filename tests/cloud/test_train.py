@@ -86,8 +86,8 @@ def test_finetune_continues_the_parent_and_records_lineage(registry: Registry,
         [f["name"] for f in m["schema"]]
 
 
-def test_finetune_refuses_models_without_partial_fit(registry: Registry) -> None:
-    train(registry, "iris", dataset="iris", model="rf", params={"n_estimators": 5})
+def test_finetune_refuses_models_that_cannot_continue(registry: Registry) -> None:
+    train(registry, "iris", dataset="iris", model="logreg")
     with pytest.raises(ConfigError, match="cannot be fine-tuned"):
         train(registry, "iris", dataset="iris", finetune_from="iris:1")
     with pytest.raises(ConfigError, match="NAME:VERSION"):

@@ -1,0 +1,193 @@
+"""The continuous-training loop: evaluate triggers, train a candidate, gate it, maybe promote.
+
+Each pass (``hybridml-cloud controller --once``; ``--interval 60`` repeats it under systemd),
+for every model with a policy (:mod:`hybridml.cloud.policy`):
+
+1. take the model's lock (``<registry>/locks/controller-<name>.lock``, an ``flock``): a second
+   controller running at the same time skips the model, and the OS drops the lock when a
+   controller dies, so nothing needs cleaning after a crash;
+2. gather the evidence (:mod:`hybridml.cloud.evidence`), evaluate the triggers and record
+   the decision in the registry, fired or not, with its evidence;
+3. when it fired: choose fine-tune or retrain (the policy's ``mode``), build the training
+   rows (:mod:`hybridml.cloud.trainset`), train and gate the candidate
+   (:mod:`hybridml.cloud.gate`; the report is in its manifest), register it, promote it
+   through the audited :func:`hybridml.cloud.auth.promote` when blessed and ``auto_promote``
+   is on, and record the outcome with the decision.
+
+Decisions and their times are in the registry's database, so the cooldown survives a
+restart; a controller killed while training leaves a fired decision without an outcome (and
+no half-registered version: a version appears in one transaction at the end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from hybridml.shared.errors import HybridMLError
+
+from .evidence import Telemetry, epoch, gather, labelled_since, open_telemetry
+from .finetune import ModeChoice, Parent, choose_mode, method
+from .labelled import feature_kinds
+from .lineage import display_label
+from .policy import Policy, evaluate
+from .private import private_dir
+from .registry import Registry
+from .trainset import MIN_FINETUNE_ROWS, finetune_set, retrain_set
+
+log = logging.getLogger("hybridml.cloud.controller")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one pass did for one model."""
+
+    name: str
+    fired: bool = False
+    decision: int | None = None  # the recorded decision's id
+    outcome: dict[str, Any] | None = None
+    skipped: str | None = None  # why the model was not evaluated at all
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``controller --once --json``)."""
+        return {"name": self.name, "fired": self.fired, "decision": self.decision,
+                "outcome": self.outcome, "skipped": self.skipped}
+
+
+@contextlib.contextmanager
+def model_lock(registry: Registry, name: str) -> Iterator[bool]:
+    """Hold the controller lock of ``name`` if it is free: yields True, or False when another
+    controller holds it (this one then leaves the model alone)."""
+    folder = registry.root / "locks"
+    private_dir(folder)
+    fd = os.open(folder / f"controller-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+class Controller:
+    """Runs the loop over ``registry``; ``telemetry`` defaults to the registry's store and
+    ``clock`` (POSIX seconds) to the system clock."""
+
+    def __init__(self, registry: Registry, *, telemetry: Telemetry | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.telemetry = telemetry if telemetry is not None else open_telemetry(registry, clock)
+
+    def run(self, interval_s: float, *, stop: threading.Event | None = None) -> None:
+        """Pass after pass, ``interval_s`` apart, until ``stop`` is set."""
+        stop = stop or threading.Event()
+        while True:
+            self.run_once()
+            if stop.wait(interval_s):
+                return
+
+    def run_once(self) -> list[Step]:
+        """One pass over every model with a policy."""
+        steps = []
+        for name, doc in self.registry.policies().items():
+            with model_lock(self.registry, name) as mine:
+                if not mine:
+                    log.info("%s: another controller holds it; skipped", name)
+                    steps.append(Step(name, skipped="another controller holds its lock"))
+                    continue
+                try:
+                    steps.append(self.step(name, Policy.from_json(doc)))
+                except HybridMLError as exc:  # one model's bad policy or missing version
+                    log.warning("%s: cannot evaluate: %s", name, exc.message)
+                    steps.append(Step(name, skipped=f"cannot evaluate: {exc.message}"))
+        return steps
+
+    def step(self, name: str, policy: Policy) -> Step:
+        """Evaluate ``name``'s triggers, record the decision and act on it (hold the lock)."""
+        now = self.clock()
+        decision = evaluate(policy, gather(self.registry, self.telemetry, name, policy, now))
+        did = self.registry.add_decision(name, decision.to_json())
+        fired = [t.name for t in decision.triggers if t.fired]
+        if not decision.fired:
+            log.info("%s: %s", name, f"held by the cooldown ({', '.join(fired)})"
+                     if decision.held else "no trigger fired")
+            return Step(name, False, did)
+        log.info("%s: fired (%s); training a candidate", name, ", ".join(fired))
+        try:
+            outcome = self.candidate(name, policy, now)
+        except HybridMLError as exc:
+            log.warning("%s: no candidate: %s", name, exc.message)
+            outcome = {"candidate": None, "error": exc.to_json()["error"]}
+        except Exception as exc:  # a bug or a foreign error in one model's training must
+            log.exception("%s: training failed", name)  # not stop the loop for the others
+            outcome = {"candidate": None,
+                       "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+        self.registry.finish_decision(did, outcome)
+        return Step(name, True, did, outcome)
+
+    def candidate(self, name: str, policy: Policy, now: float) -> dict[str, Any]:
+        """Train, gate, register and perhaps promote a candidate; returns the outcome."""
+        from .auth import promote
+        from .gate import gate_hook
+        from .train import train
+
+        reg = self.registry
+        active = reg.resolve(name, "stable")
+        parent = Parent.load(reg, f"{name}:{active}")
+        created = next(v.created for v in reg.versions(name) if v.version == active)
+        new = labelled_since(self.telemetry, name, epoch(created))
+        choice = self._mode(policy, parent, len(new), new.labels)
+        if choice is None:
+            return {"candidate": None, "skipped": f"only {len(new)} new labelled rows since "
+                    f"v{active}; fine-tuning needs {MIN_FINETUNE_ROWS}"}
+        seed = int(parent.manifest.get("training", {}).get("split", {}).get("seed", 0))
+        rows = finetune_set(reg, parent, new, seed) if choice.mode == "finetune" else \
+            retrain_set(reg, parent, self.telemetry, policy, now, seed)
+        if rows is None:
+            return {"candidate": None, "skipped": f"nothing new since v{active}'s line was "
+                    "trained: no labelled rows, and its training data is unchanged"}
+        kinds = feature_kinds(parent.schema)
+        result = train(reg, name, data=rows.write(reg, parent, choice.mode, now),
+                       target=str(parent.manifest["training"]["target"]), task=parent.task,
+                       seed=seed, finetune_from=f"{name}:{active}", mode=choice,
+                       categorical=kinds["categorical"], numeric=kinds["numeric"],
+                       gate=gate_hook(reg, name, against=active, recent=new))
+        version = int(result.manifest["version"])
+        gate = result.manifest["gate"]
+        promoted = bool(policy.auto_promote and gate["blessed"])
+        if promoted:
+            promote(reg, name, "stable", version, actor="controller")
+        label = display_label(reg.versions(name), version)
+        log.info("%s: registered %s (v%d, %s): %s%s", name, label, version, choice.mode,
+                 "blessed" if gate["blessed"] else "not blessed",
+                 ", promoted to stable" if promoted else "")
+        return {"candidate": version, "label": label, "mode": choice.to_json(),
+                "data": rows.report, "blessed": gate["blessed"], "gate": gate["reason"],
+                "promoted": promoted}
+
+    @staticmethod
+    def _mode(policy: Policy, parent: Parent, n_new: int, labels: tuple[Any, ...]
+              ) -> ModeChoice | None:
+        """The policy's mode for the rows at hand; None: fine-tune asked, too few rows."""
+        if policy.mode != "retrain" and n_new < MIN_FINETUNE_ROWS and method(parent.family):
+            if policy.mode == "finetune":
+                return None
+            return ModeChoice("retrain", policy.mode, f"only {n_new} new labelled rows since "
+                              f"v{parent.version}; fine-tuning needs {MIN_FINETUNE_ROWS}")
+        classes = sorted({str(y) for y in labels}) if parent.classes is not None else None
+        return choose_mode(policy.mode, parent, task=parent.task, classes=classes,
+                           features=[(f.name, f.kind) for f in parent.schema.features])
+
+
+__all__ = ["Controller", "Step", "model_lock"]
