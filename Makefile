@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 
-.PHONY: demo test lint typecheck bench bench-quick clean
+.PHONY: demo demo-loop test lint typecheck bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.dev-installed: $(PY) pyproject.toml
 
 demo: $(VENV)/.cloud-installed
 	$(PY) -m hybridml.cloud.demo $(ARGS)
+
+# The monitoring and continuous-training loop, end to end, on a stream that drifts part-way.
+demo-loop: $(VENV)/.cloud-installed
+	$(PY) -m hybridml.cloud.demo_loop $(ARGS)
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(ARGS)

@@ -4,7 +4,8 @@ Trains (or reuses) the workspace, runs the suites in order, writes
 ``benchmarks/results/<suite>.json`` after each one and ``REPORT.md`` with plots at the end.
 ``--quick`` runs fewer models and shorter measurements (under 3 minutes); ``--tiny`` is the
 smoke test's setting (seconds, numbers meaningless). Suites: latency (items 1-2), memory (3),
-coldstart (4), size (5), serving (6), fleet (7), small_device (8), fallback (9).
+coldstart (4), size (5), serving (6), fleet (7), small_device (8), fallback (9),
+telemetry (10: its cost on the predict path, the spool, a week offline).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from .common import RESULTS, environment, log, save
 
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
-          "fallback")
+          "fallback", "telemetry")
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "hybridml-bench"
 
 
@@ -66,7 +67,17 @@ def _pick(models: list[Any], names: Sequence[str]) -> list[Any]:
 def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bool,
               workdir: Path) -> dict[str, Any]:
     """Run one suite and return its JSON document."""
-    from . import coldstart, fallback, fleet, latency, memory, serving, size, small_device
+    from . import (
+        coldstart,
+        fallback,
+        fleet,
+        latency,
+        memory,
+        serving,
+        size,
+        small_device,
+        telemetry,
+    )
 
     orders = [m for m in models if m.spec.dataset == "orders"]
     main = _pick(models, ["orders_hgb"])[0]
@@ -90,6 +101,13 @@ def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bo
         return small_device.run(s, workdir)
     if name == "fallback":
         return fallback.run(main, calls=s.fallback_calls, cloud_calls=s.fallback_cloud_calls)
+    if name == "telemetry":
+        picked = _pick(models, ["orders_hgb", "orders_logreg", "eta_hgb", "digits_mlp"])
+        hours = {"full": 168, "quick": 24}.get(s.mode, 2)
+        calls = {"full": 2048, "quick": 512}.get(s.mode, 64)
+        return {"suite": "telemetry", **telemetry.run(
+            picked, work, week_hours=hours, single_calls=calls,
+            blocks=60 if s.mode == "full" else 6, batch_blocks=20 if s.mode == "full" else 2)}
     raise SystemExit(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
 
 
