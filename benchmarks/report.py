@@ -101,6 +101,14 @@ def targets(d: dict[str, Doc]) -> list[list[Any]]:
         r = srv["ratio_gunicorn_vs_floor"]
         rows.append(["6 our API (gunicorn 2w) vs bare floor, req/s", "≥ 0.8×", _f(r),
                      _mark(r >= 0.8)])
+    tel = d.get("telemetry")
+    if tel and tel.get("telemetry"):
+        tel_hit = max(float(t["us_per_call"]["hit"]["added_us"]) for t in tel["telemetry"])
+        tel_miss = max(float(t["us_per_call"]["miss"]["added_pct"]) for t in tel["telemetry"])
+        rows.append(["10 telemetry added to a table hit", "≤ 0.2 µs", f"{_f(tel_hit, 3)} µs",
+                     _mark(tel_hit <= 0.2)])
+        rows.append(["10 telemetry added to a single-row miss", "≤ 5 %",
+                     f"{_f(tel_miss, 1)} %", _mark(tel_miss <= 5)])
     fb = d.get("fallback")
     if fb:
         for k in ("refused", "hung"):
@@ -237,6 +245,31 @@ def _fallback(d: Doc) -> str:
             + _table(["situation", "latency", "answer"], rows) + "\n")
 
 
+def _telemetry(d: Doc) -> str:
+    rows = []
+    for t in d.get("telemetry", []):
+        u = t["us_per_call"]
+        rows.append([t["model"]] + [f"{_f(u[k]['off']['p10'])} → {_f(u[k]['on']['p10'])} "
+                                    f"({u[k]['added_pct']:+.1f} %)" for k in
+                                    ("hit", "miss", "rows", "arrays")])
+    text = ("## 10. Telemetry on the predict path (µs per call, off → on, p10 of block means)\n\n"
+            + _table(["model", "table hit", "miss", "1,000 rows", "1,000 rows as arrays"], rows)
+            + "\n")
+    sp, wk = d.get("spool"), d.get("offline_week")
+    if sp:
+        text += (f"\nSpool: {sp['add_one_per_s']:,} records/s one at a time, "
+                 f"{sp['add_many_per_s']:,}/s in one transaction, {sp['queue_per_s']:,}/s read "
+                 "back in upload order.\n")
+    if wk:
+        text += (f"\nA week offline ({wk['hours']} h at one prediction a second, "
+                 f"{wk['predictions']:,} predictions of {wk['model']}, hourly windows): "
+                 f"{wk['spool_records']} records, {wk['spool_bytes_on_disk']:,} B of spool on "
+                 f"disk with its WAL; one push of it took {_f(wk['push_s'], 3)} s "
+                 f"({wk['pushed'].get('accepted')} accepted); a window's flush "
+                 f"{_f(wk['flush_ms_per_window'])} ms.\n")
+    return text
+
+
 def _small(d: Doc) -> str:
     from . import small_device
 
@@ -369,6 +402,8 @@ def write_report(results: Path = RESULTS) -> Path:
         parts.append(_small(d["small_device"]))
     if "fallback" in d:
         parts.append(_fallback(d["fallback"]))
+    if "telemetry" in d:
+        parts.append(_telemetry(d["telemetry"]))
     path = results / "REPORT.md"
     path.write_text("\n".join(parts))
     return path
