@@ -218,3 +218,49 @@ def test_labels_judging_the_active_version_fire_the_performance_trigger(
     assert perf.evidence["labels"] == 60 and perf.evidence["value"] == 0.5  # balanced acc.
     quiet = Policy(min_metric=0.4, min_labels=50)
     assert not evaluate(quiet, gather(reg, open_telemetry(reg), "late", quiet, t1 + 90)).fired
+
+
+def test_fleet_drift_in_two_consecutive_windows_fires_the_drift_trigger(
+        tmp_path: Path, source: Path) -> None:
+    from hybridml.cloud.evidence import gather, open_telemetry
+    from hybridml.cloud.policy import Decision, evaluate
+    from tests.summarykit import records, shifted, summary
+
+    reg = _v1(tmp_path, source, "logreg", {})
+    manifest = reg.manifest("late")
+    rows = list(_fresh(tmp_path, n=1400).rows)[:600]
+    far = shifted(rows, "distance_km", 6.0)  # the drifting device's roads got longer
+    now = _created(reg) + 3 * 3600
+    hour = 3600.0
+
+    def upload(device: str, seq: int, sample: list[dict[str, object]], window: int) -> None:
+        start = now - (window + 1) * hour + 1
+        store = TelemetryStore(reg, clock=lambda: now)
+        body = summary(manifest, sample, start=start, end=start + hour - 2)
+        assert not store.ingest_summaries(device, records(device, [body], seq)).refused
+
+    policy = Policy(drift_devices=0.2, drift_window_s=hour)
+
+    def decision() -> Decision:
+        return evaluate(policy, gather(reg, open_telemetry(reg, lambda: now), "late", policy,
+                                       now))
+
+    # One device (most of the traffic) drifted in the last window only: not yet.
+    upload("pi-1", 1, far, 0)
+    upload("pi-2", 1, rows[:200], 0)
+    upload("pi-1", 2, rows, 1)
+    upload("pi-2", 2, rows[:200], 1)
+    first = decision()
+    assert not first.fired
+    # The same device drifted in the window before too: two consecutive windows, 75% of the
+    # reporting traffic in dataset drift >= 20%: the trigger fires, with its evidence.
+    reg2 = _v1(tmp_path / "again", source, "logreg", {})
+    manifest = reg2.manifest("late")
+    reg, now = reg2, _created(reg2) + 3 * 3600
+    upload("pi-1", 1, far, 0)
+    upload("pi-1", 2, far, 1)
+    upload("pi-2", 1, rows[:200], 0)
+    upload("pi-2", 2, rows[:200], 1)
+    fired = decision()
+    (drift,) = [t for t in fired.triggers if t.name == "drift"]
+    assert fired.fired and drift.fired, drift.evidence
