@@ -8,13 +8,13 @@ resolving "no version" to the version ``stable`` points at now, and raising
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hybridml.shared.errors import HybridMLError, InputError, NotFoundError
+from hybridml.shared.errors import HybridMLError, NotFoundError
+from hybridml.shared.labels import as_label
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.schema import InputSchema
 from hybridml.shared.text import printable
@@ -58,23 +58,10 @@ class ModelFacts:
         return len(cuts) + 1 if isinstance(cuts, list) else None
 
     def label(self, value: Any, field: str) -> Any:
-        """``value`` as a label of this model: a finite number (regression) or one of its
-        classes (as the manifest spells it); InputError naming ``field`` otherwise."""
-        if self.task == "regression":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise InputError(f"{field} must be a finite number for regression model "
-                                 f"{self.name!r}, not {_short(value)}", field=field)
-            return float(value)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            for c in self.classes:
-                if str(c) == str(value):
-                    return c
-        known = ", ".join(repr(c) for c in self.classes[:20])
-        raise InputError(f"{field} {_short(value)} is not a class of {self.name!r} v"
-                         f"{self.version}; send one of {known}", field=field)
+        """``value`` as a label of this model (:func:`hybridml.shared.labels.as_label`, the
+        device's rule too); InputError naming ``field`` otherwise."""
+        return as_label(value, task=self.task, classes=self.classes, model=self.name,
+                        version=self.version, field=field)
 
 
 Facts = Callable[[str, "int | None"], ModelFacts]

@@ -15,15 +15,15 @@ A label is checked as the cloud checks it: a class of the model as the manifest 
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import InputError
+from hybridml.shared.labels import as_label
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.text import printable
 
@@ -72,27 +72,10 @@ class PredictionIds:
 
 
 def check_label(manifest: Manifest, label: Any) -> Any:
-    """``label`` as a label of ``manifest``'s model (the cloud's rule: a class as the
-    manifest spells it, or a finite number for regression); :class:`InputError` naming
-    ``label`` otherwise."""
-    if manifest.task == "regression":
-        if isinstance(label, bool) or not isinstance(label, (int, float)) or \
-                not math.isfinite(label):
-            raise InputError(f"label {printable(repr(label), 60)} is not a finite number, "
-                             f"which regression model {manifest.name!r} predicts",
-                             field="label")
-        return float(label)
-    if isinstance(label, float) and label.is_integer():
-        label = int(label)
-    classes: Sequence[Any] = manifest.classes or ()
-    if isinstance(label, (str, int)) and not isinstance(label, bool):
-        for c in classes:
-            if str(c) == str(label):
-                return c
-    known = ", ".join(repr(c) for c in list(classes)[:20])
-    raise InputError(f"label {printable(repr(label), 60)} is not a class of "
-                     f"{manifest.name!r} v{manifest.version}; send one of {known}",
-                     field="label")
+    """``label`` as a label of ``manifest``'s model (:func:`hybridml.shared.labels.as_label`,
+    the cloud's rule too); :class:`InputError` naming ``label`` otherwise."""
+    return as_label(label, task=manifest.task, classes=manifest.classes or (),
+                    model=manifest.name, version=manifest.version)
 
 
 def feedback_body(model: str, label: Any, *, prediction_id: str | None = None,
