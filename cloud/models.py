@@ -42,7 +42,7 @@ class Family:
     classifier: Callable[..., BaseEstimator]
     regressor: Callable[..., BaseEstimator]
     scale: bool
-    finetune: bool
+    finetune: bool  # has partial_fit (the others continue by warm start: cloud.finetune)
     defaults: Mapping[str, Any]
     description: str
 
@@ -51,19 +51,20 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("logreg", LogisticRegression, Ridge, True, False, {"max_iter": 1000},
-               "logistic regression (ridge for regression)"),
+               "logistic regression (ridge for regression); retrained, never fine-tuned"),
         Family("rf", RandomForestClassifier, RandomForestRegressor, False, False,
-               {"n_estimators": 100, "n_jobs": 1}, "random forest"),
+               {"n_estimators": 100, "n_jobs": 1}, "random forest; fine-tuned by added trees"),
         Family("gb", GradientBoostingClassifier, GradientBoostingRegressor, False, False,
-               {"n_estimators": 100}, "gradient boosting"),
+               {"n_estimators": 100}, "gradient boosting; fine-tuned by added rounds"),
         Family("hgb", HistGradientBoostingClassifier, HistGradientBoostingRegressor, False,
-               False, {"max_iter": 100}, "histogram gradient boosting"),
+               False, {"max_iter": 100},
+               "histogram gradient boosting; fine-tuned by added rounds"),
         Family("mlp", MLPClassifier, MLPRegressor, True, True,
                {"hidden_layer_sizes": (128, 64), "max_iter": 500},
-               "multi-layer perceptron (supports --finetune-from)"),
+               "multi-layer perceptron; fine-tuned by partial_fit"),
         Family("sgd", SGDClassifier, SGDRegressor, True, True,
                {"max_iter": 1000, "tol": 1e-3},
-               "linear model trained by SGD (supports --finetune-from)"),
+               "linear model trained by SGD; fine-tuned by partial_fit"),
     )
 }
 # Estimators whose constructor takes no random_state.
