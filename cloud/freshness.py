@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from hybridml.shared.clock import from_iso, parse_duration, utc_iso
+from hybridml.shared.clock import format_duration, from_iso, parse_duration, utc_iso
 from hybridml.shared.errors import ConfigError, DataError
 from hybridml.shared.text import format_table
 
@@ -148,8 +148,8 @@ def study(data: str | os.PathLike[str], target: str, time_column: str, *,
     eval_start = end - hold
     scored = np.flatnonzero(times > eval_start)
     if scored.size < MIN_EVAL_ROWS:
-        raise DataError(f"only {scored.size} rows fall in the last {_span(hold)} of the data; "
-                        "hold out a longer --eval period", field="eval")
+        raise DataError(f"only {scored.size} rows fall in the last {format_duration(hold)} "
+                        "of the data; hold out a longer --eval period", field="eval")
     name = metrics.PRIMARY[ds.task]
     result = Freshness(str(data), ds.task, name, name != "rmse", utc_iso(eval_start),
                        utc_iso(end))
@@ -243,10 +243,6 @@ def cmd_freshness(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ internals
 def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _span(seconds: float) -> str:
-    return f"{seconds / 86400:g}d" if seconds >= 86400 else f"{seconds / 3600:g}h"
 
 
 def _parse_time(text: str, row: int, column: str) -> float:

@@ -21,6 +21,7 @@ import argparse
 import json
 from typing import Any
 
+from hybridml.shared.clock import format_duration
 from hybridml.shared.errors import ConfigError, NotFoundError
 from hybridml.shared.text import format_table
 
@@ -183,10 +184,7 @@ def _setting(key: str, value: Any) -> str:
     if value is None:
         return "off"
     if key.endswith("_s"):
-        for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-            if value >= size and value % size == 0:
-                return f"{int(value // size)}{unit}"
-        return f"{value:g}s"
+        return format_duration(value)
     if key in ("new_data_fraction", "drift_devices"):
         return f"{100 * value:g}%"
     return str(value).lower() if isinstance(value, bool) else str(value)

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from hybridml.shared.clock import parse_duration, utc_iso
+from hybridml.shared.clock import format_duration, parse_duration, utc_iso
 from hybridml.shared.errors import ConfigError
 
 MODES = ("auto", "finetune", "retrain")
@@ -188,7 +188,8 @@ def time_trigger(policy: Policy, ev: Evidence) -> Trigger:
         return Trigger("time", False, "nothing trained yet")
     age = ev.now - ev.last_trained
     fired = age >= policy.every_s
-    return Trigger("time", fired, f"last trained {_span(age)} ago; every {_span(policy.every_s)}",
+    return Trigger("time", fired, f"last trained {format_duration(age)} ago; every "
+                   f"{format_duration(policy.every_s)}",
                    {"since_training_s": round(age, 3), "every_s": policy.every_s})
 
 
@@ -316,13 +317,6 @@ def _pooled(metric: str, windows: Sequence[Mapping[str, Any]]) -> float:
     if metric == "rmse":
         return round(math.sqrt(sum(k * x * x for k, x in zip(n, v)) / sum(n)), 6)
     return round(sum(k * x for k, x in zip(n, v)) / sum(n), 6)
-
-
-def _span(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if abs(seconds) >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 __all__ = ["DRIFT_WINDOWS", "MODES", "TRIGGERS", "Decision", "Evidence", "Policy", "Trigger",

@@ -31,7 +31,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from hybridml.shared.clock import utc_iso
+from hybridml.shared.clock import format_duration, utc_iso
 from hybridml.shared.errors import FreshnessError, ManifestError
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.release import parse_time
@@ -171,7 +171,7 @@ def text(fresh: Mapping[str, Any]) -> str:
     state = fresh.get("state")
     if state == "stale":
         line = (f"STALE since {fresh['since']}: no newer signed manifest for over "
-                f"{_duration(float(fresh.get('stale_after_s') or 0))} (the cloud is "
+                f"{format_duration(float(fresh.get('stale_after_s') or 0))} (the cloud is "
                 "unreachable, or the network is withholding updates)")
     elif state == "fresh":
         line = f"fresh (sequence {fresh['sequence']}, issued {fresh['issued']})"
@@ -180,14 +180,6 @@ def text(fresh: Mapping[str, Any]) -> str:
     if fresh.get("clock") == "behind":
         line += "; the device clock is behind the cloud's signed time: set it (NTP)"
     return line
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:g} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.3g} h"
 
 
 __all__ = ["FreshnessSettings", "Seen", "check_release", "describe", "text"]

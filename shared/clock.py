@@ -41,6 +41,15 @@ def from_iso(text: str) -> float:
     return when.timestamp()
 
 
+def format_duration(seconds: float) -> str:
+    """``seconds`` the way :func:`parse_duration` reads them back, in the largest unit that
+    fits, up to days: ``45s``, ``10m``, ``6h``, ``7d``, ``1.5d`` (3 significant digits)."""
+    for unit in ("d", "h", "m"):
+        if abs(seconds) >= UNITS[unit]:
+            return f"{seconds / UNITS[unit]:.3g}{unit}"
+    return f"{seconds:.3g}s"
+
+
 def parse_duration(text: str, field: str = "duration") -> float:
     """Seconds in ``text``: a number with an optional unit, ``s``, ``m``, ``h``, ``d`` or ``w``
     (``90m``, ``6h``, ``7d``; a bare number is seconds). :class:`ConfigError` naming ``field``
@@ -52,4 +61,4 @@ def parse_duration(text: str, field: str = "duration") -> float:
     return float(m.group(1)) * UNITS[m.group(2) or "s"]
 
 
-__all__ = ["FORMAT", "UNITS", "from_iso", "parse_duration", "utc_iso"]
+__all__ = ["FORMAT", "UNITS", "format_duration", "from_iso", "parse_duration", "utc_iso"]
