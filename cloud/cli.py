@@ -28,6 +28,7 @@ from .monitor import add_parser as add_monitor
 from .policy import MODES
 from .progress import StepProgress
 from .registry import Registry
+from .rollout_cli import add_parser as add_rollout
 
 log = logging.getLogger("hybridml.cloud.cli")
 
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_loop(sub, common)
     add_feedback(sub, common)
     add_monitor(sub, common)
+    add_rollout(sub, common)
 
     s = sub.add_parser("serve", parents=[common], help="serve the HTTP API")
     s.add_argument("--host", default="127.0.0.1")

@@ -72,7 +72,7 @@ ENV_VAR = "HYBRIDML_REGISTRY"
 DEFAULT_ROOT = "registry"
 DB_NAME = "registry.db"
 GC_MIN_AGE_S = 3600.0
-SCHEMA_VERSION = 3  # 2: release sequences; 3: training policies and their decisions
+SCHEMA_VERSION = 4  # 2: release sequences; 3: training policies and decisions; 4: rollouts
 MODEL_ROLES = ("model", "model_fp32")
 Ref = int | str
 
@@ -110,6 +110,24 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, time TEXT NOT NULL,
         fired INTEGER NOT NULL, decision TEXT NOT NULL, outcome TEXT, candidate INTEGER)""",
     "CREATE INDEX IF NOT EXISTS decisions_by_name ON decisions (name, id)",
+    # Schema 4. Rollouts (hybridml.cloud.rollouts, docs/rollouts.md §1): at most one running
+    # per model (the partial unique index), every change audited, every unit's arm recorded.
+    """CREATE TABLE IF NOT EXISTS rollouts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, strategy TEXT NOT NULL,
+        state TEXT NOT NULL, stable INTEGER NOT NULL, candidate INTEGER, arms TEXT NOT NULL,
+        config TEXT NOT NULL, step INTEGER, step_started REAL, started REAL NOT NULL,
+        ended REAL, forced INTEGER NOT NULL DEFAULT 0, decision TEXT, memo TEXT)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS one_running ON rollouts (name) WHERE state = 'running'",
+    "CREATE INDEX IF NOT EXISTS rollouts_by_name ON rollouts (name, id)",
+    """CREATE TABLE IF NOT EXISTS rollout_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, rollout INTEGER NOT NULL, time REAL NOT NULL,
+        actor TEXT NOT NULL, action TEXT NOT NULL, from_state TEXT, to_state TEXT,
+        step INTEGER, reason TEXT, evidence TEXT)""",
+    "CREATE INDEX IF NOT EXISTS rollout_events_by_rollout ON rollout_events (rollout, id)",
+    """CREATE TABLE IF NOT EXISTS rollout_units (
+        rollout INTEGER NOT NULL, unit TEXT NOT NULL, arm TEXT NOT NULL, bucket INTEGER NOT NULL,
+        first_seen REAL NOT NULL, last_seen REAL NOT NULL, candidate_since REAL,
+        PRIMARY KEY (rollout, unit))""",
 )
 
 
@@ -509,6 +527,32 @@ class Registry:
         log.info("gc removed %d files from %s", removed, self.root)
         return removed
 
+    # ------------------------------------------------------------ for other cloud stores
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = True, invalidates: bool = True
+                    ) -> Iterator[sqlite3.Connection]:
+        """One transaction on the registry database, for stores that keep their tables in it
+        (:mod:`hybridml.cloud.rollouts`). A write takes the lock up front (``BEGIN
+        IMMEDIATE``); with ``invalidates`` (the default) it also drops this object's resolve
+        memos and every :meth:`stamp` taken before it, as the registry's own writes do.
+        Pass ``invalidates=False`` for bookkeeping that changes no answer (a unit seen).
+        Change what a model's references serve? Call :func:`bump_sequence` inside."""
+        if write and invalidates:
+            with self._tx(write=True) as c:
+                yield c
+        else:
+            with self._db.tx(write=write) as c:
+                yield c
+
+    def stamp(self) -> tuple[int, int] | None:
+        """A value that changes whenever anything commits to the database (another
+        connection: SQLite's ``data_version``; this object: its own write counter). Per
+        thread, as :meth:`resolve_cached` uses it; None when the database cannot be read."""
+        try:
+            return self._db.data_version(), self._write_stamp
+        except sqlite3.Error:
+            return None
+
     # ---------------------------------------------------------------------------- helpers
     @contextlib.contextmanager
     def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -624,11 +668,20 @@ def _sequence(c: sqlite3.Connection, name: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _bump_sequence(c: sqlite3.Connection, name: str) -> int:
-    """Raise ``name``'s release sequence by one, inside the caller's write transaction."""
+def bump_sequence(c: sqlite3.Connection, name: str) -> int:
+    """Raise ``name``'s release sequence by one inside the caller's write transaction
+    (:meth:`Registry.transaction`); returns the new sequence."""
     c.execute("INSERT INTO sequences (name, sequence, updated) VALUES (?, 1, ?) "
               "ON CONFLICT (name) DO UPDATE SET sequence = sequence + 1, "
               "updated = excluded.updated", (name, utc_iso()))
+    return _sequence(c, name)
+
+
+_bump_sequence = bump_sequence  # the name the registry's own writes use
+
+
+def sequence_of(c: sqlite3.Connection, name: str) -> int:
+    """``name``'s release sequence, read inside the caller's transaction."""
     return _sequence(c, name)
 
 
