@@ -5,7 +5,8 @@
     GET  /healthz
     GET  /v1/models                               names, aliases, latest versions
     GET  /v1/models/<name>/manifest               ?version=3 | ?alias=canary (default stable)
-                                                  ETag; 304 on If-None-Match
+                                                  ETag; 304 on If-None-Match; in a running
+                                                  rollout, per device (docs/rollouts.md §3)
     GET  /v1/artifacts/<sha256>                   immutable bytes; Range; gzip when accepted
     POST /v1/models/<name>/predict                {"inputs": [{col: v}, ...] | [[...], ...]}
                                                   -> predictions, probabilities, model_version
@@ -15,7 +16,8 @@
     GET  /metrics                                 Prometheus text (hybridml.cloud.prom)
 
 Manifests are signed (:mod:`hybridml.cloud.signing`); bearer tokens and the admin routes
-(promote, rollback) are in :mod:`hybridml.cloud.auth`. Telemetry and feedback are checked by
+(promote, rollback) are in :mod:`hybridml.cloud.auth`, the rollout admin routes in
+:mod:`hybridml.cloud.rollout_api`. Telemetry and feedback are checked by
 :mod:`hybridml.cloud.ingest` and kept by :mod:`hybridml.cloud.telemetry` (docs/monitoring.md).
 
 Every error is a JSON body ``{"error": {"code", "message", "details"?}}`` with a 4xx status for
@@ -27,21 +29,20 @@ without bound (:mod:`hybridml.cloud.shedding`; ``SheddingWorker`` in :mod:`hybri
 Predict is the hot path, so it does per request only what depends on the request: the alias
 is resolved from a per-thread memo that any commit to the registry invalidates
 (:meth:`Registry.resolve_cached`), each version's predictor (manifest, schema, session,
-class names) is built once, and the answer is encoded by one prebuilt JSON encoder.
+class names) is built once (:mod:`hybridml.cloud.predictors`), and the answer is encoded by
+one prebuilt JSON encoder.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
-import threading
 import time
-from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 from flask import Flask, Request, Response, g, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -52,100 +53,32 @@ from hybridml.shared.errors import (
     InputError,
     NotFoundError,
 )
-from hybridml.shared.manifest import Manifest
 from hybridml.shared.release import Release, issue_window
 from hybridml.shared.text import printable
 
 from . import auth, prom
 from .config import ServeConfig
 from .ingest import parse_upload
+from .online import UNIT_HEADER, CloudShadow, Online
+from .predictors import ModelCache
 from .registry import Ref, Registry
+from .rollout_api import install as install_rollouts
+from .rollouts import Assignment, Rollouts
 from .shedding import LoadShedder
 from .signing import Signer
 from .telemetry import TelemetryStore
-
-if TYPE_CHECKING:  # imported where a model is loaded: never in gunicorn's master (see below)
-    from hybridml.edge.session import ModelSession
 
 log = logging.getLogger("hybridml.cloud.app")
 IMMUTABLE = "public, max-age=31536000, immutable"
 BODY_KEYS = ("inputs", "version")
 MAX_NAME = 64  # the registry's limit on model names
+DEVICE_HEADER = "Hybridml-Device"  # the store id a device sends (rollout unit without tokens)
 # A version number or an alias (the registry's own rules, checked here to answer 400 early).
 _REF_RE = re.compile(r"[0-9]{1,18}|[a-z][a-z0-9_]{0,31}")
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 # Flask's JSON responses, byte for byte (compact, ASCII, keys in insertion order, a newline),
 # without building an encoder per call as json.dumps(..., separators=...) does.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-class Predictor:
-    """One model version ready to answer: manifest, schema, session and class names, built once.
-
-    Everything that does not depend on the request is done here, not per call.
-    """
-
-    __slots__ = ("_keys", "classes", "manifest", "name", "schema", "session", "version")
-
-    def __init__(self, name: str, version: int, manifest: Manifest, session: ModelSession
-                 ) -> None:
-        self.name, self.version, self.manifest = name, version, manifest
-        self.schema, self.session = manifest.schema, session
-        self.classes = list(manifest.classes or ())
-        self._keys = [str(c) for c in self.classes]
-
-    def answer(self, rows: list[Any]) -> dict[str, Any]:
-        """Validate and encode ``rows`` (InputError names the row and column), run, shape."""
-        out = self.session.run(self.schema.encode(rows))
-        answer: dict[str, Any] = {"name": self.name, "model_version": self.version}
-        if out.values is not None:
-            # float32 outputs: the shortest text that round-trips (23.372, not 23.37200164);
-            # a NaN (a model overflowing) is not JSON: null, as the edge CLI prints it
-            answer["predictions"] = [None if v != v else float(str(v))
-                                     for v in out.values.astype(np.float32)]
-            return answer
-        assert out.labels is not None and out.probabilities is not None
-        classes, keys = self.classes, self._keys
-        answer["predictions"] = [classes[i] for i in out.labels.tolist()]
-        answer["probabilities"] = [{k: round(p, 6) if p == p else None for k, p in zip(keys, ps)}
-                                   for ps in out.probabilities.tolist()]
-        answer["classes"] = classes
-        return answer
-
-
-class ModelCache:
-    """LRU of :class:`Predictor` s over the fp32 models, keyed by (name, version); thread-safe."""
-
-    def __init__(self, registry: Registry, size: int) -> None:
-        self.registry = registry
-        self.size = size
-        self._items: OrderedDict[tuple[str, int], Predictor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: str, version: int) -> Predictor:
-        """The predictor of version ``version`` of ``name`` (loaded on first use)."""
-        key = (name, version)
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                return hit
-        manifest = Manifest.from_json(self.registry.manifest(name, version))
-        art = manifest.artifact("model_fp32") or manifest.artifact("model")
-        assert art is not None
-        # onnxruntime is imported here, in a worker, not when the app is built: a process
-        # forked from one that imported it hangs or aborts in its C++ destructors at exit,
-        # which kept every gunicorn worker alive for the whole graceful timeout on stop.
-        from hybridml.edge.session import ModelSession
-
-        session = ModelSession(self.registry.blob_path(art.sha256), manifest.schema,
-                               manifest.task)
-        predictor = Predictor(name, version, manifest, session)
-        with self._lock:
-            self._items[key] = predictor
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return predictor
 
 
 def create_app(registry: str | os.PathLike[str] | Registry | None = None,
@@ -161,6 +94,8 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     app.extensions["hybridml"] = {"registry": reg, "config": cfg}
     models = ModelCache(reg, cfg.model_cache)
     signer = Signer(reg.root)  # signs every manifest served (hybridml.cloud.signing)
+    rollouts = Rollouts(reg)  # per-device roles in a running rollout (docs/rollouts.md)
+    app.extensions["hybridml"]["rollouts"] = rollouts
     gz_dir = reg.gzip_cache
 
     # No per-request timing/logging hooks here: LoadShedder, the outermost layer, writes the
@@ -214,6 +149,11 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         # Re-signed on a fixed grid: every worker and replica serves the same bytes (and
         # ETag) within a period, and a device sees a new issued-at at least once per period.
         issued, expires = issue_window(time.time(), cfg.manifest_lifetime_s)
+        if ref == "stable":  # only the default takes part in a rollout (docs/rollouts.md §3)
+            unit = _unit(request)
+            place = None if unit is None else rollouts.assign(name, unit)
+            if place is not None and place.in_cohort:
+                return _rollout_manifest(name, place, issued, expires)
         etag = signer.etag(f"{served.etag[:40]}.{served.sequence}.{int(issued)}.{ref}")
         if request.if_none_match.contains(etag):
             resp = Response(status=304)
@@ -221,6 +161,28 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             doc = json.loads(served.manifest)
             doc["release"] = Release(served.name, str(ref), served.version, served.sequence,
                                      issued, expires).to_json()
+            resp = jsonify(signer.sign(doc))
+        resp.set_etag(etag)
+        resp.headers["Cache-Control"] = "no-cache"
+        return resp
+
+    def _rollout_manifest(name: str, place: Assignment, issued: float, expires: float
+                          ) -> Response:
+        """The served version's manifest with its signed ``rollout`` block; ``ref`` stays
+        ``stable``, the alias the device asked for."""
+        served = reg.served(name, place.serve)
+        rollout = place.rollout
+        etag = signer.etag(f"{served.etag[:40]}.{served.sequence}.{int(issued)}.stable."
+                           f"{rollout.id}.{place.role}.{place.serve}.{place.companion}")
+        if request.if_none_match.contains(etag):
+            resp = Response(status=304)
+        else:
+            doc = json.loads(served.manifest)
+            doc["release"] = Release(served.name, "stable", served.version, served.sequence,
+                                     issued, expires).to_json()
+            companion = (None if place.companion is None
+                         else reg.manifest(name, place.companion))
+            doc["rollout"] = place.block(companion)
             resp = jsonify(signer.sign(doc))
         resp.set_etag(etag)
         resp.headers["Cache-Control"] = "no-cache"
@@ -273,12 +235,30 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
                             "split the request", status=413, code="batch_too_large",
                             field="inputs", max_batch=cfg.max_batch)
         ref = _check_ref(body["version"], "version") if "version" in body else _ref(req)
-        answer = models.get(name, reg.resolve_cached(name, ref)).answer(rows)
+        if ref != "stable":  # an explicit version or alias never takes part in a rollout
+            answer = models.get(name, reg.resolve_cached(name, ref)).answer(rows)
+            return Response(_ENCODER.encode(answer) + "\n", mimetype="application/json")
+        # A running rollout may pick the version (A/B by Hybridml-Unit) or shadow the call
+        route = online.route(name, lambda: reg.resolve_cached(name, "stable"),
+                             req.headers.get(UNIT_HEADER))
+        predictor = models.get(name, route.version)
+        if route.shadow is None:
+            answer = predictor.answer(rows)
+        else:
+            batch, out = predictor.run(rows)
+            answer = predictor.shape(out)
+            online.shadow.submit(route.shadow, predictor, rows, batch, out)
+        if route.arm is not None:
+            answer["arm"] = route.arm
         return Response(_ENCODER.encode(answer) + "\n", mimetype="application/json")
 
     # Monitoring (docs/monitoring.md §5): spool uploads and feedback into the telemetry store.
     store = TelemetryStore(reg)
     app.extensions["hybridml"]["telemetry"] = store
+    # /predict's part in rollouts (hybridml.cloud.online): A/B arms by unit, cloud shadowing.
+    online = Online(rollouts, CloudShadow(models, store))
+    app.extensions["hybridml"]["online"] = online
+    atexit.register(online.shadow.close)  # the last window's shadow counts
 
     @app.post("/v1/telemetry")
     def telemetry() -> Response:
@@ -292,6 +272,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         return jsonify(store.add_feedback(name, _device(), upload.records).to_json())
 
     prom.install(app, store)  # GET /metrics and request counts (hybridml.cloud.prom)
+    install_rollouts(app, rollouts)  # admin: start, status, promote, abort (rollout_api)
     auth.install(app, reg)  # bearer tokens + admin routes (hybridml.cloud.auth)
     return app
 
@@ -323,6 +304,16 @@ def _check_ref(value: object, field: str) -> Ref:
         return value
     raise InputError(f"{field} {_short(value)} is not a version number (1, 2, ...) or an alias "
                      "(lowercase letters, digits and '_', such as 'stable')", field=field)
+
+
+def _unit(req: Request) -> str | None:
+    """Who asks for a manifest, for rollout assignment: the token's name, or without tokens
+    the store id in ``Hybridml-Device`` when it is well formed (1-64 printable characters)."""
+    token = g.get("token")
+    if token is not None:
+        return str(token.name)
+    device = req.headers.get(DEVICE_HEADER)
+    return device if device and len(device) <= 64 and device.isprintable() else None
 
 
 def _device() -> str | None:

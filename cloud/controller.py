@@ -14,6 +14,11 @@ for every model with a policy (:mod:`hybridml.cloud.policy`):
    through the audited :func:`hybridml.cloud.auth.promote` when blessed and ``auto_promote``
    is on, and record the outcome with the decision.
 
+Every model with a running rollout (docs/rollouts.md), with a policy or not, is also analysed
+under the same lock on each pass (:func:`hybridml.cloud.rollout_analysis.tick`): the analysis
+is recorded on the rollout, and it advances, promotes or ends it. The rollout's decision is
+taken before the model's triggers are evaluated, so a pass sees the ``stable`` it leaves.
+
 Decisions and their times are in the registry's database, so the cooldown survives a
 restart; a controller killed while training leaves a fired decision without an outcome (and
 no half-registered version: a version appears in one transaction at the end).
@@ -22,6 +27,7 @@ no half-registered version: a version appears in one transaction at the end).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -29,9 +35,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hybridml.shared.errors import HybridMLError
+from hybridml.shared.errors import ConfigError, HybridMLError
 
 from .evidence import Telemetry, epoch, gather, labelled_since, open_telemetry
 from .finetune import ModeChoice, Parent, choose_mode, method
@@ -40,7 +46,11 @@ from .lineage import display_label
 from .policy import Policy, evaluate
 from .private import private_dir
 from .registry import Registry
+from .rollout_facts import RolloutTelemetry
 from .trainset import MIN_FINETUNE_ROWS, finetune_set, retrain_set
+
+if TYPE_CHECKING:
+    from .rollouts import Rollouts
 
 log = logging.getLogger("hybridml.cloud.controller")
 
@@ -54,11 +64,12 @@ class Step:
     decision: int | None = None  # the recorded decision's id
     outcome: dict[str, Any] | None = None
     skipped: str | None = None  # why the model was not evaluated at all
+    rollout: dict[str, Any] | None = None  # the running rollout's analysis, when it has one
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``controller --once --json``)."""
         return {"name": self.name, "fired": self.fired, "decision": self.decision,
-                "outcome": self.outcome, "skipped": self.skipped}
+                "outcome": self.outcome, "skipped": self.skipped, "rollout": self.rollout}
 
 
 @contextlib.contextmanager
@@ -88,6 +99,7 @@ class Controller:
         self.registry = registry
         self.clock = clock
         self.telemetry = telemetry if telemetry is not None else open_telemetry(registry, clock)
+        self._rollouts_store: Rollouts | None = None
 
     def run(self, interval_s: float, *, stop: threading.Event | None = None) -> None:
         """Pass after pass, ``interval_s`` apart, until ``stop`` is set."""
@@ -98,20 +110,65 @@ class Controller:
                 return
 
     def run_once(self) -> list[Step]:
-        """One pass over every model with a policy."""
+        """One pass over every model with a policy or a running rollout."""
         steps = []
-        for name, doc in self.registry.policies().items():
+        policies = self.registry.policies()
+        rolling = self._rolling()
+        for name in sorted(set(policies) | set(rolling)):
             with model_lock(self.registry, name) as mine:
                 if not mine:
                     log.info("%s: another controller holds it; skipped", name)
                     steps.append(Step(name, skipped="another controller holds its lock"))
                     continue
+                analysis = self.rollout_tick(name) if name in rolling else None
+                if name not in policies:
+                    steps.append(Step(name, skipped="no policy", rollout=analysis))
+                    continue
                 try:
-                    steps.append(self.step(name, Policy.from_json(doc)))
+                    step = self.step(name, Policy.from_json(policies[name]))
                 except HybridMLError as exc:  # one model's bad policy or missing version
                     log.warning("%s: cannot evaluate: %s", name, exc.message)
-                    steps.append(Step(name, skipped=f"cannot evaluate: {exc.message}"))
+                    step = Step(name, skipped=f"cannot evaluate: {exc.message}")
+                steps.append(dataclasses.replace(step, rollout=analysis))
         return steps
+
+    def _rolling(self) -> set[str]:
+        """Models with a running rollout."""
+        try:
+            rollouts = self._rollouts()
+            return {m.name for m in self.registry.models() if rollouts.active(m.name)}
+        except HybridMLError as exc:  # a registry without rollouts yet must still train
+            log.warning("cannot list running rollouts: %s", exc.message)
+            return set()
+
+    def rollout_tick(self, name: str) -> dict[str, Any] | None:
+        """Analyse and act on the running rollout of ``name`` (hold the lock); the
+        analysis, or ``{"error": ...}`` when it failed (logged, never fatal)."""
+        from .rollout_analysis import tick
+
+        try:
+            a = tick(self._rollouts(), self._rollout_telemetry(), name, self.clock())
+        except HybridMLError as exc:
+            log.warning("%s: rollout not analysed: %s", name, exc.message)
+            return {"error": exc.to_json()["error"]}
+        except Exception as exc:  # a bug in one model's analysis must not stop the loop
+            log.exception("%s: rollout analysis failed", name)
+            return {"error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+        return None if a is None else a.to_json()
+
+    def _rollouts(self) -> Rollouts:
+        from .rollouts import Rollouts
+
+        if self._rollouts_store is None:
+            self._rollouts_store = Rollouts(self.registry, clock=self.clock)
+        return self._rollouts_store
+
+    def _rollout_telemetry(self) -> RolloutTelemetry:
+        if not isinstance(self.telemetry, RolloutTelemetry):
+            raise ConfigError("the controller's telemetry store cannot answer a rollout's "
+                              "queries (summaries, events, feedback): use TelemetryStore",
+                              field="telemetry")
+        return self.telemetry
 
     def step(self, name: str, policy: Policy) -> Step:
         """Evaluate ``name``'s triggers, record the decision and act on it (hold the lock)."""

@@ -10,6 +10,10 @@ The formats are docs/monitoring.md §4 and §5. Two levels, two kinds of refusal
   (``body.window.start``, ``body.features.hour.counts``); the caller refuses that record
   alone and stores the rest.
 
+A rollout's ``shadow`` and ``interleave`` records and ``load_failed`` health records are
+checked by :mod:`hybridml.cloud.ingest_rollout` (docs/rollouts.md §4); the field rules every
+check shares are in :mod:`hybridml.cloud.fields`.
+
 Record ids make uploads idempotent. A spool record carries ``<store id>:<sequence>``; a bare
 feedback body may carry an ``id``, and without one its id is ``sha256:`` and the hash of its
 canonical JSON, so the same body sent twice counts once.
@@ -21,32 +25,39 @@ labels, the input schema): the caller passes a :data:`Facts` lookup returning
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from hybridml.shared.clock import from_iso, utc_iso
 from hybridml.shared.errors import HTTPError, HybridMLError, InputError
 from hybridml.shared.manifest import canonical_json
 from hybridml.shared.text import printable
 
-from .facts import Facts, ModelFacts
+from .facts import Facts, ModelFacts  # noqa: F401  (ModelFacts: read from here by fleet)
+from .fields import (
+    FORMAT,
+    KEY_RE,
+    check_format,
+    count,
+    counts,
+    flag,
+    histogram,
+    model_facts,
+    parse_time,
+    short,
+    tally,
+    window,
+)
+from .ingest_rollout import ROLLOUT_KINDS, check_rollout_event
 
-FORMAT = 1
 MAX_RECORDS = 500  # the device's batch limit (monitoring.md §4)
-KINDS = ("alert", "health", "summary", "feedback", "sample")
-MAX_COUNT = 10**12  # no window holds more rows; bounds what a buggy device can add
-MAX_BINS = 1024
+KINDS = ("alert", "health", "summary", "feedback", "sample", *ROLLOUT_KINDS)
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]{0,127}")
 STORE_ID_RE = re.compile(r"([0-9a-f]{10}):[0-9]{1,18}")
-KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 UPLOAD_KEYS = ("records", "dropped")
-EARLIEST, LATEST = 946684800.0, 4102444800.0  # 2000-01-01 .. 2100-01-01
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ def parse_upload(data: Any, keys: tuple[str, ...] = UPLOAD_KEYS) -> Upload:
         raise InputError("the body must be a JSON object {\"records\": [...]}", field="body")
     unknown = [k for k in data if k not in keys]
     if unknown:
-        raise InputError(f"unknown key {_short(unknown[0])} in the body; send "
+        raise InputError(f"unknown key {short(unknown[0])} in the body; send "
                          f"{' and '.join(map(repr, keys))}", field=printable(str(unknown[0]), 80))
     records = data.get("records")
     if not isinstance(records, list):
@@ -144,7 +155,7 @@ def parse_upload(data: Any, keys: tuple[str, ...] = UPLOAD_KEYS) -> Upload:
         raise HTTPError(f"{len(records)} records exceed the limit of {MAX_RECORDS} per "
                         "upload; send them in batches", status=413, code="batch_too_large",
                         field="records", max_records=MAX_RECORDS)
-    dropped = _tally(data.get("dropped", {}), "dropped")
+    dropped = tally(data.get("dropped", {}), "dropped")
     return Upload(records, dropped)
 
 
@@ -156,7 +167,7 @@ def check_record(raw: Any, facts: Facts) -> Record:
     rid = record_id(raw.get("id"))
     kind = raw.get("kind")
     if kind not in KINDS:
-        raise InputError(f"kind {_short(kind)} is not one of {', '.join(KINDS)}", field="kind")
+        raise InputError(f"kind {short(kind)} is not one of {', '.join(KINDS)}", field="kind")
     if "priority" in raw and (isinstance(raw["priority"], bool)
                               or not isinstance(raw["priority"], int)):
         raise InputError("'priority' must be an integer", field="priority")
@@ -168,6 +179,9 @@ def check_record(raw: Any, facts: Facts) -> Record:
         return check_summary(rid, body, facts)
     if kind == "feedback":
         return check_feedback(rid, body, facts)
+    checked = check_rollout_event(str(kind), body, facts)  # shadow, interleave, load_failed
+    if checked is not None:
+        body = checked
     model = body.get("model")
     pid = body.get("prediction_id")
     return Event(rid, str(kind), model if isinstance(model, str) and len(model) <= 64 else None,
@@ -182,7 +196,7 @@ def check_feedback_item(raw: Any, facts: Facts, model: str) -> Feedback:
         raise InputError("a feedback record must be an object", field="record")
     if "body" in raw and "kind" in raw:
         if raw["kind"] != "feedback":
-            raise InputError(f"kind {_short(raw['kind'])} is not 'feedback' on the feedback "
+            raise InputError(f"kind {short(raw['kind'])} is not 'feedback' on the feedback "
                              "endpoint; send other records to /v1/telemetry", field="kind")
         rid = record_id(raw.get("id"))
         if not isinstance(raw["body"], dict):
@@ -195,7 +209,7 @@ def check_feedback_item(raw: Any, facts: Facts, model: str) -> Feedback:
         prefix = ""
     body.setdefault("model", model)
     if body["model"] != model:
-        raise InputError(f"the record is for model {_short(body['model'])}, posted to "
+        raise InputError(f"the record is for model {short(body['model'])}, posted to "
                          f"{model!r}'s feedback", field=prefix + "model")
     fb = check_feedback(rid, body, facts, prefix)
     if rid:
@@ -208,35 +222,19 @@ def check_feedback_item(raw: Any, facts: Facts, model: str) -> Feedback:
 
 def check_summary(rid: str, body: dict[str, Any], facts: Facts) -> Summary:
     """A summary body (format 1), normalised to its known keys."""
-    _format(body, "body.")
-    f = _facts(body, facts, "body.", version_required=True)
-    window = body.get("window")
-    if not isinstance(window, dict):
-        raise InputError("'window' must be {\"start\": ISO, \"end\": ISO}", field="body.window")
-    start = parse_time(window.get("start"), "body.window.start")
-    end = parse_time(window.get("end"), "body.window.end")
-    if end < start:
-        raise InputError("the window ends before it starts", field="body.window.end")
-    rows = _count(body.get("rows"), "body.rows")
+    check_format(body, "body.")
+    f = model_facts(body, facts, "body.", version_required=True)
+    start, end, win = window(body, "body.")
+    rows = count(body.get("rows"), "body.rows")
     out: dict[str, Any] = {
         "format": FORMAT, "model": f.name, "version": f.version,
-        "window": {"start": utc_iso(start), "end": utc_iso(end)}, "rows": rows,
-        "by_source": _tally(body.get("by_source", {}), "body.by_source"),
-        "degraded": _tally(body.get("degraded", {}), "body.degraded"),
-        "stale": _flag(body.get("stale", False), "body.stale")}
+        "window": win, "rows": rows,
+        "by_source": tally(body.get("by_source", {}), "body.by_source"),
+        "degraded": tally(body.get("degraded", {}), "body.degraded"),
+        "stale": flag(body.get("stale", False), "body.stale")}
     latency = body.get("latency_ms")
-    if latency is not None:
-        if not isinstance(latency, dict):
-            raise InputError("'latency_ms' must be {\"edges\", \"counts\"}",
-                             field="body.latency_ms")
-        edges = latency.get("edges")
-        if not isinstance(edges, list) or len(edges) > MAX_BINS or not all(
-                isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e)
-                for e in edges):
-            raise InputError("'latency_ms.edges' must be a list of numbers",
-                             field="body.latency_ms.edges")
-        out["latency_ms"] = {"edges": edges, "counts": _counts(latency.get("counts"),
-                                                               "body.latency_ms.counts", None)}
+    if latency is not None:  # the p99 of a canary reads it: counts must fit the edges
+        out["latency_ms"] = histogram(latency, "body.latency_ms")
     features = body.get("features", {})
     if not isinstance(features, dict):
         raise InputError("'features' must be an object by feature name", field="body.features")
@@ -245,15 +243,15 @@ def check_summary(rid: str, body: dict[str, Any], facts: Facts) -> Summary:
     for name, entry in features.items():
         where = f"body.features.{printable(str(name), 64)}"
         if name not in known if known else not KEY_RE.fullmatch(str(name)):
-            raise InputError(f"feature {_short(name)} is not in the profile of {f.name!r} v"
+            raise InputError(f"feature {short(name)} is not in the profile of {f.name!r} v"
                              f"{f.version}", field=where)
         if not isinstance(entry, dict):
             raise InputError("a feature's entry must be {\"counts\", \"missing\"}", field=where)
-        item = {"counts": _counts(entry.get("counts"), where + ".counts",
+        item = {"counts": counts(entry.get("counts"), where + ".counts",
                                   f.bins("features", name)),
-                "missing": _count(entry.get("missing", 0), where + ".missing")}
+                "missing": count(entry.get("missing", 0), where + ".missing")}
         if "unseen" in entry:
-            item["unseen"] = _count(entry["unseen"], where + ".unseen")
+            item["unseen"] = count(entry["unseen"], where + ".unseen")
         out["features"][name] = item
     absent = [n for n in known if n not in features]
     if absent:  # every summary of a version sums with the others: the same bins throughout
@@ -268,7 +266,7 @@ def check_summary(rid: str, body: dict[str, Any], facts: Facts) -> Summary:
             continue
         if not isinstance(entry, dict):
             raise InputError(f"'{key}' must be {{\"counts\": [...]}}", field=f"body.{key}")
-        out[key] = {"counts": _counts(entry.get("counts"), f"body.{key}.counts", f.bins(key))}
+        out[key] = {"counts": counts(entry.get("counts"), f"body.{key}.counts", f.bins(key))}
     return Summary(rid, f.name, f.version, start, end, rows, out)
 
 
@@ -276,8 +274,8 @@ def check_feedback(rid: str, body: dict[str, Any], facts: Facts, prefix: str = "
                    ) -> Feedback:
     """A feedback body (format 1): a label with a ``prediction_id`` (and, from a device, the
     ``prediction`` and ``version`` it judges), or with the ``features`` of a labelled row."""
-    _format(body, prefix)
-    f = _facts(body, facts, prefix, version_required=False)
+    check_format(body, prefix)
+    f = model_facts(body, facts, prefix, version_required=False)
     pid = body.get("prediction_id")
     if pid is not None and not (isinstance(pid, str) and 0 < len(pid) <= 128
                                 and pid.isprintable()):
@@ -315,7 +313,7 @@ def json_text(value: Any, field: str) -> str:
     when it holds what JSON cannot carry: a ``NaN``/``Infinity`` literal or text that is not
     valid Unicode (a lone surrogate)."""
     def refuse(obj: Any) -> Any:
-        raise InputError(f"{field} holds {_short(obj)}", field=field)
+        raise InputError(f"{field} holds {short(obj)}", field=field)
 
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
@@ -330,88 +328,9 @@ def json_text(value: Any, field: str) -> str:
 def record_id(value: Any, field: str = "id") -> str:
     """A record id: 1-128 letters, digits, ``:``, ``.``, ``_`` or ``-``."""
     if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise InputError(f"record id {_short(value)} is not an id: send the spool's "
+        raise InputError(f"record id {short(value)} is not an id: send the spool's "
                          "'<store id>:<sequence>' (1-128 letters, digits, ':._-')", field=field)
     return value
 
 
-def parse_time(value: Any, field: str) -> float:
-    """POSIX seconds of an ISO 8601 time (``2026-12-01T16:00:00Z``; no zone means UTC) or of
-    a number of seconds; InputError naming ``field`` for anything else."""
-    when: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        when = float(value)
-    elif isinstance(value, str) and len(value) <= 40:
-        with contextlib.suppress(ValueError):
-            when = from_iso(value)
-    if when is None or not EARLIEST <= when < LATEST:  # also refuses NaN
-        raise InputError(f"{field} {_short(value)} is not a time: send ISO 8601 UTC such as "
-                         "2026-12-01T16:00:00Z (years 2000-2099)", field=field)
-    return when
-
-
 # -------------------------------------------------------------------------------- internals
-def _format(body: dict[str, Any], prefix: str) -> None:
-    if body.get("format") != FORMAT:
-        raise InputError(f"format {_short(body.get('format'))} is unknown; this cloud reads "
-                         f"format {FORMAT}", field=prefix + "format")
-
-
-def _facts(body: dict[str, Any], facts: Facts, prefix: str, *, version_required: bool
-           ) -> ModelFacts:
-    model = body.get("model")
-    if not isinstance(model, str) or not 0 < len(model) <= 64:
-        raise InputError("'model' must be the model's name", field=prefix + "model")
-    version = body.get("version")
-    if version is None and version_required:
-        raise InputError("'version' is missing: send the model version counted",
-                         field=prefix + "version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                or not 0 < version < 10**9):
-        raise InputError(f"'version' {_short(version)} is not a version number",
-                         field=prefix + "version")
-    try:
-        return facts(model, version)
-    except HybridMLError as exc:  # NotFoundError naming "model" or "version"
-        raise InputError(exc.message, field=prefix + str(exc.details.get("field", "model"))
-                         ) from None
-
-
-def _count(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-        raise InputError(f"{field.rsplit('.', 1)[-1]} must be a whole number from 0 to "
-                         f"{MAX_COUNT}, not {_short(value)}", field=field)
-    return value
-
-
-def _counts(value: Any, field: str, n: int | None) -> list[int]:
-    if not isinstance(value, list) or len(value) > MAX_BINS:
-        raise InputError("'counts' must be a list of whole numbers", field=field)
-    if n is not None and len(value) != n:
-        raise InputError(f"{len(value)} counts do not fit the profile's {n} bins (edges + 1, "
-                         "or categories + 1)", field=field)
-    return [_count(v, field) for v in value]
-
-
-def _tally(value: Any, field: str) -> dict[str, int]:
-    if not isinstance(value, dict) or len(value) > 64:
-        raise InputError(f"'{field.rsplit('.', 1)[-1]}' must be an object of counts by name",
-                         field=field)
-    out = {}
-    for key, count in value.items():
-        if not KEY_RE.fullmatch(key):
-            raise InputError(f"key {_short(key)} is not a name (letters, digits, '_.-')",
-                             field=f"{field}.{printable(key, 64)}")
-        out[key] = _count(count, f"{field}.{key}")
-    return out
-
-
-def _flag(value: Any, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{field.rsplit('.', 1)[-1]} must be true or false", field=field)
-    return value
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = printable(repr(value), limit)
-    return text

@@ -6,7 +6,7 @@
       │                     checks records (hybridml.cloud.ingest), computes drift and
       │                     performance (hybridml.shared.drift, hybridml.cloud.performance)
       └── SQLiteTelemetry   every SQL statement; a PostgreSQL backend implements the same
-                            eight methods (TelemetryBackend)
+                            nine methods (TelemetryBackend)
 
 Idempotency: every record is keyed by (device, record id) in one ledger; a record already
 there is a *duplicate* and changes nothing, so a device retrying an upload whose answer it
@@ -25,7 +25,8 @@ has only a ``prediction_id`` is joined to a ``sample`` record whose body names t
 is left out of performance (the edge's reservoir samples — rows without ids — are kept as
 events, not joined). Feedback with ``features`` is also a labelled training row, fingerprinted
 (sha256 of its canonical JSON) like training data. Alerts, health records and samples are
-kept as sent (``events``).
+kept as sent (``events``), and so are a rollout's ``shadow`` and ``interleave`` records
+(checked by :mod:`hybridml.cloud.ingest_rollout`; docs/rollouts.md §4).
 """
 
 from __future__ import annotations
@@ -114,13 +115,14 @@ class FeedbackRow:
     at: float
     features: dict[str, Any] | None
     sha256: str | None
+    device: str | None = None  # who sent it (rollouts judge arms by device)
 
 
 Period = tuple[float | None, float | None]  # (since, until) in POSIX seconds
 
 
 class TelemetryBackend(Protocol):
-    """Where telemetry is kept: the eight operations a backend implements."""
+    """Where telemetry is kept: the nine operations a backend implements."""
 
     def store(self, items: Sequence[tuple[str, Record]], dropped: Sequence[tuple[str, str,
               Mapping[str, int]]], counts: Mapping[tuple[str, str], int], received: float
@@ -138,6 +140,10 @@ class TelemetryBackend(Protocol):
 
     def labelled_count(self, model: str, received: Period) -> int:
         """How many labelled rows (feedback with features) arrived in the period."""
+
+    def events(self, model: str, kind: str) -> list[tuple[str, str, str, float]]:
+        """(device, id, body JSON, received) of ``model``'s events of ``kind``, oldest
+        first."""
 
     def devices(self, model: str) -> list[tuple[str, float, int, str]]:
         """(device, last seen, rows, versions "1,3") of each device that reported."""
@@ -222,7 +228,7 @@ class SQLiteTelemetry:
         """See :meth:`TelemetryBackend.feedback`."""
         sql = ("SELECT COALESCE(f.version, json_extract(e.body, '$.version')), "
                "COALESCE(f.prediction, json_quote(json_extract(e.body, '$.prediction'))), "
-               "f.label, f.at, f.features, f.sha256 FROM feedback f LEFT JOIN events e "
+               "f.label, f.at, f.features, f.sha256, f.device FROM feedback f LEFT JOIN events e "
                "ON f.prediction IS NULL AND f.prediction_id IS NOT NULL AND e.kind = 'sample' "
                "AND e.model = f.model AND e.prediction_id = f.prediction_id "
                "WHERE f.model = ?")
@@ -235,8 +241,8 @@ class SQLiteTelemetry:
                              args).fetchall()
         return [FeedbackRow(None if v is None else int(v),
                             None if p is None else json.loads(p), json.loads(lab), float(at),
-                            None if feats is None else json.loads(feats), sha)
-                for v, p, lab, at, feats, sha in rows]
+                            None if feats is None else json.loads(feats), sha, dev)
+                for v, p, lab, at, feats, sha, dev in rows]
 
     def labelled_count(self, model: str, received: Period) -> int:
         """See :meth:`TelemetryBackend.labelled_count`."""
@@ -245,6 +251,13 @@ class SQLiteTelemetry:
         sql += _received(received, args)
         with self._db.tx(write=False) as c:
             return int(c.execute(sql, args).fetchone()[0])
+
+    def events(self, model: str, kind: str) -> list[tuple[str, str, str, float]]:
+        """See :meth:`TelemetryBackend.events`."""
+        with self._db.tx(write=False) as c:
+            return [tuple(r) for r in c.execute(
+                "SELECT device, id, body, received FROM events WHERE model = ? AND kind = ? "
+                "ORDER BY received, rowid", (model, kind))]
 
     def devices(self, model: str) -> list[tuple[str, float, int, str]]:
         """See :meth:`TelemetryBackend.devices`."""
@@ -389,6 +402,28 @@ class TelemetryStore:
                 since: Any = None, until: Any = None) -> list[dict[str, Any]]:
         """Rows by source per window (``{"start", "end", "rows", "by_source", "degraded"}``)."""
         return performance.traffic(self.summaries(model, version, since, until), window_s)
+
+    def events(self, model: str, kind: str, *, since: Any = None, until: Any = None
+               ) -> list[dict[str, Any]]:
+        """Stored event bodies of ``kind`` (``shadow``, ``interleave``, ``health``, ...) at a
+        time in (since, until], oldest first; each also carries ``device``, ``id`` and
+        ``received``. An event's time is its window's end (shadow, interleave), else when it
+        arrived."""
+        lo, hi = _period(since, until)
+        out = []
+        for dev, rid, body, received in self.backend.events(model, kind):
+            doc = json.loads(body)
+            win = doc.get("window") if isinstance(doc, dict) else None
+            at = parse_time(win["end"], "end") if isinstance(win, dict) else received
+            if (lo is None or at > lo) and (hi is None or at <= hi):
+                out.append({**doc, "device": dev, "id": rid, "received": received})
+        return out
+
+    def feedback(self, model: str, *, since: Any = None, until: Any = None
+                 ) -> list[FeedbackRow]:
+        """Feedback of ``model`` that arrived in (since, until], oldest first, with the
+        prediction (and version) it judges where known and the device that sent it."""
+        return self.backend.feedback(model, _period(since, until), False)
 
     def labelled_rows(self, model: str, since: Any = None
                       ) -> tuple[list[dict[str, Any]], list[Any]]:
