@@ -24,6 +24,7 @@ from hybridml.shared import jsontext
 from hybridml.shared.drift import Profile, drift_report, merge_counts
 from hybridml.shared.errors import ConfigError, HybridMLError, InputError
 from hybridml.shared.manifest import Manifest
+from hybridml.shared.rollout import RolloutBlock
 from hybridml.shared.settings import env_flag
 from hybridml.shared.text import format_table
 
@@ -36,7 +37,7 @@ from .push import PushResult, push
 from .runtime import EdgeRuntime, Prediction
 from .spool import SPOOL_FILE, Spool
 from .store import LocalStore
-from .sync import SyncOptions, sync
+from .sync import SyncOptions, SyncResult, health_of, sync
 from .trust import TrustStore, describe
 
 log = logging.getLogger("hybridml.edge.cli")
@@ -235,6 +236,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if any(p.error for p in preds) else 0
 
 
+def _rollout_entry(store: LocalStore, active: Manifest) -> dict[str, Any] | None:
+    """The rollout role of the active manifest for ``status``, or None outside a rollout."""
+    block = RolloutBlock.of(active)
+    if block is None:
+        return None
+    kept = store.companion(active.name)
+    return {"id": block.id, "strategy": block.strategy, "role": block.role,
+            "companion": block.companion_version,
+            "companion_in_store": kept is not None and kept.version == block.companion_version}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """``status``: per model, the active and previous versions, table, last sync."""
     store = LocalStore(args.store)
@@ -255,6 +267,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             entry["variant"] = model.variant if model else None
             entry["table_bytes"] = table.size if table else 0
             entry["signature"] = describe(store.root, active)
+            entry["rollout"] = _rollout_entry(store, active)
         state = store.sync_state(name)
         entry["freshness"] = freshness.describe(
             freshness.Seen.load(state, active, prev), time.time(), fresh_settings)
@@ -289,6 +302,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(line)
         if e.get("signature"):
             print(f"  signature: {_signature_text(e['signature'])}")
+        if e.get("rollout"):
+            r = e["rollout"]
+            print(f"  rollout: #{r['id']} {r['strategy']}, role {r['role']}"
+                  + (f", companion v{r['companion']}"
+                     + ("" if r["companion_in_store"] else " (not in the store)")
+                     if r["companion"] else ""))
         if e["active_version"]:
             print(f"  freshness: {freshness.text(e['freshness'])}")
         if e.get("drift"):
@@ -334,8 +353,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
     store = LocalStore(args.store)
     client = _client(args)
     _add_trusted(store, args.trust)
+    spool = Spool.open(store.root)
+
+    def spool_health(outcome: SyncResult | HybridMLError) -> None:
+        body = health_of(args.name, outcome)  # a rollout's model that failed its checks
+        if body is not None:
+            try:
+                spool.add("health", body, model=args.name, version=body["version"])
+            except HybridMLError as exc:  # the loop goes on; the next failure tries again
+                log.warning("could not spool a health record: %s", exc.message)
+
     agent = Agent(store, client, args.name, AgentSettings(interval=args.interval),
-                  options=_sync_options(args), spool=Spool.open(store.root))
+                  options=_sync_options(args), spool=spool, on_result=spool_health)
     cycles = agent.run(max_cycles=args.max_cycles)
     log.info("agent stopped after %d cycles", cycles)
     return 0

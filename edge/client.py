@@ -55,6 +55,7 @@ from .transport import (
 log = logging.getLogger("hybridml.edge.client")
 
 DEFAULT_TIMEOUT = (3.05, 30.0)
+DEVICE_HEADER = "Hybridml-Device"  # the store id, on manifest requests
 UPLOAD_DEADLINE_S = 120.0  # one telemetry upload (256 KB) answered, however slowly it drips
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 T = TypeVar("T")
@@ -93,15 +94,19 @@ class CloudClient:
     ``allow_http`` (else ``HYBRIDML_ALLOW_HTTP=1``) permits ``http://`` to a host other than
     loopback. A URL the rules refuse is a :class:`ConfigError` here, before any connection.
     ``limits`` bounds what is read of each answer (default: :meth:`BodyLimits.from_env`).
+    ``store_id`` (:mod:`hybridml.edge.identity`; a sync sets it when it is None) goes with
+    each manifest request as ``Hybridml-Device``: a cloud without device tokens assigns the
+    device to a rollout's cohort by it (docs/rollouts.md §2).
     """
 
     def __init__(self, base_url: str, token: str | None = None, device: str | None = None,
                  *, ca_bundle: str | os.PathLike[str] | None = None, allow_http: bool = False,
-                 limits: BodyLimits | None = None) -> None:
+                 limits: BodyLimits | None = None, store_id: str | None = None) -> None:
         parts = check_cloud_url(base_url, allow_http)
         self.base_url = base_url.strip().rstrip("/")
         self.host = parts.hostname or ""
         self.device = device or os.environ.get("HYBRIDML_DEVICE_ID")
+        self.store_id = store_id
         self.ca_bundle = resolve_ca_bundle(ca_bundle)
         self.limits = limits or BodyLimits.from_env()
         # Passed on each request: a session-wide verify loses to $REQUESTS_CA_BUNDLE.
@@ -180,6 +185,8 @@ class CloudClient:
         conditional on ``etag``. At most ``limits.manifest_bytes`` decoded bytes
         (:class:`BodyTooLargeError`)."""
         headers = {"If-None-Match": etag} if etag else {}
+        if self.store_id:
+            headers[DEVICE_HEADER] = self.store_id
         params = {"device": self.device} if self.device else {}
         if alias is not None:
             params["alias"] = alias
@@ -428,4 +435,4 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-__all__ = ["CHUNK", "CloudClient", "ManifestResponse", "read_token_file"]
+__all__ = ["CHUNK", "DEVICE_HEADER", "CloudClient", "ManifestResponse", "read_token_file"]

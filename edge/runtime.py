@@ -20,6 +20,12 @@ the fast path through its version's tap. :meth:`EdgeRuntime.flush` writes the wi
 spool (:mod:`hybridml.edge.spool`) — every ``HYBRIDML_TELEMETRY_WINDOW_S``, from a background
 thread, and at exit — and the agent or ``hybridml-edge push`` uploads it. Each answer has a
 ``prediction_id`` (:mod:`hybridml.edge.feedback`) that :meth:`EdgeRuntime.feedback` refers to.
+
+In a rollout (docs/rollouts.md §4) the loaded version comes with its companion
+(:class:`~hybridml.edge.shadow.Rollout`): roles ``shadow`` and ``canary`` hand sampled calls to
+:attr:`EdgeRuntime.shadow`'s worker after the answer is made, and :meth:`EdgeRuntime.rank`
+interleaves the two models' rankings in role ``interleave`` (:mod:`hybridml.edge.ranking`).
+Their records go to the spool with each telemetry window.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 
 from hybridml.shared.errors import (
     ConfigError,
+    HybridMLError,
     InferenceError,
     InputError,
     ModelLoadError,
@@ -42,16 +49,18 @@ from hybridml.shared.errors import (
     TableError,
 )
 from hybridml.shared.manifest import Manifest
+from hybridml.shared.rollout import load_failed_body
 from hybridml.shared.schema import EncodedBatch
 from hybridml.shared.table import Table
 
 from .columnar import BatchPrediction, predict_arrays
 from .fallback import REASONS, CircuitBreaker, Fallback, FallbackPolicy
 from .loaded import CLOUD, SOURCES, LoadedVersion
-from .monitor import Monitor
 from .observe import Observation, Observer, Outcome
 from .prediction import Prediction, maker
+from .ranking import Ranker, Ranking
 from .session import ModelSession
+from .shadow import Rollout, RolloutMonitor, Shadow, companion_changed, load_rollout
 from .store import LocalStore
 from .telemetry import Telemetry, TelemetrySettings
 
@@ -101,10 +110,14 @@ class EdgeRuntime:
                                  clock=clock)
         self.threads = threads
         self.observers: list[Observer] = list(observers)
-        self.monitor = Monitor(self.store, model, telemetry)
+        self.monitor = RolloutMonitor(self.store, model, telemetry)
         self.ids = self.monitor.ids
         self._make = maker(self.ids)
+        self.shadow = Shadow(model)
+        self.ranker = Ranker(self.monitor.store_id, model)
+        self.monitor.sources += [self.shadow.records, self.ranker.records]
         self._loaded: LoadedVersion | None = None
+        self._rollout: Rollout | None = None  # used by a call only if its served is the call's
         self._reload_lock = threading.Lock()  # one reload at a time; readers never wait
         self.reload()
 
@@ -123,6 +136,9 @@ class EdgeRuntime:
                     return False
                 current = self._loaded
                 if current is not None and manifest.dumps() == current.manifest.dumps():
+                    if not companion_changed(self.store, self.name, current, self._rollout):
+                        return True
+                    self._rollout = self._load_rollout(current)  # the version stays
                     return True
                 try:
                     loaded = self._load(manifest)
@@ -132,7 +148,7 @@ class EdgeRuntime:
                     if attempt == 2 or self.store.active(self.name) == manifest:
                         raise
                     continue
-                self._swap(loaded)
+                self._swap(loaded, self._load_rollout(loaded))
                 log.info("loaded %s v%s%s", self.name, manifest.version,
                          f" with a {len(loaded.table)}-row table" if loaded.table else "")
                 return True
@@ -147,12 +163,31 @@ class EdgeRuntime:
             None if tab is None else self.store.artifact_path(tab.sha256), self.policy,
             self._make, self.threads)
 
-    def _swap(self, v: LoadedVersion | None) -> None:
+    def _swap(self, v: LoadedVersion | None, rollout: Rollout | bool | None = False) -> None:
         """Make ``v`` the loaded version (under the reload lock), its fast path reporting to
-        telemetry; what the old one's fast path gathered is counted first."""
+        telemetry; what the old one's fast path gathered is counted first. ``rollout``: its
+        rollout (False: the current one, moved to ``v``, a new snapshot of the same version).
+
+        The rollout is set first: a call that still reads the old version sees a rollout
+        whose ``served`` is not its version, and skips it."""
         self.monitor.attach(v)
+        if rollout is False:
+            r = self._rollout
+            rollout = None if r is None or v is None else r.on(v)
+        assert rollout is not True
+        self._rollout = rollout
         old, self._loaded = self._loaded, v
         self.monitor.detach(old)
+
+    def _load_rollout(self, v: LoadedVersion) -> Rollout | None:
+        """``v``'s rollout with its companion loaded; a companion that fails to load is
+        logged and spooled as a ``health`` record, and ``v`` serves alone."""
+        rollout, err = load_rollout(self.store, self.name, v, self.shadow, self.threads)
+        if err is not None and rollout is not None:
+            version = rollout.block.companion_version
+            self.monitor.health(load_failed_body(self.name, version, rollout.block.id,
+                                                 err.code, err.message), version)
+        return rollout
 
     def sync(self, options: SyncOptions | None = None) -> SyncResult:
         """Sync with the cloud (:func:`hybridml.edge.sync.sync`, with ``options``), then load
@@ -160,9 +195,18 @@ class EdgeRuntime:
         if self.client is None:
             raise ConfigError("no cloud URL configured; pass cloud_url to sync",
                               field="cloud_url")
-        from .sync import sync
+        from .sync import load_failed, sync
 
-        result = sync(self.store, self.client, self.name, options)
+        try:
+            result = sync(self.store, self.client, self.name, options)
+        except HybridMLError as exc:  # a rollout's served version that fails counts there
+            body = load_failed(self.name, exc)
+            if body is not None:
+                self.monitor.health(body, body["version"])
+            raise
+        health = result.health()
+        if health is not None:  # the companion failed: served alone, and the cloud is told
+            self.monitor.health(health, health["version"])
         if result.changed or self._loaded is None:
             self.reload()
         return result
@@ -246,6 +290,13 @@ class EdgeRuntime:
         v = self._loaded
         return None if v is None else v.version
 
+    @property
+    def rollout(self) -> Rollout | None:
+        """The rollout the loaded version takes part in (its block, the loaded companion),
+        or None."""
+        r, v = self._rollout, self._loaded
+        return r if r is not None and r.served is v else None
+
     # ---------------------------------------------------------------------------------- doors
     def predict(self, rows: Iterable[Row], *, errors: str = "raise") -> list[Prediction]:
         """Predict typed rows: dicts by column name or lists in schema order.
@@ -262,6 +313,10 @@ class EdgeRuntime:
                 if answer is not None:
                     if self.observers:
                         self._observe(Observation("row", v, [answer], rows=rows))
+                    r = self._rollout
+                    if r is not None and r.served is v and r.plan is not None \
+                            and r.plan.pick():
+                        r.plan.row(rows[0])  # the worker encodes it
                     return [answer]
         t0 = _clock() if self.telemetry is not None else 0
         _check_errors(errors)
@@ -318,7 +373,24 @@ class EdgeRuntime:
             if tel is not None:
                 tel(obs)
             self._observe(obs)
+        r = self._rollout
+        if r is not None and r.served is v and r.plan is not None and r.plan.pick():
+            r.plan.batch(batch, result.outcome(), copy=True)  # the arrays may be the caller's
         return result
+
+    # ---------------------------------------------------------------------------- ranking
+    def rank(self, items: Sequence[Row], k: int = 10) -> Ranking:
+        """Rank ``items`` (rows, by the rules of :meth:`predict`) by the served model's score
+        and return the top ``k``; in an ``interleave`` rollout, a team-draft interleaving of
+        the served and the candidate model's rankings (:mod:`hybridml.edge.ranking`)."""
+        v = self._require()
+        r = self._rollout
+        return self.ranker.rank(v, r if r is not None and r.served is v else None, items, k)
+
+    def click(self, ranking_id: str, item: Any) -> None:
+        """Record a click on ``item`` (one of ``ranking.items``, or its position) of the
+        ranking ``ranking_id``; :class:`InputError` for an unknown id."""
+        self.ranker.click(ranking_id, item)
 
     def predict_one(self, row: Row) -> Prediction:
         """Predict a single row."""
@@ -337,7 +409,8 @@ class EdgeRuntime:
 
     def flush(self) -> list[str]:
         """End the telemetry window and write it to the spool (:meth:`Monitor.flush
-        <hybridml.edge.monitor.Monitor.flush>`); returns the record ids."""
+        <hybridml.edge.monitor.Monitor.flush>`), with a rollout's ``shadow`` and
+        ``interleave`` records; returns the record ids."""
         return self.monitor.flush()
 
     def feedback(self, prediction_id: str | None, label: Any, *,
@@ -384,6 +457,9 @@ class EdgeRuntime:
         """Infer, ask the cloud for the rows the policy flags, tell the observers (and
         telemetry: ``t0`` is when the call came in, ``perf_counter_ns``)."""
         inf = v.infer(batch)
+        r = self._rollout
+        plan = r.plan if r is not None and r.served is v else None
+        pick = plan is not None and plan.pick()
         make = self._make
         version = v.version
         sources = [SOURCES[s] for s in inf.source.tolist()]
@@ -400,6 +476,7 @@ class EdgeRuntime:
         reasons = self.fallback.reasons(batch, inf.probabilities, inf.local_failed)
         ask = np.flatnonzero(reasons)
         tel = self.telemetry
+        track = tel is not None or pick  # the answers as arrays are wanted
         degraded = cloud = None
         if ask.size:
             unanswered = 0
@@ -409,7 +486,7 @@ class EdgeRuntime:
                 if a is None:
                     results[i].degraded, results[i].reason = True, reason
                     unanswered += 1
-                    if tel is not None:
+                    if track:
                         degraded = degraded if degraded is not None else \
                             np.zeros(len(results), dtype=bool)
                         degraded[i] = True
@@ -417,21 +494,23 @@ class EdgeRuntime:
                     p = results[i] = Prediction(a.prediction, "cloud", a.model_version,
                                                 a.probabilities, reason=reason)
                     p._ids = self.ids
-                    if tel is not None:
+                    if track:
                         cloud = cloud if cloud is not None else {}
                         cloud[i] = a
             if inf.local_failed and unanswered:
                 raise InferenceError(
                     f"local inference failed and the cloud did not answer {unanswered} of "
                     f"{len(results)} row(s): {self.fallback.last_error or 'no cloud'}")
+        outcome = _outcome(v, inf, reasons, degraded, cloud) if track else None
         if tel is not None or self.observers:
             obs = Observation(route, v, results, batch=batch,
-                              elapsed=(_clock() - t0) / 1e9 if t0 else None,
-                              outcome=None if tel is None else
-                              _outcome(v, inf, reasons, degraded, cloud))
+                              elapsed=(_clock() - t0) / 1e9 if t0 else None, outcome=outcome)
             if tel is not None:
                 tel(obs)
             self._observe(obs)
+        if pick:
+            assert plan is not None
+            plan.batch(batch, outcome)
         return results
 
     def _merge(self, v: LoadedVersion, route: str, n: int, good: list[int],

@@ -6,7 +6,8 @@ sequence only grows (AUTOINCREMENT, started at the creation time in milliseconds
 deleted and made again does not reuse ids the cloud already holds and would drop as
 duplicates).
 
-Kinds and priorities: ``alert`` and ``health`` 0 (never dropped), ``summary`` 1, ``feedback`` 2,
+Kinds and priorities: ``alert`` and ``health`` 0 (never dropped), ``summary``, ``shadow`` and
+``interleave`` 1 (the last two: a rollout's comparisons, docs/rollouts.md §4), ``feedback`` 2,
 ``sample`` 3. Two limits keep the device's disk:
 
 * a byte cap (default 64 MB, ``HYBRIDML_SPOOL_MAX_BYTES``): past it, quarantined records go
@@ -47,7 +48,8 @@ from .identity import store_id
 log = logging.getLogger("hybridml.edge.spool")
 
 SPOOL_FILE = "telemetry.db"
-KINDS: dict[str, int] = {"alert": 0, "health": 0, "summary": 1, "feedback": 2, "sample": 3}
+KINDS: dict[str, int] = {"alert": 0, "health": 0, "summary": 1, "shadow": 1, "interleave": 1,
+                         "feedback": 2, "sample": 3}
 PENDING, QUARANTINED = "pending", "quarantined"
 _CHUNK = 500  # ids per DELETE/UPDATE statement (SQLite's variable limit is 999 on old builds)
 

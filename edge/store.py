@@ -7,6 +7,8 @@ Layout::
     <store>/models/<name>/active.json     the active manifest (replaced atomically)
     <store>/models/<name>/previous.json   the one before it, for rollback
     <store>/models/<name>/rollback.json   a committed rollback not yet applied to the two above
+    <store>/models/<name>/companion.json  the rollout companion: the other version a device in
+                                          a rollout also runs (docs/rollouts.md §4)
     <store>/models/<name>/sync.json       ETag, last sync time, last error
     <store>/models/<name>/.lock           held while syncing or rolling back
     <store>/.store.lock                   shared by syncs; exclusive for garbage collection
@@ -20,8 +22,13 @@ prefer to the pointers until the next change applies it: after a crash the store
 or the rolled-back version, and the way back is kept either way.
 
 The store keeps its disk: after each activation and rollback, :meth:`LocalStore.gc` deletes
-the artifacts no active or previous pointer references, so a device holds at most two
-versions of each model whatever the number of syncs.
+the artifacts no active, previous or companion pointer references, so a device holds at most
+three versions of each model whatever the number of syncs (two outside a rollout).
+
+``companion.json`` is written like the pointers (atomically) and only ever read beside
+``active.json``: the runtime loads the companion only when its version is the one the active
+manifest's ``rollout`` block names, so a crash between the two writes never pairs a served
+version with the wrong companion.
 
 Test hook: :func:`hybridml.shared.files.crash_point` kills the process with SIGKILL at a
 named step when ``$HYBRIDML_TEST_CRASH_AT`` names that step (``mid_download``,
@@ -50,6 +57,7 @@ from hybridml.shared.manifest import SHA256_RE, Manifest, check_name
 
 log = logging.getLogger("hybridml.edge.store")
 JOURNAL = "rollback.json"
+COMPANION = "companion.json"
 STORE_LOCK = ".store.lock"
 PART_MAX_AGE_S = 24 * 3600.0  # a partial download untouched this long is abandoned
 
@@ -166,6 +174,35 @@ class LocalStore:
                 crash_point("after_previous")
         atomic_write(current, manifest.dumps())
         log.info("activated %s v%s", manifest.name, manifest.version)
+
+    def companion(self, name: str) -> Manifest | None:
+        """The rollout companion of ``name`` (the other version it also runs), or None."""
+        try:
+            text = (self.model_dir(name) / COMPANION).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return Manifest.loads(text)
+        except ManifestError as exc:
+            raise ManifestError(f"the store's companion pointer for {name!r} is unreadable "
+                                f"({exc.message}); run sync again") from exc
+
+    def set_companion(self, name: str, manifest: Manifest | None) -> None:
+        """Write (atomically) or, with None, remove the rollout companion of ``name``."""
+        d = self.model_dir(name)
+        path = d / COMPANION
+        if manifest is None:
+            if path.exists():
+                path.unlink()
+                fsync_dir(d)
+                log.info("removed the rollout companion of %s", name)
+            return
+        if manifest.name != name:
+            raise ManifestError(f"a companion of {name!r} must be a manifest of {name!r}, "
+                                f"not of {manifest.name!r}", field="name")
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, manifest.dumps())
+        log.info("rollout companion of %s: v%s", name, manifest.version)
 
     def rollback(self, name: str) -> Manifest:
         """Swap active and previous; raises :class:`NoModelError` when there is no previous."""
@@ -288,18 +325,18 @@ class LocalStore:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def referenced(self) -> set[str]:
-        """sha256 of every artifact an active or previous pointer of any model names (a
-        committed rollback journal included)."""
+        """sha256 of every artifact an active, previous or companion pointer of any model
+        names (a committed rollback journal included)."""
         keep: set[str] = set()
         for name in self.model_names():
-            for m in (self.active(name), self.previous(name)):
+            for m in (self.active(name), self.previous(name), self.companion(name)):
                 if m is not None:
                     keep.update(a.sha256 for a in m.artifacts)
         return keep
 
     def gc(self, *, now: float | None = None) -> GcResult | None:
-        """Delete the artifacts (models, tables) that no active or previous version of any
-        model references, and partial downloads untouched for :data:`PART_MAX_AGE_S`.
+        """Delete the artifacts (models, tables) that no active, previous or companion version
+        of any model references, and partial downloads untouched for :data:`PART_MAX_AGE_S`.
 
         Runs after every activation and rollback. Returns None, doing nothing, while a sync
         or rollback holds the store (:meth:`shared`): the next activation cleans up instead.

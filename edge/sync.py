@@ -11,10 +11,22 @@ One sync:
 3. verify each artifact's size and sha256, fsync, rename into place;
 4. load the new model and reproduce the manifest's golden rows within tolerance, and open the
    table bound to the model's sha256;
-5. only then write the pointers (previous first, then active);
-6. delete the artifacts no active or previous version references (:meth:`LocalStore.gc`).
+5. a manifest with a ``rollout`` block (docs/rollouts.md §3–4) names a companion, the other
+   version this device also runs: its artifacts are fetched and verified the same way (steps
+   2–4), then written to ``companion.json`` (:meth:`LocalStore.set_companion`); a manifest
+   without one removes it. A companion that fails its checks is not fatal: the served version
+   is activated alone and :attr:`SyncResult.companion_error` says why (the runtime spools a
+   ``health`` record of it, :func:`load_failed`);
+6. only then write the pointers (previous first, then active);
+7. delete the artifacts no active, previous or companion version references
+   (:meth:`LocalStore.gc`).
 
-Any failure leaves the active version untouched and raises a typed error (an ``OSError``
+The same version under another rollout role (or with another companion) is the same model:
+only steps 5 and 6 run, and the result is ``changed`` so that a runtime reloads.
+
+Any failure of the served version leaves the active version untouched and raises a typed
+error (in a rollout, with ``rollout`` and ``version`` in its details, so the caller can spool
+a ``health`` record: :func:`load_failed`) (an ``OSError``
 such as a full disk becomes :class:`ArtifactError`). What stays in the store after a failure:
 a ``.part`` file cut by a broken connection (the next sync resumes it); never a ``.part`` that
 failed verification (wrong size or sha256, undecodable, too long) or that a full disk stopped;
@@ -37,9 +49,18 @@ from typing import Any
 import numpy as np
 
 from hybridml.shared.clock import utc_iso
-from hybridml.shared.errors import ArtifactError, HybridMLError, ManifestError, ModelLoadError
+from hybridml.shared.errors import (
+    ArtifactError,
+    HybridMLError,
+    InferenceError,
+    IntegrityError,
+    ManifestError,
+    ModelLoadError,
+    TableError,
+)
 from hybridml.shared.files import crash_point
 from hybridml.shared.manifest import Manifest
+from hybridml.shared.rollout import RolloutBlock, load_failed_body
 from hybridml.shared.table import Table
 
 from .client import CloudClient
@@ -52,6 +73,9 @@ log = logging.getLogger("hybridml.edge.sync")
 EDGE_ROLES = ("model", "table")
 MAX_ETAG = 512
 ETAG_RE = re.compile(r'(W/)?"[\x21\x23-\x7e]*"')  # RFC 9110 entity-tag: quoted visible ASCII
+# What a model that does not load or verify raises (a network failure is not one of them:
+# it fails the sync, to be retried, and never counts against a rollout).
+LOAD_ERRORS = (ModelLoadError, TableError, InferenceError, IntegrityError)
 
 
 @dataclass(frozen=True)
@@ -66,13 +90,28 @@ class SyncResult:
     bytes_downloaded: int
     wire_bytes: int
     seconds: float
+    role: str | None = None  # the rollout role of the active manifest, or None
+    rollout: int | None = None  # the rollout's id, or None
+    companion: int | None = None  # the companion version written to the store, or None
+    companion_error: dict[str, Any] | None = None  # why the named companion was not kept
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for ``sync --json``."""
         return {"name": self.name, "changed": self.changed, "version": self.version,
                 "previous_version": self.previous_version,
                 "downloaded": list(self.downloaded), "bytes_downloaded": self.bytes_downloaded,
-                "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3)}
+                "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3),
+                "role": self.role, "rollout": self.rollout, "companion": self.companion,
+                "companion_error": self.companion_error}
+
+    def health(self) -> dict[str, Any] | None:
+        """The ``health`` record body of a companion that failed (docs/rollouts.md §4), or
+        None."""
+        err = self.companion_error
+        if err is None or self.rollout is None:
+            return None
+        return load_failed_body(self.name, err.get("version"), self.rollout,
+                                str(err.get("code")), str(err.get("message")))
 
 
 @dataclass(frozen=True)
@@ -101,6 +140,8 @@ def sync(store: LocalStore, client: CloudClient, name: str,
     if allow_unsigned is not None:
         opts = dataclasses.replace(opts, allow_unsigned=allow_unsigned)
     store.ensure()
+    if client.store_id is None:  # the cloud's unit for rollout cohorts without a token
+        client.store_id = _store_id(store)
     t0 = time.perf_counter()
     with store.lock(name):
         store.clean_temp(name)
@@ -130,6 +171,16 @@ def sync(store: LocalStore, client: CloudClient, name: str,
     return result
 
 
+def _store_id(store: LocalStore) -> str | None:
+    from .identity import store_id
+
+    try:
+        return store_id(store.root)
+    except (OSError, HybridMLError) as exc:  # the sync itself reports an unwritable store
+        log.warning("no store id to send the cloud: %s", getattr(exc, "message", exc))
+        return None
+
+
 def _os_error(exc: OSError, store: LocalStore) -> ArtifactError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ArtifactError(f"the disk holding the store {store.root} is full "
@@ -157,14 +208,47 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
     seen = check_release(manifest, name=name, ref=opts.alias, now=opts.clock(),
                          seen=Seen.load(state, active, store.previous(name)),
                          required=key_id is not None, settings=opts.freshness)
-    if active is not None and active.content() == manifest.content():
-        if active.dumps() != manifest.dumps():
-            store.activate(manifest)  # the same version, newer release or signature
-        seen.save(state)
-        _keep_etag(state, resp.etag)
-        return SyncResult(name, False, active.version, None, (), 0, resp.wire_bytes,
-                          time.perf_counter() - t0)
+    block = RolloutBlock.of(manifest)
+    same = active is not None and active.content() == manifest.content()
     fetched: list[str] = []
+    received = 0
+    if not same:
+        try:
+            received += _fetch(store, client, manifest, fetched)
+            verify_model(store, manifest)
+        except LOAD_ERRORS as exc:
+            if block is not None:  # the rollout's analysis counts load failures
+                exc.details.update(rollout=block.id, version=manifest.version)
+            raise
+        crash_point("after_verify")
+    companion, error, got = _companion(store, client, name, block, fetched)
+    received += got
+    old_block = None if active is None else RolloutBlock.of(active)
+    old_companion = store.companion(name)
+    changed = not same or _role(old_block) != _role(block) or \
+        _content(old_companion) != _content(companion)
+    store.set_companion(name, companion)
+    if active is None or active.dumps() != manifest.dumps():
+        store.activate(manifest)  # a new version; or the same one, re-signed or a new role
+    if not same:
+        crash_point("after_active")
+    seen.save(state)
+    if error is None:
+        _keep_etag(state, resp.etag)
+    else:  # no ETag: the next sync gets the manifest again and retries the companion
+        state.pop("etag", None)
+    return SyncResult(name, changed, manifest.version,
+                      None if same or active is None else active.version,
+                      tuple(fetched), received, resp.wire_bytes + received,
+                      time.perf_counter() - t0, None if block is None else block.role,
+                      None if block is None else block.id,
+                      None if companion is None else companion.version, error)
+
+
+def _fetch(store: LocalStore, client: CloudClient, manifest: Manifest, fetched: list[str]
+           ) -> int:
+    """Download the edge artifacts of ``manifest`` the store lacks (verified, committed);
+    appends their roles to ``fetched``; returns the bytes received."""
     received = 0
     for art in manifest.artifacts:
         if art.role not in EDGE_ROLES or store.has_artifact(art.sha256, art.size):
@@ -175,15 +259,60 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
         crash_point("after_commit")
         fetched.append(art.role)
         log.info("fetched %s %s (%d bytes)", art.role, art.sha256[:12], art.size)
-    verify_model(store, manifest)
-    crash_point("after_verify")
-    store.activate(manifest)
-    crash_point("after_active")
-    seen.save(state)
-    _keep_etag(state, resp.etag)
-    return SyncResult(name, True, manifest.version, active.version if active else None,
-                      tuple(fetched), received, resp.wire_bytes + received,
-                      time.perf_counter() - t0)
+    return received
+
+
+def _companion(store: LocalStore, client: CloudClient, name: str, block: RolloutBlock | None,
+               fetched: list[str]) -> tuple[Manifest | None, dict[str, Any] | None, int]:
+    """Fetch and verify the rollout companion ``block`` names: ``(companion, None, bytes)``,
+    or ``(None, error, bytes)`` when it fails its checks (a network or disk failure raises:
+    the sync is retried, and it says nothing about the model)."""
+    companion = None if block is None else block.companion_manifest()
+    if companion is None:
+        return None, None, 0
+    kept = store.companion(name)
+    if kept is not None and kept.content() == companion.content() and all(
+            store.has_artifact(a.sha256, a.size) for a in companion.artifacts
+            if a.role in EDGE_ROLES):
+        return companion, None, 0  # verified when it was written
+    got: list[str] = []
+    received = 0
+    try:
+        received = _fetch(store, client, companion, got)
+        verify_model(store, companion)
+    except LOAD_ERRORS as exc:
+        log.warning("rollout %s: companion %s v%s failed its checks, serving v%s alone: %s",
+                    block.id if block else None, name, companion.version,
+                    block.serve if block else None, exc.message)
+        return None, {"version": companion.version, "code": exc.code,
+                      "message": exc.message}, received
+    fetched.extend(f"companion.{role}" for role in got)
+    return companion, None, received
+
+
+def _role(block: RolloutBlock | None) -> tuple[Any, ...] | None:
+    return None if block is None else (block.id, block.role, block.sample)
+
+
+def _content(m: Manifest | None) -> bytes | None:
+    return None if m is None else m.content()
+
+
+def health_of(name: str, outcome: SyncResult | HybridMLError) -> dict[str, Any] | None:
+    """The ``health`` record body a sync's outcome calls for (a rollout's companion or
+    served version that failed its checks), or None."""
+    if isinstance(outcome, SyncResult):
+        return outcome.health()
+    return load_failed(name, outcome)
+
+
+def load_failed(name: str, exc: HybridMLError) -> dict[str, Any] | None:
+    """The ``health`` record body (docs/rollouts.md §4) of a sync that failed because the
+    served version of a rollout did not load or verify; None for any other failure."""
+    rollout, version = exc.details.get("rollout"), exc.details.get("version")
+    if not isinstance(exc, LOAD_ERRORS) or not isinstance(rollout, int):
+        return None
+    return load_failed_body(name, version, rollout, exc.code, exc.message)
 
 
 def _keep_etag(state: dict[str, Any], etag: str | None) -> None:

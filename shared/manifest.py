@@ -16,8 +16,10 @@ Format 1 (``"format": 1``)::
     }
 
 A served manifest adds ``release`` (which alias it answers, its sequence, issued-at and
-expiry: :mod:`hybridml.shared.release`) and ``signature``; both are about the delivery, not
-the model, so :meth:`Manifest.content` leaves them out when a device compares versions.
+expiry: :mod:`hybridml.shared.release`), ``signature`` and, for a device in a rollout's
+cohort, ``rollout`` (its role and the companion model: :mod:`hybridml.shared.rollout`); all
+three are about the delivery, not the model, so :meth:`Manifest.content` leaves them out when
+a device compares versions.
 
 Artifact roles: ``model`` (what the edge runs: fp32 or int8, whichever passed the accuracy
 guard), ``model_fp32`` (the cloud's serving model) and ``table`` (precomputed predictions).
@@ -33,13 +35,16 @@ from typing import Any
 
 from .errors import ManifestError
 from .release import Release
+from .rollout import block_of
 from .schema import InputSchema
 
 FORMAT = 1
 ROLES = ("model", "model_fp32", "table")
 TASKS = ("binary", "multiclass", "regression")
 LINEAGES = ("retrain", "finetune")
-DELIVERY_KEYS = ("release", "signature")  # about how a manifest was served, not the model
+# About how a manifest was served, not the model: the same version signed later, or under
+# another rollout role, is the same model.
+DELIVERY_KEYS = ("release", "signature", "rollout")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -119,8 +124,9 @@ class Manifest:
         return canonical_json(self.raw)
 
     def content(self) -> bytes:
-        """Canonical bytes of the model description alone, without ``release`` and
-        ``signature``: equal for two servings of the same version, whenever they were signed."""
+        """Canonical bytes of the model description alone, without ``release``, ``signature``
+        and ``rollout``: equal for two servings of the same version, whenever they were signed
+        and under whichever rollout role."""
         return canonical_json({k: v for k, v in self.raw.items() if k not in DELIVERY_KEYS})
 
     @property
@@ -173,6 +179,7 @@ class Manifest:
         if release is not None and (release.name != name or release.version != version):
             raise ManifestError(f"the release block names {release.name!r} v{release.version} "
                                 f"but the manifest is {name!r} v{version}", field="release")
+        block_of(data, name, version, cls.from_json)  # a rollout block must fit this manifest
         return cls(name, version, str(output["task"]),
                    tuple(classes) if isinstance(classes, list) else None,
                    artifacts, schema, dict(data))
