@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require COL to be numeric (repeatable or comma-separated)")
     t.add_argument("--drop", action="append", default=[], metavar="COL",
                    help="ignore COL (repeatable or comma-separated)")
+    t.add_argument("--gate", nargs="?", const="stable", metavar="REF",
+                   help="gate the new version against REF (default: stable) before it is "
+                   "registered; the report lands in its manifest, and 'rollout start' needs no "
+                   "--force for a blessed version")
     t.set_defaults(func=cmd_train)
 
     pc = sub.add_parser("precompute", parents=[common],
@@ -209,15 +213,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .quantize import QuantizationReport
     from .train import train
 
+    reg = _registry(args)
+    gate = None
+    if args.gate is not None:
+        from .gate import gate_hook
+
+        gate = gate_hook(reg, args.name, against=reg.resolve(args.name, args.gate))
     progress = StepProgress(enabled=False if args.quiet or args.json else None)
     try:
         result = train(
-            _registry(args), args.name, data=args.data, dataset=args.dataset,
+            reg, args.name, data=args.data, dataset=args.dataset,
             target=args.target, model=args.model, task=args.task, seed=args.seed,
             tolerance=args.tolerance, params=_params(args.param),
             finetune_from=args.finetune_from, mode=args.mode,
             categorical=_split_list(args.categorical), numeric=_split_list(args.numeric),
-            drop=_split_list(args.drop), progress=progress)
+            drop=_split_list(args.drop), progress=progress, gate=gate)
     finally:
         progress.close()
     m = result.manifest
@@ -228,6 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"test {primary}: sklearn {m['metrics']['sklearn_test'][primary]}  "
         f"edge {m['metrics']['edge_test'][primary]}",
         QuantizationReport.from_json(m["quantization"]).to_table(),
+        *([f"gate: {gate_summary(m['gate'])}"] if isinstance(m.get("gate"), dict) else []),
         "artifacts:",
         *[f"  {a['role']:<11} {a['sha256'][:16]}  {a['size']:>10,} B" for a in m["artifacts"]],
     ]

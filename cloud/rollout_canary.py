@@ -13,14 +13,20 @@ version. Abort when any check fails:
 * ``agreement`` — the rollout's shadow records (canary devices shadow stable; the cloud's
   ``/predict`` shadows the candidate: agreement is symmetric) below ``agreement``;
 * ``metric`` — the realised metric from feedback below stable's by ``metric_margin``
-  (points for classifiers; RMSE: relative), judged when both have ≥ 50 labels. Stable with
+  (points for classifiers; RMSE: relative) *and* significantly worse (one-sided at ``alpha``:
+  the two-proportion test on rows predicted right, Welch's test on squared errors), judged
+  when both have ≥ 50 labels. Stable with
   labels and the canary with fewer: unjudged (the step holds). No stable labels at all: the
   metric cannot be compared and is not judged (passed, said in ``detail``), so a model
   without a labelling pipeline can still be canaried on the other checks.
 
-Advance when the dwell has passed, ≥ ``min_devices`` cohort devices reported, no cohort unit is
-silent (assigned the candidate ≥ ``report_timeout_s`` ago, nothing from it for the candidate
-since) and every check passed; the last step promotes. Anything unjudged holds.
+Stable is the devices outside the cohort in the step; at a step with none (100 %), it is
+every report of the stable version since the rollout started (the cohort's own, before
+its devices moved, included). A p99 needs :data:`MIN_CALLS` calls on each side (with
+fewer, the tail is one or two calls: not judged). Advance when the dwell has passed,
+≥ ``min_devices`` cohort devices reported, no cohort unit is silent (assigned the
+candidate ≥ ``report_timeout_s`` ago, nothing from it for the candidate since) and every
+check passed; the last step promotes. Anything unjudged holds.
 
 **Shadow**, on everything since the rollout started: ``ready`` when ≥ ``min_predictions``
 compared rows from ≥ ``min_devices`` devices agree (``agreement``), the candidate's p99 (its
@@ -34,13 +40,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .facts import ModelFacts
-from .rollout_facts import RolloutTelemetry, labels, p99, shadow, traffic
+from .rollout_facts import Histogram, RolloutTelemetry, labels, p99, shadow, traffic
+from .stats import two_proportion, welch
 from .verdict import Verdict, conf, rate
 
 if TYPE_CHECKING:
     from .rollouts import Rollout, Rollouts
 
 MIN_LABELS = 50
+MIN_CALLS = 200  # a p99 from fewer calls is the slowest one or two
 FAILED_DEVICES = 2
 FAILED_SHARE = 0.02
 
@@ -54,6 +62,8 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
     cohort = {u.unit for u in units if u.arm == "candidate"}
     cand = traffic(telemetry.summaries(r.name, r.candidate, since, now))
     stable = traffic(telemetry.summaries(r.name, r.stable, since, now), exclude=cohort)
+    if not stable.rows:  # the 100 % step has no stable cohort: compare with the rollout's
+        stable = traffic(telemetry.summaries(r.name, r.stable, r.started, now))
     ever = traffic(telemetry.summaries(r.name, r.candidate, r.started, now))
     health = [e for e in telemetry.events(r.name, "health", since=r.started, until=now)
               if e.get("event") == "load_failed" and e.get("version") == r.candidate
@@ -82,9 +92,11 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
     c_p99, c_how = p99(cand.latency)
     s_p99, s_how = p99(stable.latency)
     lat_bound = None if s_p99 is None else ratio * s_p99
-    v.check("latency_p99", None if c_p99 is None or lat_bound is None else c_p99 <= lat_bound,
-            c_p99, lat_bound, f"candidate p99 {c_p99} ms ({c_how}); stable p99 {s_p99} ms "
-            f"({s_how}); bound {ratio:g} x stable")
+    few = min(_calls(cand.latency), _calls(stable.latency)) < MIN_CALLS
+    v.check("latency_p99", None if c_p99 is None or lat_bound is None or few
+            else c_p99 <= lat_bound, c_p99, lat_bound,
+            f"candidate p99 {c_p99} ms ({c_how}); stable p99 {s_p99} ms ({s_how}); bound "
+            f"{ratio:g} x stable" + (f"; {MIN_CALLS} calls a side needed" if few else ""))
 
     sh = shadow(telemetry.events(r.name, "shadow", since=since, until=now), r.id)
     agree, want = sh.agreement(), float(conf(r, "agreement", 0.9))
@@ -153,9 +165,12 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
 def _metric_check(r: Rollout, telemetry: RolloutTelemetry, facts: ModelFacts, since: float,
                   now: float, cohort: set[str], v: Verdict) -> None:
     assert r.candidate is not None
-    rows = telemetry.feedback(r.name, since=since, until=now)
+    rows = telemetry.feedback_at(r.name, since=since, until=now)
     c = labels(rows, facts.task, r.candidate)
     s = labels(rows, facts.task, r.stable, accept=lambda d: d not in cohort)
+    if s.n == 0:  # the 100 % step: stable's labels over the whole rollout are the baseline
+        s = labels(telemetry.feedback_at(r.name, since=r.started, until=now), facts.task,
+                   r.stable)
     regression = facts.task == "regression"
     margin = float(conf(r, "metric_margin", 0.01 if regression else 0.005))
     v.arms["metric"] = {"candidate": c.to_json(), "stable": s.to_json()}
@@ -173,8 +188,21 @@ def _metric_check(r: Rollout, telemetry: RolloutTelemetry, facts: ModelFacts, si
     else:
         bound = s.value - margin
         ok = c.value >= bound
-    v.check("metric", ok, c.value, bound, f"{c.metric} candidate {c.value:.4f} on {c.n} "
-            f"labels, stable {s.value:.4f} on {s.n} (margin {margin:g})")
+    detail = (f"{c.metric} candidate {c.value:.4f} on {c.n} labels, stable {s.value:.4f} on "
+              f"{s.n} (margin {margin:g})")
+    if not ok:
+        # Below the margin on these labels: abort only when that is more than sampling noise
+        # (one-sided, at alpha), else a good candidate's unlucky day aborts it. Each step's
+        # larger cohort brings more labels, so a real loss is found by a later step if not here.
+        test = (welch(s.mean_sq, s.var_sq, s.n, c.mean_sq, c.var_sq, c.n) if regression
+                else two_proportion(s.correct, s.n, c.correct, c.n))  # effect: cand - stable
+        alpha = float(conf(r, "alpha", 0.05))
+        worse = test.effect > 0 if regression else test.effect < 0
+        ok = not (worse and test.p_value / 2 < alpha)
+        v.tests["metric"] = test.to_json()
+        detail += (f"; {'significantly' if not ok else 'not significantly'} worse "
+                   f"(one-sided p {test.p_value / 2:.3g})")
+    v.check("metric", ok, c.value, bound, detail)
 
 
 def shadow_rollout(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry,
@@ -227,6 +255,10 @@ def shadow_rollout(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry,
                                         if conf(r, "auto_promote", False) else
                                         "; a person promotes it"))
     return "ready"
+
+
+def _calls(hist: Histogram | None) -> int:
+    return 0 if hist is None else sum(hist.counts)
 
 
 def timeout(r: Rollout, now: float, v: Verdict) -> str | None:

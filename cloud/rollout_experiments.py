@@ -56,7 +56,7 @@ def ab(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: Model
     regression = facts.task == "regression"
     units = rollouts.units(r.id)
     unit_arm = {u.unit: u.arm for u in units}
-    rows = telemetry.feedback(r.name, since=r.started, until=now)
+    rows = telemetry.feedback_at(r.name, since=r.started, until=now)
     arms: dict[str, Labels] = {}
     for letter, version in zip(letters, r.arms):
         arms[letter] = labels(rows, facts.task, version,

@@ -42,9 +42,10 @@ class RolloutTelemetry(Protocol):
                ) -> list[dict[str, Any]]:
         """Event bodies of ``kind`` (with ``device``) in (since, until]."""
 
-    def feedback(self, model: str, *, since: Any = None, until: Any = None
-                 ) -> list[FeedbackRow]:
-        """Feedback that arrived in (since, until], with version, prediction and device."""
+    def feedback_at(self, model: str, *, since: Any = None, until: Any = None
+                    ) -> list[FeedbackRow]:
+        """Feedback created in (since, until] (the device's clock, as summaries' windows are),
+        with version, prediction and device."""
 
 
 @dataclass
@@ -76,19 +77,27 @@ class Histogram:
 
 
 def p99(hist: Histogram | None) -> tuple[float | None, str]:
-    """(p99 in ms, how it was read): the upper edge of the bin holding the 99th percentile.
-    None when there are no counts."""
+    """(p99 in ms, how it was read), interpolated linearly inside the bin that holds the 99th
+    percentile, as Prometheus' ``histogram_quantile`` does (the first bin starts at 0); a
+    percentile past the last edge reads as that edge, a lower bound. None without counts.
+
+    Interpolation, not the bin's upper edge: the latency edges are 2-2.5x apart, so reading
+    edges alone turns any shift of the tail into a ratio of 2 or more against a bound of 1.5.
+    """
     if hist is None or sum(hist.counts) == 0:
         return None, "no latency counts"
     total, seen = sum(hist.counts), 0
+    rank = 0.99 * total
     for i, n in enumerate(hist.counts):
+        if n and seen + n >= rank:
+            if i >= len(hist.edges):
+                return hist.edges[-1], f"the 99th percentile of {total} calls is above the " \
+                                       f"last edge: {hist.edges[-1]} ms is a lower bound"
+            lo = hist.edges[i - 1] if i else 0.0
+            value = lo + (hist.edges[i] - lo) * (rank - seen) / n
+            return round(value, 4), f"interpolated in the bin {lo:g}-{hist.edges[i]:g} ms " \
+                                    f"holding the 99th percentile of {total} calls"
         seen += n
-        if seen >= 0.99 * total:
-            if i < len(hist.edges):
-                return hist.edges[i], f"upper edge of the bin holding the 99th percentile " \
-                                      f"of {total} calls"
-            return hist.edges[-1], f"the 99th percentile of {total} calls is above the " \
-                                   f"last edge: {hist.edges[-1]} ms is a lower bound"
     return hist.edges[-1], "rounding"  # pragma: no cover - seen reaches total
 
 

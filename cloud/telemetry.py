@@ -135,8 +135,10 @@ class TelemetryBackend(Protocol):
                   device: str | None) -> list[tuple[str, str, str]]:
         """(device, id, body JSON) of matching summaries, oldest end first."""
 
-    def feedback(self, model: str, received: Period, labelled: bool) -> list[FeedbackRow]:
-        """Stored feedback of ``model`` (predictions joined from samples), oldest first."""
+    def feedback(self, model: str, received: Period, labelled: bool, *, dated: bool = False
+                 ) -> list[FeedbackRow]:
+        """Stored feedback of ``model`` (predictions joined from samples), oldest first;
+        ``received`` is the period of arrival, or of creation (``at``) when ``dated``."""
 
     def labelled_count(self, model: str, received: Period) -> int:
         """How many labelled rows (feedback with features) arrived in the period."""
@@ -224,7 +226,8 @@ class SQLiteTelemetry:
         with self._db.tx(write=False) as c:
             return [tuple(r) for r in c.execute(sql + " ORDER BY end, device, id", args)]
 
-    def feedback(self, model: str, received: Period, labelled: bool) -> list[FeedbackRow]:
+    def feedback(self, model: str, received: Period, labelled: bool, *, dated: bool = False
+                 ) -> list[FeedbackRow]:
         """See :meth:`TelemetryBackend.feedback`."""
         sql = ("SELECT COALESCE(f.version, json_extract(e.body, '$.version')), "
                "COALESCE(f.prediction, json_quote(json_extract(e.body, '$.prediction'))), "
@@ -235,7 +238,7 @@ class SQLiteTelemetry:
         args: list[Any] = [model]
         if labelled:
             sql += " AND f.features IS NOT NULL"
-        sql += _received(received, args)
+        sql += _received(received, args, "f.at" if dated else "f.received")
         with self._db.tx(write=False) as c:
             rows = c.execute(sql + " GROUP BY f.device, f.id ORDER BY f.received, f.rowid",
                              args).fetchall()
@@ -425,6 +428,12 @@ class TelemetryStore:
         prediction (and version) it judges where known and the device that sent it."""
         return self.backend.feedback(model, _period(since, until), False)
 
+    def feedback_at(self, model: str, *, since: Any = None, until: Any = None
+                    ) -> list[FeedbackRow]:
+        """:meth:`feedback` by the time each label was created on its device (``at``), not
+        when it arrived: what a rollout's analysis compares with the windows of summaries."""
+        return self.backend.feedback(model, _period(since, until), False, dated=True)
+
     def labelled_rows(self, model: str, since: Any = None
                       ) -> tuple[list[dict[str, Any]], list[Any]]:
         """Labelled rows (feedback with features) that arrived after ``since``: the rows (by
@@ -464,12 +473,12 @@ def _period(since: Any, until: Any) -> Period:
             None if until is None else parse_time(until, "until"))
 
 
-def _received(period: Period, args: list[Any]) -> str:
+def _received(period: Period, args: list[Any], column: str = "f.received") -> str:
     sql = ""
     if period[0] is not None:
-        sql += " AND f.received > ?"
+        sql += f" AND {column} > ?"
         args.append(period[0])
     if period[1] is not None:
-        sql += " AND f.received <= ?"
+        sql += f" AND {column} <= ?"
         args.append(period[1])
     return sql

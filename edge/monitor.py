@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hybridml.shared.errors import HybridMLError, InputError
@@ -61,8 +61,25 @@ class Monitor:
         self._spool: Spool | None = None
         self._unsaved: Records = []
         self._lock = threading.Lock()
+        # Other counters whose windows end with telemetry's (a rollout's shadow and
+        # interleave records): each gives the records of the window it ends.
+        self.sources: list[Callable[[], Records]] = []
         if self.telemetry is not None:
             FLUSHER.watch(self, self.telemetry.settings.window_s)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """What dates this device's records (POSIX seconds): telemetry's clock (tests and
+        simulated fleets give their own), else the system's."""
+        return time.time if self.telemetry is None else self.telemetry.clock
+
+    def health(self, body: Mapping[str, Any], version: int | None) -> str | None:
+        """Spool a ``health`` record now; its id, or None (logged) if the spool failed."""
+        try:
+            return self.spool.add("health", body, model=self.model, version=version)
+        except HybridMLError as exc:
+            log.warning("could not spool a health record of %s: %s", self.model, exc.message)
+            return None
 
     # -------------------------------------------------------------------------- the versions
     def attach(self, v: LoadedVersion | None) -> None:
@@ -87,14 +104,22 @@ class Monitor:
         return self._spool
 
     def flush(self) -> list[str]:
-        """End the telemetry window: write its summaries (and samples) to the spool; returns
-        their record ids. Records the spool cannot take (a full or read-only disk) stay in
-        memory, up to :data:`UNSAVED_MAX`, for the next flush, and the error is raised."""
+        """End the telemetry window: write its summaries (and samples), and what
+        :attr:`sources` give, to the spool; returns their record ids. Records the spool
+        cannot take (a full or read-only disk) stay in memory, up to :data:`UNSAVED_MAX`,
+        for the next flush, and the error is raised."""
         tel = self.telemetry
-        if tel is None:
+        extra: Records = []
+        for source in self.sources:
+            try:
+                extra.extend(source())
+            except Exception as exc:  # counters are statistics: never fail a flush on them
+                log.warning("records of %s not written: %s", self.model, exc)
+        if tel is None and not extra:
             return []
         with self._lock:
-            records = self._unsaved + tel.flush(stale=self.stale())
+            records = self._unsaved + extra + ([] if tel is None else
+                                               tel.flush(stale=self.stale()))
             self._unsaved = []
             if not records:
                 return []
@@ -125,7 +150,8 @@ class Monitor:
             v.schema.check_row(features)
             row = {n: features[n] for n in v.schema.names}
         body = feedback_body(self.model, label, prediction_id=prediction_id,
-                             prediction=prediction, version=version, features=row)
+                             prediction=prediction, version=version, features=row,
+                             created=self.clock())
         return self.spool.add("feedback", body, model=self.model, version=version)
 
     def drift(self, v: LoadedVersion | None) -> dict[str, Any] | None:

@@ -86,14 +86,23 @@ class _Counts:
 
 
 def scores(task: str, labels: np.ndarray | None, probabilities: np.ndarray | None,
-           values: np.ndarray | None) -> np.ndarray:
-    """Each row's ranking score (float64; NaN where the model gave none): binary the second
-    class's probability, multiclass the top probability, regression the value."""
+           values: np.ndarray | None, classes: Sequence[Any] = (), positive: Any = None
+           ) -> np.ndarray:
+    """Each row's ranking score (float64; NaN where the model gave none): the probability
+    of the class ``positive`` (by name, among ``classes``) when given; else binary the
+    second class's (scikit-learn's positive class), multiclass the top probability,
+    regression the value."""
     if task == "regression":
         assert values is not None
         return np.asarray(values, dtype=np.float64)
     assert probabilities is not None
     p = np.asarray(probabilities, dtype=np.float64)
+    if positive is not None:
+        names = [str(c) for c in classes]
+        if str(positive) not in names:
+            raise InputError(f"positive={str(positive)[:40]!r} is not a class of the model; "
+                             f"its classes are {names[:10]}", field="positive")
+        return p[:, names.index(str(positive))]
     return p[:, 1] if task == "binary" else p.max(axis=1)
 
 
@@ -124,9 +133,10 @@ class Ranker:
         self._start = clock()
 
     def rank(self, v: LoadedVersion, rollout: Rollout | None, items: Sequence[Any],
-             k: int = 10) -> Ranking:
+             k: int = 10, positive: Any = None) -> Ranking:
         """Rank ``items`` with ``v`` (interleaved with the companion in an ``interleave``
-        ``rollout``); :class:`InputError` names a bad item's index, or ``k``."""
+        ``rollout``) by :func:`scores`; :class:`InputError` names a bad item's index, ``k``
+        or ``positive``."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise InputError(f"k must be a whole number >= 0, got {k!r}", field="k")
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Sequence):
@@ -144,13 +154,14 @@ class Ranker:
         if inf.local_failed:
             raise InferenceError(f"the model v{v.version} failed to score {len(items)} "
                                  "item(s); nothing to rank")
-        served = scores(v.manifest.task, inf.labels, inf.probabilities, inf.values)
+        served = scores(v.manifest.task, inf.labels, inf.probabilities, inf.values,
+                        v.classes, positive)
         ranked_a = order(served)
         key = None
         ranked_b = None
         if rollout is not None and rollout.block.role == "interleave" \
                 and rollout.companion is not None and rollout.served is v:
-            ranked_b = self._candidate(rollout, batch)
+            ranked_b = self._candidate(rollout, batch, positive)
             key = (rollout.block.id, v.version, rollout.companion.version)
         if ranked_b is not None:
             with self._lock:  # the rng is shared between threads
@@ -229,7 +240,8 @@ class Ranker:
         c.wins_b += got.winner == "B"
         c.ties += got.winner == "tie"
 
-    def _candidate(self, rollout: Rollout, batch: EncodedBatch) -> list[int] | None:
+    def _candidate(self, rollout: Rollout, batch: EncodedBatch, positive: Any
+                   ) -> list[int] | None:
         """The companion's ranking of the items, or None when it cannot run them."""
         from .shadow import same_columns
 
@@ -242,7 +254,7 @@ class Ranker:
         except InferenceError:
             return None  # the served ranking alone: no impression, nothing credited
         return order(scores(companion.manifest.task, out.labels, out.probabilities,
-                            out.values))
+                            out.values, companion.classes, positive))
 
     def _keep(self, items: list[Any], indices: list[int], teams: list[str],
               score: list[float], key: tuple[int, int, int] | None) -> Ranking:

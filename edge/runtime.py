@@ -56,11 +56,12 @@ from hybridml.shared.table import Table
 from .columnar import BatchPrediction, predict_arrays
 from .fallback import REASONS, CircuitBreaker, Fallback, FallbackPolicy
 from .loaded import CLOUD, SOURCES, LoadedVersion
+from .monitor import Monitor
 from .observe import Observation, Observer, Outcome
 from .prediction import Prediction, maker
 from .ranking import Ranker, Ranking
 from .session import ModelSession
-from .shadow import Rollout, RolloutMonitor, Shadow, companion_changed, load_rollout
+from .shadow import Rollout, Shadow, companion_changed, load_rollout
 from .store import LocalStore
 from .telemetry import Telemetry, TelemetrySettings
 
@@ -110,11 +111,11 @@ class EdgeRuntime:
                                  clock=clock)
         self.threads = threads
         self.observers: list[Observer] = list(observers)
-        self.monitor = RolloutMonitor(self.store, model, telemetry)
+        self.monitor = Monitor(self.store, model, telemetry)
         self.ids = self.monitor.ids
         self._make = maker(self.ids)
-        self.shadow = Shadow(model)
-        self.ranker = Ranker(self.monitor.store_id, model)
+        self.shadow = Shadow(model, clock=self.monitor.clock)
+        self.ranker = Ranker(self.monitor.store_id, model, clock=self.monitor.clock)
         self.monitor.sources += [self.shadow.records, self.ranker.records]
         self._loaded: LoadedVersion | None = None
         self._rollout: Rollout | None = None  # used by a call only if its served is the call's
@@ -379,13 +380,16 @@ class EdgeRuntime:
         return result
 
     # ---------------------------------------------------------------------------- ranking
-    def rank(self, items: Sequence[Row], k: int = 10) -> Ranking:
+    def rank(self, items: Sequence[Row], k: int = 10, *, positive: Any = None) -> Ranking:
         """Rank ``items`` (rows, by the rules of :meth:`predict`) by the served model's score
-        and return the top ``k``; in an ``interleave`` rollout, a team-draft interleaving of
-        the served and the candidate model's rankings (:mod:`hybridml.edge.ranking`)."""
+        — the probability of class ``positive`` (default: a binary model's second class, a
+        multiclass model's top class), or a regression's value — and return the top ``k``; in
+        an ``interleave`` rollout, a team-draft interleaving of the served and the candidate
+        model's rankings (:mod:`hybridml.edge.ranking`)."""
         v = self._require()
         r = self._rollout
-        return self.ranker.rank(v, r if r is not None and r.served is v else None, items, k)
+        return self.ranker.rank(v, r if r is not None and r.served is v else None, items, k,
+                                positive)
 
     def click(self, ranking_id: str, item: Any) -> None:
         """Record a click on ``item`` (one of ``ranking.items``, or its position) of the

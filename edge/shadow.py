@@ -44,7 +44,6 @@ from hybridml.shared.manifest import DELIVERY_KEYS, Manifest, canonical_json
 from hybridml.shared.rollout import SHADOW_ROLES, RolloutBlock
 from hybridml.shared.schema import EncodedBatch
 
-from .monitor import Monitor
 from .session import ModelSession
 from .window import FORMAT, LATENCY_EDGES_MS
 
@@ -518,40 +517,6 @@ class Shadow:
 
 
 # ------------------------------------------------------------------------------- flushing
-class RolloutMonitor(Monitor):
-    """A :class:`~hybridml.edge.monitor.Monitor` whose windows also carry a rollout's records
-    (``shadow``, ``interleave``): each of ``sources`` gives the records of the window it
-    ends. They are written with the telemetry window's summaries (kept in memory with them
-    when the spool cannot take them), or alone when telemetry is off."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sources: list[Callable[[], Records]] = []
-
-    def flush(self) -> list[str]:
-        """End the window (see :meth:`Monitor.flush`), with the rollout's records."""
-        extra: Records = []
-        for source in self.sources:
-            try:
-                extra.extend(source())
-            except Exception as exc:  # counters are statistics: never fail a flush on them
-                log.warning("rollout records of %s not written: %s", self.model, exc)
-        if self.telemetry is not None:
-            if extra:
-                with self._lock:
-                    self._unsaved.extend(extra)
-            return super().flush()
-        return self.spool.add_many(extra) if extra else []
-
-    def health(self, body: Mapping[str, Any], version: int | None) -> str | None:
-        """Spool a ``health`` record now; its id, or None (logged) if the spool failed."""
-        try:
-            return self.spool.add("health", body, model=self.model, version=version)
-        except HybridMLError as exc:
-            log.warning("could not spool a health record of %s: %s", self.model, exc.message)
-            return None
-
-
 __all__ = ["ABS_EDGES", "COMPANION_ROLES", "DEFAULT_TOLERANCE", "PROB_EDGES", "QUEUE_BATCHES",
-           "CallCounter", "Companion", "Rollout", "RolloutMonitor", "Shadow", "ShadowCounts",
+           "CallCounter", "Companion", "Rollout", "Shadow", "ShadowCounts",
            "ShadowPlan", "companion_changed", "load_rollout", "same_columns", "tolerance"]

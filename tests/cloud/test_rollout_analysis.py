@@ -214,7 +214,23 @@ def test_canary_aborts_when_its_p99_latency_is_over_the_ratio(world: World) -> N
     a = world.analyse()
     assert a.action == "abort" and check(a, "latency_p99") is False
     lat = next(c for c in a.checks if c.name == "latency_p99")
-    assert lat.value == 20 and lat.bound == 0.75  # the bins' upper edges; 1.5 x 0.5
+    # interpolated in the bins (all calls in one bin: 99 % of the way up it); 1.5 x 0.497
+    assert lat.value == pytest.approx(19.9) and lat.bound == pytest.approx(1.5 * 0.497)
+
+
+def test_a_p99_of_too_few_calls_is_not_judged_and_holds_the_step(world: World) -> None:
+    r, cohort, others = canary(world)
+    world.clock.advance(600)
+    world.summary(cohort[0], 3, rows=50, latency_bin=8)  # the slowest of 50 calls is no p99
+    for d in cohort:
+        world.shadow(d, r, 100, 100)
+    for d in others:
+        world.summary(d, 1, latency_bin=3)
+    world.clock.advance(2 * 86400)
+    a = world.analyse()
+    assert a.action == "hold" and check(a, "latency_p99") is None
+    assert "200 calls a side needed" in next(c.detail for c in a.checks
+                                             if c.name == "latency_p99")
 
 
 def test_canary_aborts_when_it_disagrees_with_stable(world: World) -> None:

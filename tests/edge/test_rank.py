@@ -53,6 +53,19 @@ def test_rank_orders_items_by_the_positive_class_probability(registry: Path,
     assert spooled(rt, "interleave") == []
 
 
+def test_rank_can_score_by_any_class_and_names_an_unknown_one(registry: Path,
+                                                              tmp_path: Path) -> None:
+    store, (_, v2) = make_store(registry, "late", tmp_path / "s")
+    rt = EdgeRuntime(store, "late", telemetry=False)
+    first = str(v2.classes[0])  # not the default (second) class: the order reverses
+    want = 1.0 - _scores(store, v2, ITEMS)
+    ranking = rt.rank(ITEMS, k=5, positive=first)
+    assert list(ranking.indices) == sorted(range(len(ITEMS)), key=lambda i: (-want[i], i))[:5]
+    with pytest.raises(InputError) as err:
+        rt.rank(ITEMS, positive="no such class")
+    assert err.value.field == "positive" and first in err.value.message
+
+
 def test_ties_keep_input_order_and_k_caps_the_list() -> None:
     assert order(np.array([0.5, 0.9, 0.5, np.nan, 0.9])) == [1, 4, 0, 2, 3]
 

@@ -230,10 +230,10 @@ def test_a_full_queue_drops_and_counts_never_blocks(registry: Path, tmp_path: Pa
     took = time.monotonic() - t0
     stuck.go.set()
     got = one(rt)
-    # the queue holds 64 batches (and the worker one, once it has taken it); the rest were
-    # dropped and counted
+    # the queue holds 64 batches, and the worker those it took before it got stuck (it
+    # takes what is waiting, to merge single rows); the rest were dropped and counted
     assert (got["calls"], got["sampled"]) == (100, 100)
-    assert got["skipped"] in (100 - 65, 100 - 64)
+    assert 0 < got["skipped"] <= 100 - 64
     assert got["rows"] == (100 - got["skipped"]) * 2
     assert took < 10
 
