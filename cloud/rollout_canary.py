@@ -8,10 +8,13 @@ version. Abort when any check fails:
   candidate summaries show local inference failures (:mod:`hybridml.cloud.rollout_facts`):
   ≥ 2 devices, or more than 2 % of the cohort;
 * ``error_rate`` — degraded rows per row above stable's + ``error_margin``;
-* ``latency_p99`` — the candidate's p99 above ``latency_ratio`` × stable's (both read as the
-  upper edge of the histogram bin holding the 99th percentile of calls);
+* ``latency_p99`` — the candidate's p99 above ``latency_ratio`` × stable's, and more than
+  ``latency_floor_ms`` above it (:func:`latency_bound`; both interpolated in the histogram
+  bin holding the 99th percentile of calls, :func:`~hybridml.cloud.rollout_facts.p99`);
 * ``agreement`` — the rollout's shadow records (canary devices shadow stable; the cloud's
-  ``/predict`` shadows the candidate: agreement is symmetric) below ``agreement``;
+  ``/predict`` shadows the candidate: agreement is symmetric) confidently below
+  ``agreement``: the 95 % Wilson interval's upper end under it (:func:`judge_agreement`;
+  a share under the bound whose interval still reaches it holds the step for more rows);
 * ``metric`` — the realised metric from feedback below stable's by ``metric_margin``
   (points for classifiers; RMSE: relative) *and* significantly worse (one-sided at ``alpha``:
   the two-proportion test on rows predicted right, Welch's test on squared errors), judged
@@ -39,8 +42,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hybridml.shared.clock import format_duration
+
 from .facts import ModelFacts
-from .rollout_facts import Histogram, RolloutTelemetry, labels, p99, shadow, traffic
+from .rollout_facts import Histogram, RolloutTelemetry, labels, p99, shadow, traffic, wilson
 from .stats import two_proportion, welch
 from .verdict import Verdict, conf, rate
 
@@ -91,7 +96,7 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
     ratio = float(conf(r, "latency_ratio", 1.5))
     c_p99, c_how = p99(cand.latency)
     s_p99, s_how = p99(stable.latency)
-    lat_bound = None if s_p99 is None else ratio * s_p99
+    lat_bound = latency_bound(s_p99, ratio, float(conf(r, "latency_floor_ms", 0.5)))
     few = min(_calls(cand.latency), _calls(stable.latency)) < MIN_CALLS
     v.check("latency_p99", None if c_p99 is None or lat_bound is None or few
             else c_p99 <= lat_bound, c_p99, lat_bound,
@@ -100,9 +105,9 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
 
     sh = shadow(telemetry.events(r.name, "shadow", since=since, until=now), r.id)
     agree, want = sh.agreement(), float(conf(r, "agreement", 0.9))
-    v.check("agreement", None if agree is None else agree >= want, agree, want,
+    v.check("agreement", judge_agreement(sh.agree, sh.rows, want), agree, want,
             f"{sh.agree} of {sh.rows} shadowed rows agree between v{r.stable} and "
-            f"v{r.candidate}")
+            f"v{r.candidate}{_interval(sh.agree, sh.rows)}")
 
     _metric_check(r, telemetry, facts, since, now, cohort, v)
 
@@ -138,15 +143,16 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
     dwell = float(conf(r, "dwell_s", 86400.0))
     held = False
     if now - since < dwell:
-        v.say(f"step {step} ({steps[step]:g} %) has dwelt {now - since:.0f} s of {dwell:.0f}")
+        v.say(f"step {step + 1} of {len(steps)} ({steps[step]:g} %) has dwelt "
+              f"{format_duration(now - since)} of {format_duration(dwell)}")
         held = True
     if len(reported) < min_devices:
         v.say(f"too few reports: {len(reported)} cohort devices reported v{r.candidate} "
               f"since the step started; {min_devices} needed")
         held = True
     if silent:
-        v.say(f"{len(silent)} cohort devices silent for over {timeout:.0f} s since they were "
-              f"assigned: {silent[:5]}")
+        v.say(f"{len(silent)} cohort devices silent for over {format_duration(timeout)} "
+              f"since they were assigned: {silent[:5]}")
         held = True
     for c in v.unjudged():
         v.say(f"not enough data for {c.name}: {c.detail}")
@@ -157,8 +163,8 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
         v.say(f"every check passed at the last step ({steps[step]:g} %): promote "
               f"v{r.candidate}")
         return "promote"
-    v.say(f"every check passed over the {dwell:.0f} s dwell: advance to step {step + 1} "
-          f"({steps[step + 1]:g} %)")
+    v.say(f"every check passed over the {format_duration(dwell)} dwell: advance to step "
+          f"{step + 2} of {len(steps)} ({steps[step + 1]:g} %)")
     return "advance"
 
 
@@ -219,12 +225,13 @@ def shadow_rollout(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry,
     v.check("devices", True if len(sh.devices) >= need_devices else None, len(sh.devices),
             need_devices, f"devices that compared rows: {sorted(sh.devices)[:10]}")
     agree, want = sh.agreement(), float(conf(r, "agreement", 0.9))
-    v.check("agreement", None if agree is None else agree >= want, agree, want,
-            f"{sh.agree} of {sh.rows} rows agree between v{r.stable} and v{r.candidate}")
+    v.check("agreement", judge_agreement(sh.agree, sh.rows, want), agree, want,
+            f"{sh.agree} of {sh.rows} rows agree between v{r.stable} and v{r.candidate}"
+            f"{_interval(sh.agree, sh.rows)}")
     ratio = float(conf(r, "latency_ratio", 1.5))
     c_p99, c_how = p99(sh.latency)
     s_p99, s_how = p99(served.latency)
-    bound = None if s_p99 is None else ratio * s_p99
+    bound = latency_bound(s_p99, ratio, float(conf(r, "latency_floor_ms", 0.5)))
     v.check("latency_p99", None if c_p99 is None or bound is None else c_p99 <= bound, c_p99,
             bound, f"candidate p99 {c_p99} ms beside the served model ({c_how}); served p99 "
             f"{s_p99} ms on the same devices ({s_how}); bound {ratio:g} x served")
@@ -257,6 +264,33 @@ def shadow_rollout(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry,
     return "ready"
 
 
+def latency_bound(stable_p99: float | None, ratio: float, floor_ms: float) -> float | None:
+    """The candidate's largest acceptable p99: ``ratio`` x stable's, but never less than
+    stable's + ``floor_ms``. Below half a millisecond a p99 is Python's scheduling and the
+    histogram's coarse bins (0.05, 0.1, 0.2, 0.5 ms), and no caller notices the difference."""
+    if stable_p99 is None:
+        return None
+    return round(max(ratio * stable_p99, stable_p99 + floor_ms), 4)
+
+
+def judge_agreement(agree: int, rows: int, want: float) -> bool | None:
+    """The agreement check: failed when even the 95 % Wilson interval's upper end is below
+    ``want`` (confidently below it), passed when the share reaches ``want``, else not
+    judged yet — a share just under the bound on a few rows is noise, and more rows come."""
+    if not rows:
+        return None
+    if wilson(agree, rows)[1] < want:
+        return False
+    return True if agree / rows >= want else None
+
+
+def _interval(agree: int, rows: int) -> str:
+    if not rows:
+        return ""
+    lo, hi = wilson(agree, rows)
+    return f" (95 % interval {lo:.3f}-{hi:.3f})"
+
+
 def _calls(hist: Histogram | None) -> int:
     return 0 if hist is None else sum(hist.counts)
 
@@ -265,8 +299,8 @@ def timeout(r: Rollout, now: float, v: Verdict) -> str | None:
     """``inconclusive`` (with a reason) once ``max_duration_s`` has passed, else None."""
     limit = conf(r, "max_duration_s")
     if limit is not None and now - r.started >= float(limit):
-        v.say(f"inconclusive: {now - r.started:.0f} s have passed (max_duration_s "
-              f"{float(limit):.0f})")
+        v.say(f"inconclusive: {format_duration(now - r.started)} have passed, the longest "
+              f"this rollout may run (max_duration_s {format_duration(float(limit))})")
         return "inconclusive"
     return None
 

@@ -64,7 +64,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
             ("--alpha", "alpha", _float, "significance level (A/B, interleave)"),
             ("--min-samples", "min_samples", _int, "A/B: labels per arm; interleave: "
              "impressions with a winner"),
-            ("--max-duration", "max_duration_s", _duration, "then inconclusive, e.g. 14d")):
+            ("--max-duration", "max_duration_s", _duration, "then inconclusive, e.g. 14d"),
+            ("--agreement", "agreement", _float, "shadow, canary: share of rows that must "
+             "agree, e.g. 0.9"),
+            ("--latency-ratio", "latency_ratio", _float, "shadow, canary: the candidate's p99 "
+             "may be this many times stable's"),
+            ("--latency-floor", "latency_floor_ms", _float, "shadow, canary: p99 differences "
+             "below this many ms are never a regression")):
         assert key in KEYS
         _SETTINGS[flag] = (key, parse)
         s.add_argument(flag, dest=key, default=None, help=text)

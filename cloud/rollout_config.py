@@ -29,6 +29,7 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "metric": ("ab",), "alpha": ("ab", "interleave"), "min_samples": ("ab", "interleave"),
     "max_duration_s": ("ab", "interleave", "shadow"), "agreement": ("shadow", "canary"),
     "tolerance": ("shadow", "canary"), "latency_ratio": ("shadow", "canary"),
+    "latency_floor_ms": ("shadow", "canary"),
     "error_margin": ("canary",), "metric_margin": ("canary",), "auto_promote": ("shadow",),
 }
 _METRIC_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -53,6 +54,7 @@ class Config:
     agreement: float | None = None
     tolerance: float | None = None
     latency_ratio: float | None = None
+    latency_floor_ms: float | None = None
     error_margin: float | None = None
     metric_margin: float | None = None
     auto_promote: bool | None = None
@@ -118,7 +120,7 @@ def _defaults(strategy: str, arms: int, stable: Mapping[str, Any]) -> dict[str, 
         "metric": metrics.PRIMARY.get(task, "accuracy"), "alpha": 0.05,
         "min_samples": 100 if strategy == "interleave" else 200,
         "max_duration_s": 14 * DAY, "agreement": 0.9, "tolerance": tolerance,
-        "latency_ratio": 1.5, "error_margin": 0.01,
+        "latency_ratio": 1.5, "latency_floor_ms": 0.5, "error_margin": 0.01,
         "metric_margin": 0.01 if regression else 0.005, "auto_promote": False,
     }
     return {k: v for k, v in every.items() if strategy in APPLIES[k]}
@@ -155,7 +157,7 @@ def _check(key: str, value: Any, arms: int) -> Any:
     elif key in ("dwell_s", "report_timeout_s", "max_duration_s", "latency_ratio"):
         if number <= 0:
             raise ConfigError(f"{field} must be > 0, got {_show(value)}", field=field)
-    elif number < 0:  # tolerance, error_margin, metric_margin
+    elif number < 0:  # tolerance, latency_floor_ms, error_margin, metric_margin
         raise ConfigError(f"{field} must be >= 0, got {_show(value)}", field=field)
     return number
 

@@ -19,6 +19,7 @@ here as it does in :mod:`hybridml.cloud.evidence`. The functions below are pure 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -46,6 +47,17 @@ class RolloutTelemetry(Protocol):
                     ) -> list[FeedbackRow]:
         """Feedback created in (since, until] (the device's clock, as summaries' windows are),
         with version, prediction and device."""
+
+
+def wilson(x: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``x / n`` (95 % by default); (0, 1) for n 0.
+    Unlike the normal interval it stays inside [0, 1] and is sound for a few rows."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = x / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 @dataclass

@@ -214,8 +214,9 @@ def test_canary_aborts_when_its_p99_latency_is_over_the_ratio(world: World) -> N
     a = world.analyse()
     assert a.action == "abort" and check(a, "latency_p99") is False
     lat = next(c for c in a.checks if c.name == "latency_p99")
-    # interpolated in the bins (all calls in one bin: 99 % of the way up it); 1.5 x 0.497
-    assert lat.value == pytest.approx(19.9) and lat.bound == pytest.approx(1.5 * 0.497)
+    # interpolated in the bins (all calls in one bin: 99 % of the way up it); stable's 0.497
+    # plus the 0.5 ms floor, above 1.5 x 0.497
+    assert lat.value == pytest.approx(19.9) and lat.bound == pytest.approx(0.497 + 0.5)
 
 
 def test_a_p99_of_too_few_calls_is_not_judged_and_holds_the_step(world: World) -> None:
@@ -231,6 +232,14 @@ def test_a_p99_of_too_few_calls_is_not_judged_and_holds_the_step(world: World) -
     assert a.action == "hold" and check(a, "latency_p99") is None
     assert "200 calls a side needed" in next(c.detail for c in a.checks
                                              if c.name == "latency_p99")
+
+
+@pytest.mark.parametrize(("stable", "bound"), [(0.1, 0.6), (2.0, 3.0), (None, None)])
+def test_the_latency_bound_is_the_ratio_but_never_under_the_floor(
+        stable: float | None, bound: float | None) -> None:
+    from hybridml.cloud.rollout_canary import latency_bound
+
+    assert latency_bound(stable, 1.5, 0.5) == bound
 
 
 def test_canary_aborts_when_it_disagrees_with_stable(world: World) -> None:
@@ -446,3 +455,18 @@ def test_interleave_holds_on_too_few_and_is_inconclusive_after_max_duration(
     world.rollouts.finish(world.rollouts.latest("iris").id, "aborted", actor="test")  # type: ignore[union-attr]
     a = interleave(world, [(50, 52), (49, 51)], max_duration_s=HOUR)
     assert a.action == "inconclusive"
+
+
+@pytest.mark.parametrize(("agree", "rows", "judged"), [
+    (0, 0, None),        # nothing compared
+    (12, 12, True),      # reaches the bound
+    (10, 12, None),      # under it, but 12 rows cannot say so: more rows are needed
+    (7, 12, False),      # even the interval's top is under 0.9
+    (880, 1000, False),  # 0.88 on 1,000 rows: confidently under
+    (895, 1000, None),   # 0.895: the interval still reaches 0.9
+])
+def test_agreement_fails_only_when_confidently_below_its_bound(agree: int, rows: int,
+                                                               judged: bool | None) -> None:
+    from hybridml.cloud.rollout_canary import judge_agreement
+
+    assert judge_agreement(agree, rows, 0.9) is judged
