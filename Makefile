@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 
-.PHONY: demo demo-loop test lint typecheck bench bench-quick clean
+.PHONY: demo demo-loop demo-rollout test lint typecheck bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.cloud-installed
 # The monitoring and continuous-training loop, end to end, on a stream that drifts part-way.
 demo-loop: $(VENV)/.cloud-installed
 	$(PY) -m hybridml.cloud.demo_loop $(ARGS)
+
+# Safe rollouts: a canary on a simulated fleet of 30 devices, aborted once and promoted once.
+demo-rollout: $(VENV)/.cloud-installed
+	$(PY) -m hybridml.cloud.demo_rollout $(ARGS)
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q $(ARGS)

@@ -29,6 +29,7 @@ from hybridml.shared.text import format_table
 
 from .registry import Registry
 from .rollout_config import KEYS
+from .rollout_view import analysis_text
 from .rollouts import Rollout, Rollouts
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
              "cohorts (units assigned per arm):",
              format_table(["arm", "units"], [[a, n] for a, n in cohorts.items()], align="lr",
                           indent="  ") if cohorts else "  no unit has fetched a manifest yet",
-             "", analysis_text(status["analysis"], r), "", "recent events:",
+             "", analysis_text(status["analysis"], r.state, r.decision), "", "recent events:",
              events_table(status["events"])]
     _emit(args, status, "\n".join(lines))
     return 0
@@ -186,7 +187,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
     after = rollouts.get(before.id)
     analysis = result.to_json()
     _emit(args, {"analysis": analysis, "rollout": after.to_json()},
-          f"{describe(after)}\n{analysis_text(analysis, after)}")
+          f"{describe(after)}\n{analysis_text(analysis, after.state, None)}")
     return 0
 
 
@@ -214,35 +215,6 @@ def config_table(r: Rollout) -> str:
     """The rollout's settings, durations as ``6h``/``14d``."""
     rows = [[k, _setting(k, v)] for k, v in r.config.to_json().items()]
     return format_table(["setting", "value"], rows, indent="  ")
-
-
-def analysis_text(analysis: dict[str, Any] | None, r: Rollout) -> str:
-    """The decision, its reasons and the checks; or why there is none."""
-    if analysis is None:
-        last = r.decision
-        if r.state != "running":
-            return f"no analysis: the rollout is {r.state}"
-        if last is None:
-            return "no analysis yet (run 'hybridml-cloud rollout tick' or the controller)"
-        analysis = last
-    lines = [f"decision: {analysis.get('action', '?')}"]
-    lines += [f"  - {reason}" for reason in analysis.get("reasons") or ()]
-    arms = analysis.get("arms") if isinstance(analysis.get("arms"), dict) else {}
-    reporting = [[arm, f"v{a['version']}", a.get("devices", "-"), a.get("rows", "-")]
-                 for arm, a in (arms or {}).items()
-                 if isinstance(a, dict) and "version" in a and "devices" in a]
-    if reporting:
-        lines.append("devices reporting:")
-        lines.append(format_table(["arm", "version", "devices", "rows"], reporting,
-                                  align="llrr", indent="  "))
-    checks = analysis.get("checks") or []
-    if checks:
-        rows = [[c.get("name", "?"), _verdict(c.get("passed")),
-                 _short(c.get("value")), _short(c.get("bound")), _short(c.get("detail"))]
-                for c in checks if isinstance(c, dict)]
-        lines.append(format_table(["check", "result", "value", "bound", "detail"], rows,
-                                  indent="  "))
-    return "\n".join(lines)
 
 
 def events_table(events: list[dict[str, Any]]) -> str:
@@ -295,10 +267,6 @@ def _setting(key: str, value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _verdict(passed: Any) -> str:
-    return "pass" if passed is True else "FAIL" if passed is False else "no data"
-
-
 def _short(value: Any, limit: int = 40) -> str:
     text = "-" if value is None else value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -349,5 +317,4 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True) if args.json else text)
 
 
-__all__ = ["actor", "add_parser", "analysis_text", "config_table", "describe",
-           "events_table"]
+__all__ = ["actor", "add_parser", "config_table", "describe", "events_table"]
