@@ -300,7 +300,7 @@ class Registry:
 
     def served(self, name: str, ref: Ref = "stable") -> Served:
         """The version ``ref`` resolves to, its manifest and the model's sequence, at once."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         with self._tx(write=False) as c:
             version = self._resolve(c, name, ref)
             text = c.execute("SELECT manifest FROM versions WHERE name = ? AND version = ?",
@@ -309,14 +309,14 @@ class Registry:
 
     def sequence(self, name: str) -> int:
         """The release sequence of ``name`` (0 before its first change under schema 2)."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         with self._tx(write=False) as c:
             self._resolve(c, name, "latest")  # NotFoundError for an unknown model
             return _sequence(c, name)
 
     def resolve(self, name: str, ref: Ref = "stable") -> int:
         """Return the version number ``ref`` points at; NotFoundError lists what exists."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         with self._tx(write=False) as c:
             return self._resolve(c, name, ref)
 
@@ -349,7 +349,7 @@ class Registry:
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Return every version of ``name``, oldest first."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         with self._tx(write=False) as c:
             rows = c.execute("SELECT version, created, parent, lineage, task, metrics, "
                              "model_size FROM versions WHERE name = ? ORDER BY version",
@@ -378,7 +378,7 @@ class Registry:
     # ------------------------------------------------------------ policies and decisions
     def set_policy(self, name: str, policy: Mapping[str, Any]) -> None:
         """Store the training policy of ``name`` (a JSON object), replacing the last one."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         doc = canonical_json(_json_copy(policy, "policy", RegistryError)).decode("utf-8")
         with self._tx(write=True) as c:
             self._resolve(c, name, "latest")  # NotFoundError for an unknown model
@@ -395,7 +395,7 @@ class Registry:
     def add_decision(self, name: str, decision: Mapping[str, Any]) -> int:
         """Record one evaluation of ``name``'s triggers (with ``time`` and ``fired``); returns
         its id, for :meth:`finish_decision`."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         doc = _json_copy(decision, "decision", RegistryError)
         with self._tx(write=True) as c:
             cur = c.execute("INSERT INTO decisions (name, time, fired, decision) "
@@ -419,7 +419,7 @@ class Registry:
                   ) -> list[dict[str, Any]]:
         """Recorded decisions of ``name``, newest first: each decision with its ``id`` and its
         ``outcome`` (None while the controller is still acting on it, or if it stopped)."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         with self._tx(write=False) as c:
             rows = c.execute("SELECT id, decision, outcome FROM decisions WHERE name = ? AND "
                              "fired >= ? ORDER BY id DESC LIMIT ?",
@@ -435,7 +435,7 @@ class Registry:
         ``ref`` may itself be an alias (``set_alias("eta", "stable", "canary")``); returns the
         version number the alias now points at.
         """
-        name, alias = _lookup_name(name), _check_alias(alias)
+        name, alias = lookup_name(name), _check_alias(alias)
         with self._tx(write=True) as c:
             version = self._resolve(c, name, ref)
             before = c.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
@@ -448,7 +448,7 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, int]:
         """Return ``{alias: version}`` for ``name``."""
-        name = _lookup_name(name)
+        name = lookup_name(name)
         with self._tx(write=False) as c:
             self._resolve(c, name, "latest")  # NotFoundError for an unknown model
             rows = c.execute("SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias",
@@ -457,7 +457,7 @@ class Registry:
 
     def delete_alias(self, name: str, alias: str) -> None:
         """Remove ``alias`` of ``name`` (NotFoundError if it does not exist)."""
-        name, alias = _lookup_name(name), _check_alias(alias)
+        name, alias = lookup_name(name), _check_alias(alias)
         with self._tx(write=True) as c:
             gone = c.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
             if gone.rowcount == 0:
@@ -473,7 +473,7 @@ class Registry:
         (ConflictError), except that re-attaching an identical entry is a no-op. Returns the
         new manifest; its ETag changes with it.
         """
-        name = _lookup_name(name)
+        name = lookup_name(name)
         entry = _json_copy(artifact, "artifact", ManifestError)
         art = Artifact.from_json(entry)
         entry.update(art.to_json())
@@ -568,7 +568,7 @@ class Registry:
             self._write_stamp = next(self._writes) + 1
 
     def _column(self, name: str, ref: Ref, column: str) -> str:
-        name = _lookup_name(name)
+        name = lookup_name(name)
         with self._tx(write=False) as c:
             version = self._resolve(c, name, ref)
             row = c.execute(f"SELECT {column} FROM versions WHERE name = ? AND version = ?",
@@ -632,8 +632,9 @@ def _valid_name(name: object) -> str:
     return check_name(name)  # type: ignore[arg-type]
 
 
-def _lookup_name(name: object) -> str:
-    """Check a model name being read: a name no model can have is simply not found (404)."""
+def lookup_name(name: object) -> str:
+    """Check a model name being read: a name no model can have is simply not found (404,
+    :class:`NotFoundError` naming ``name``)."""
     try:
         return _valid_name(name)
     except ManifestError as exc:

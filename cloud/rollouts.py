@@ -27,14 +27,13 @@ from hybridml.shared.assign import bucket
 from hybridml.shared.errors import (
     ConfigError,
     ConflictError,
-    ManifestError,
     NotFoundError,
     RegistryError,
 )
-from hybridml.shared.manifest import canonical_json, check_name
+from hybridml.shared.manifest import canonical_json
 
 from .auth import promote as promote_alias
-from .registry import Ref, Registry, bump_sequence
+from .registry import Ref, Registry, bump_sequence, lookup_name
 from .rollout_config import Config
 from .rollout_types import Assignment, Rollout, Unit, blessed, rollout_of
 
@@ -71,18 +70,18 @@ class Rollouts:
 
     def active(self, name: str) -> Rollout | None:
         """The running rollout of ``name``, or None."""
-        rows = self._select("WHERE name = ? AND state = ?", (_name(name), RUNNING))
+        rows = self._select("WHERE name = ? AND state = ?", (lookup_name(name), RUNNING))
         return rows[0] if rows else None
 
     def latest(self, name: str) -> Rollout | None:
         """The running rollout of ``name``, else its newest one, else None."""
         rows = self._select("WHERE name = ? ORDER BY state = ? DESC, id DESC LIMIT 1",
-                            (_name(name), RUNNING))
+                            (lookup_name(name), RUNNING))
         return rows[0] if rows else None
 
     def list(self, name: str) -> builtins.list[Rollout]:
         """Every rollout of ``name``, newest first."""
-        return self._select("WHERE name = ? ORDER BY id DESC", (_name(name),))
+        return self._select("WHERE name = ? ORDER BY id DESC", (lookup_name(name),))
 
     def events(self, rollout_id: int) -> builtins.list[dict[str, Any]]:
         """The audit trail of a rollout, oldest first."""
@@ -413,14 +412,6 @@ class Rollouts:
                   "to_state, step, reason, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                   (rollout_id, now, actor, action, before, after, step, reason,
                    None if evidence is None else _text(evidence)))
-
-
-def _name(name: str) -> str:
-    try:
-        return check_name(name)
-    except ManifestError as exc:
-        raise NotFoundError(f"no model can exist under {str(name)[:80]!r}",
-                            field="name") from exc
 
 
 def _ref(value: Any, field: str) -> Ref:
