@@ -41,11 +41,14 @@ def install(app: Flask, rollouts: Rollouts) -> None:
 
 
 def status_of(rollouts: Rollouts, telemetry: Any, name: str, now: float,
-              *, events: int = EVENTS_SHOWN) -> dict[str, Any]:
-    """The latest rollout of ``name`` with its analysis (running ones only; null when the
-    analysis module is not installed), its newest ``events`` and units per arm.
-    NotFoundError when ``name`` never had a rollout."""
-    r = rollouts.latest(name)
+              *, events: int = EVENTS_SHOWN, rollout_id: int | None = None) -> dict[str, Any]:
+    """The latest rollout of ``name`` (or rollout ``rollout_id`` of it) with its analysis
+    (running ones only; null when the analysis module is not installed), its newest
+    ``events`` and units per arm. NotFoundError when ``name`` never had a rollout."""
+    r = rollouts.latest(name) if rollout_id is None else rollouts.get(rollout_id)
+    if r is not None and r.name != name:
+        raise NotFoundError(f"rollout {rollout_id} is of {r.name!r}, not {name!r}",
+                            field="id")
     if r is None:
         rollouts.registry.resolve(name, "latest")  # NotFoundError for an unknown model
         raise NotFoundError(f"{name!r} has no rollout; start one with 'hybridml-cloud rollout "

@@ -84,6 +84,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     st = rsub.add_parser("status", parents=[common],
                          help="the rollout, its cohorts, analysis and recent events")
     st.add_argument("name")
+    st.add_argument("--id", type=int, help="an earlier rollout of NAME (default: the running "
+                    "one, else the newest; see 'rollout list')")
     st.add_argument("--at", help=AT_HELP)
     st.set_defaults(func=cmd_status)
     ls = rsub.add_parser("list", parents=[common], help="every rollout of a model")
@@ -124,7 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rollouts = _rollouts(args)
     status = status_of(rollouts, _telemetry(rollouts.registry), args.name, _at(args),
-                       events=EVENTS_SHOWN)
+                       events=EVENTS_SHOWN, rollout_id=args.id)
     r = rollouts.get(status["rollout"]["id"])
     cohorts = status["cohorts"]
     lines = [describe(r), config_table(r), "",

@@ -17,8 +17,6 @@ from typing import Any
 
 from hybridml.shared.errors import ConfigError
 
-from . import metrics
-
 ALL = ("shadow", "canary", "ab", "interleave")
 DAY = 86400.0
 # key -> the strategies it applies to
@@ -33,6 +31,10 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "error_margin": ("canary",), "metric_margin": ("canary",), "auto_promote": ("shadow",),
 }
 _METRIC_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# What an A/B test can compare per label: a proportion (two-proportion z-test) for classifiers,
+# a mean (Welch) for regression. Balanced accuracy, F1 or AUC are not sums over independent
+# labels, so they have no such test; the first of each is the default.
+AB_METRICS = {"classifier": ("accuracy", "error_rate"), "regression": ("mse", "rmse")}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class Config:
                                   field=f"config.{key}")
         given = {k: _check(k, v, arms) for k, v in data.items() if v is not None}
         defaults = _defaults(strategy, arms, stable or {})
+        if "metric" in given and "metric" in defaults:
+            _check_metric(given["metric"], defaults["metric"])
         return replace(cls(), **{k: given.get(k, defaults[k]) for k in defaults})
 
     def percent(self, strategy: str, step: int | None) -> float:
@@ -117,13 +121,25 @@ def _defaults(strategy: str, arms: int, stable: Mapping[str, Any]) -> dict[str, 
         "min_predictions": 1000, "min_devices": 2, "steps": (1.0, 5.0, 20.0, 50.0, 100.0),
         "dwell_s": DAY, "report_timeout_s": 6 * 3600.0,
         "split": tuple(100.0 / max(arms, 1) for _ in range(max(arms, 1))),
-        "metric": metrics.PRIMARY.get(task, "accuracy"), "alpha": 0.05,
+        "metric": AB_METRICS["regression" if regression else "classifier"][0], "alpha": 0.05,
         "min_samples": 100 if strategy == "interleave" else 200,
         "max_duration_s": 14 * DAY, "agreement": 0.9, "tolerance": tolerance,
         "latency_ratio": 1.5, "latency_floor_ms": 0.5, "error_margin": 0.01,
         "metric_margin": 0.01 if regression else 0.005, "auto_promote": False,
     }
     return {k: v for k, v in every.items() if strategy in APPLIES[k]}
+
+
+def _check_metric(given: str, default: str) -> None:
+    """An A/B metric the arms' two-sample test can judge, for the model's task."""
+    kind = "regression" if default in AB_METRICS["regression"] else "classifier"
+    if given not in AB_METRICS[kind]:
+        how = ("the share of labels predicted right, a proportion per label (two-proportion "
+               "z-test)" if kind == "classifier" else
+               "the squared error of each label (Welch t-test on its mean)")
+        raise ConfigError(f"config.metric {given!r} cannot be compared between A/B arms of "
+                          f"a {kind}: use {' or '.join(AB_METRICS[kind])} ({how})",
+                          field="config.metric")
 
 
 def _check(key: str, value: Any, arms: int) -> Any:

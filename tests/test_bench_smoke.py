@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
-          "fallback")
+          "fallback", "telemetry", "rollout", "interleaving")
 
 
 def test_quick_path_on_tiny_settings_writes_every_result_and_the_report(tmp_path: Path) -> None:
@@ -42,3 +42,37 @@ def test_quick_path_on_tiny_settings_writes_every_result_and_the_report(tmp_path
     assert size["wire"]["unchanged_sync"]["changed"] is False
     report = (results / "REPORT.md").read_text()
     assert "## Targets" in report and "## 9. Fallback cost" in report
+
+
+def test_rollout_suite_on_tiny_settings_measures_every_contender(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", "rollout", "--workdir",
+         str(tmp_path / "work"), "--results", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((results / "rollout.json").read_text())
+    assert doc["suite"] == "rollout" and doc["mode"] == "tiny"
+    (model,) = doc["rollout"]
+    contenders = {"none", "canary_0.1", "canary_1", "shadow_1"}
+    for regime in ("tight", "spaced"):
+        assert set(model[regime]) == {"hit", "miss", "rows"}
+        for door, got in model[regime].items():
+            assert set(got) == contenders, (regime, door)
+            for label, x in got.items():
+                assert x["p10"] > 0 and x["median"] > 0, (regime, door, label)
+                assert isinstance(x["added_us"], float) and x["added_pct"] is not None
+                if label in ("canary_1", "shadow_1"):  # 0.1 may pick none of a tiny run's
+                    assert x["calls"] > 0 and x["sampled"] > 0, (regime, door, label)
+    for door, worker in model["worker"].items():
+        assert set(worker) == contenders - {"none"}
+        for label in ("canary_1", "shadow_1"):
+            w = worker[label]
+            assert w["rows_compared"] > 0 and w["calls_compared"] > 0, (door, label)
+            assert w["cpu_us_per_row"] is None or w["cpu_us_per_row"] > 0
+            assert w["drain_wait_us_per_sampled_call"] > 0
+    spaced = model["spaced"]["miss"]
+    assert spaced["canary_1"]["skipped"] == 0  # drained after every call: nothing dropped
+    assert spaced["canary_1"]["rows_compared"] == spaced["canary_1"]["sampled"]
+    report = (results / "REPORT.md").read_text()
+    assert "## 11. A rollout's shadow on the device" in report

@@ -117,6 +117,16 @@ def test_an_ab_test_needs_no_candidate_and_splits_its_arms(rollouts: Rollouts) -
     assert arms == {"A", "B", "C"}
 
 
+def test_an_ab_metric_is_one_its_two_sample_test_can_judge(rollouts: Rollouts) -> None:
+    r = rollouts.start("iris", "ab", arms=[3, 4], actor="test")
+    assert r.config.metric == "accuracy"  # not balanced accuracy: no per-label proportion
+    rollouts.abort("iris", actor="test")
+    with pytest.raises(ConfigError) as err:
+        rollouts.start("iris", "ab", arms=[3, 4], config={"metric": "f1"}, actor="test")
+    assert err.value.details["field"] == "config.metric"
+    assert "accuracy or error_rate" in err.value.message
+
+
 def test_advancing_a_canary_records_the_step_and_raises_the_sequence(
         reg: Registry, rollouts: Rollouts, clock: Clock) -> None:
     r = rollouts.start("iris", "canary", candidate=3, actor=ALICE)

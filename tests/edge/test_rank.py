@@ -63,7 +63,7 @@ def test_rank_can_score_by_any_class_and_names_an_unknown_one(registry: Path,
     assert list(ranking.indices) == sorted(range(len(ITEMS)), key=lambda i: (-want[i], i))[:5]
     with pytest.raises(InputError) as err:
         rt.rank(ITEMS, positive="no such class")
-    assert err.value.field == "positive" and first in err.value.message
+    assert err.value.details["field"] == "positive" and first in err.value.message
 
 
 def test_ties_keep_input_order_and_k_caps_the_list() -> None:
