@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import shutil
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from hybridml.shared.text import format_table
 
 from .demo import Cloud, run
 from .demo_loop import FEATURES, NAME, orders, write
-from .fleetsim import Day, Fleet, SimClock, drive, labelled
+from .fleetsim import Day, Fleet, SimClock, drive, labelled, shuffled
 
 DEVICES = 30
 ROWS_PER_DAY = 40
@@ -73,18 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"hybridml demo-rollout in {work}")
 
     spring = orders(1500, autumn=False, seed=1)
-    shuffled = [dict(r) for r in spring]
-    labels = [r["late"] for r in shuffled]
-    random.Random(5).shuffle(labels)
-    for r, label in zip(shuffled, labels):
-        r["late"] = label
     cols = [*FEATURES, "late"]
     common = ["--target", "late", "--name", NAME, "--model", "hgb", "--registry", str(reg),
               "--quiet"]
     spring_csv = str(write(work / "spring.csv", spring, cols))
     run(["hybridml-cloud", "train", "--data", spring_csv, "--param", "max_iter=40", *common])
-    run(["hybridml-cloud", "train", "--data", str(write(work / "shuffled.csv", shuffled, cols)),
-         "--param", "max_iter=40", "--gate", *common])
+    bad_csv = str(write(work / "shuffled.csv", shuffled(spring, "late"), cols))
+    run(["hybridml-cloud", "train", "--data", bad_csv, "--param", "max_iter=40", "--gate",
+         *common])
     run(["hybridml-cloud", "train", "--data", spring_csv, "--param", "max_iter=80", "--gate",
          *common])
     run(["hybridml-cloud", "models", NAME, "--registry", str(reg)])

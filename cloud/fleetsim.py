@@ -224,9 +224,22 @@ def _push(rt: EdgeRuntime) -> None:
         log.info("push stopped early: %s", result.error)
 
 
+def shuffled(rows: Sequence[dict[str, Any]], target: str, seed: int = 5
+             ) -> list[dict[str, Any]]:
+    """``rows`` with their ``target`` values shuffled among them: the data of a model that
+    learned nothing (the bad candidate of the rollout demo and tests)."""
+    out = [dict(r) for r in rows]
+    values = [r[target] for r in out]
+    random.Random(seed).shuffle(values)
+    for r, value in zip(out, values):
+        r[target] = value
+    return out
+
+
 def labelled(rows: Sequence[dict[str, Any]], target: str) -> Labelled:
     """Rows with their target split off: ``[(features, label), ...]``."""
     return [({k: v for k, v in r.items() if k != target}, r[target]) for r in rows]
 
 
-__all__ = ["Day", "Device", "Fleet", "Labelled", "Look", "SimClock", "drive", "labelled"]
+__all__ = ["Day", "Device", "Fleet", "Labelled", "Look", "SimClock", "drive", "labelled",
+           "shuffled"]

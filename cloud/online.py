@@ -165,15 +165,9 @@ class CloudShadow:
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until the queued calls are compared; False when ``timeout`` passed first."""
-        q = self._queue
-        end = None if timeout is None else time.monotonic() + timeout
-        with q.all_tasks_done:
-            while q.unfinished_tasks:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                q.all_tasks_done.wait(left)
-        return True
+        from hybridml.edge.shadow import drain
+
+        return drain(self._queue, timeout)
 
     def flush(self) -> list[str]:
         """Store the window's counts as ``shadow`` records; their ids."""

@@ -303,6 +303,19 @@ class ShadowPlan:
 
 
 # ---------------------------------------------------------------------------------- worker
+def drain(q: queue.Queue[Any], timeout: float | None = None) -> bool:
+    """Wait until every item put on ``q`` is done (``task_done``); False if ``timeout``
+    (seconds) passed first. ``Queue.join`` without the timeout a caller needs."""
+    end = None if timeout is None else time.monotonic() + timeout
+    with q.all_tasks_done:
+        while q.unfinished_tasks:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            q.all_tasks_done.wait(left)
+    return True
+
+
 class Shadow:
     """The shadow worker of one runtime (``EdgeRuntime.shadow``): a bounded queue, one
     daemon thread (started on the first sampled call) and the window's counts.
@@ -357,15 +370,7 @@ class Shadow:
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued batch has been compared; False if ``timeout`` (seconds)
         passed first."""
-        q = self._queue
-        end = None if timeout is None else time.monotonic() + timeout
-        with q.all_tasks_done:
-            while q.unfinished_tasks:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                q.all_tasks_done.wait(left)
-        return True
+        return drain(self._queue, timeout)
 
     def records(self, drain_s: float = 1.0) -> Records:
         """End the window: one ``shadow`` record ``(kind, body, model, served version)`` per
@@ -517,6 +522,21 @@ class Shadow:
 
 
 # ------------------------------------------------------------------------------- flushing
-__all__ = ["ABS_EDGES", "COMPANION_ROLES", "DEFAULT_TOLERANCE", "PROB_EDGES", "QUEUE_BATCHES",
-           "CallCounter", "Companion", "Rollout", "Shadow", "ShadowCounts",
-           "ShadowPlan", "companion_changed", "load_rollout", "same_columns", "tolerance"]
+__all__ = [
+    "ABS_EDGES",
+    "COMPANION_ROLES",
+    "DEFAULT_TOLERANCE",
+    "PROB_EDGES",
+    "QUEUE_BATCHES",
+    "CallCounter",
+    "Companion",
+    "Rollout",
+    "Shadow",
+    "ShadowCounts",
+    "ShadowPlan",
+    "companion_changed",
+    "drain",
+    "load_rollout",
+    "same_columns",
+    "tolerance",
+]

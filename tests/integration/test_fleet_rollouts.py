@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from hybridml.cloud.demo_loop import orders
-from hybridml.cloud.fleetsim import Day, Fleet, Labelled, SimClock, drive, labelled
+from hybridml.cloud.fleetsim import Day, Fleet, Labelled, SimClock, drive, labelled, shuffled
 from hybridml.cloud.gate import gate_hook
 from hybridml.cloud.registry import Registry
 from hybridml.cloud.rollout_analysis import tick
@@ -93,16 +93,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = base / "reg"
     reg = Registry(root)
     spring = orders(1200, autumn=False, seed=1)
-    shuffled = [dict(r) for r in spring]
-    labels = [r["late"] for r in shuffled]
-    random.Random(5).shuffle(labels)
-    for r, label in zip(shuffled, labels):
-        r["late"] = label
     params = {"max_iter": 40}
     v1 = _csv(base / "spring.csv", spring)
     train(reg, NAME, data=v1, target="late", model="hgb", params=params)
-    train(reg, NAME, data=_csv(base / "shuffled.csv", shuffled), target="late", model="hgb",
-          params=params, gate=gate_hook(reg, NAME, against=1))
+    bad = _csv(base / "shuffled.csv", shuffled(spring, "late"))
+    train(reg, NAME, data=bad, target="late", model="hgb", params=params,
+          gate=gate_hook(reg, NAME, against=1))
     train(reg, NAME, data=v1, target="late", model="hgb", params={"max_iter": 80},
           gate=gate_hook(reg, NAME, against=1))
     train(reg, NAME, data=v1, target="late", model="hgb", params=params)
