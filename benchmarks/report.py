@@ -270,6 +270,85 @@ def _telemetry(d: Doc) -> str:
     return text
 
 
+_ROLLOUT_LABELS = {"canary_0.1": "canary, sample 0.1", "canary_1": "canary, sample 1.0",
+                   "shadow_1": "shadow, sample 1.0"}
+_DOORS = {"hit": "1 row, table hit", "miss": "1 row, miss", "rows": "1,000 rows (dicts)"}
+
+
+def _rollout(d: Doc) -> str:
+    rows, work = [], []
+    for m in d.get("rollout", []):
+        for regime in ("tight", "spaced"):
+            for door, label in _DOORS.items():
+                got = m[regime].get(door)
+                if not got:
+                    continue
+                base = got["none"]
+                cells = [f"{_f(base['p10'])} ({_f(base['median'])})"]
+                for k in _ROLLOUT_LABELS:
+                    x = got[k]
+                    drop = f", {x['skipped']:,}/{x['sampled']:,} dropped" \
+                        if regime == "tight" and x["skipped"] else ""
+                    cells.append(f"{_f(x['p10'])} ({x['added_us']:+,.2f} µs, "
+                                 f"{x['added_pct']:+.1f} %{drop})")
+                rows.append([m["model"], regime, label, *cells])
+        for door, label in _DOORS.items():
+            w = m["worker"].get(door, {})
+            for k, short in _ROLLOUT_LABELS.items():
+                x = w.get(k)
+                if x is None or k == "canary_0.1":
+                    continue
+                work.append([m["model"], label, short, x["cpu_us_per_row"],
+                             x["cpu_us_per_sampled_call"], x["drain_wait_us_per_sampled_call"],
+                             x["companion_latency_median"]])
+    head = ["model", "regime", "call", "no rollout", *_ROLLOUT_LABELS.values()]
+    return ("## 11. A rollout's shadow on the device: cost to the caller (µs per call, p10 of "
+            "block means (median); vs no rollout)\n\n" + _table(head, rows) + "\n\n"
+            "Four runtimes on copies of the model's store, telemetry on in all: no rollout; "
+            "role `canary` (served = candidate, companion = stable) at sample 0.1 (the canary "
+            "default) and 1.0; role `shadow` at 1.0 (the shadow default). The companion is the "
+            "served model under another version number, so its run costs what the served "
+            "model's does. The same calls go to all four in interleaved blocks (as the "
+            "telemetry suite). **tight**: calls back to back, each block timed as a whole; the "
+            "shadow worker competes with the caller for the GIL and the CPU (the worst case), "
+            "and sampled calls it cannot keep up with are dropped by the bounded queue "
+            "(`dropped` = `skipped`/`sampled`); every worker is drained between blocks, "
+            "untimed, so no block pays for another runtime's backlog. **spaced**: "
+            "`rt.shadow.drain()` after each call outside the timed region, each call timed "
+            "alone: the caller's side only (the "
+            "sampling counter, the copy of the row, the queue put — waking the waiting worker "
+            "thread is most of it). Worker cost below, from the spaced regime: CPU time of the "
+            "worker thread (its POSIX thread clock) per compared row and per sampled call, the "
+            "time `drain` waited per sampled call, and the median bin of the shadow record's "
+            "companion latency; a device pays caller + sample × worker per call.\n\n"
+            + _table(["model", "call", "contender", "worker CPU µs/row",
+                      "worker CPU µs/sampled call", "drain wait µs/sampled call",
+                      "companion median"], work) + "\n")
+
+
+def _interleaving(d: Doc) -> str:
+    rows = []
+    for r in d.get("scenarios", []):
+        s, ab, il = r["settings"], r["ab"], r["interleave"]
+        rows.append([s["shared"], s["noise_a"], s["noise_b"], f"{ab['ctr_a']:.4f}",
+                     f"{ab['ctr_b']:.4f}",
+                     ab["impressions"], il["impressions"], r["ratio_ab_vs_interleave"]])
+    s = d["scenarios"][0]["settings"] if d.get("scenarios") else {}
+    return ("## 12. Interleaving vs A/B: impressions to detect the better ranker (simulation)"
+            "\n\n" + _table(["shared noise", "noise A", "noise B", "CTR A", "CTR B",
+                             "A/B impressions (both arms)", "interleaving impressions",
+                             "A/B / interleaving"], rows)
+            + f"\n\n`benchmarks.interleaving.simulate`: queries of {s.get('items')} items "
+              f"(relevance 0/1/2), top {s.get('k')} shown, position-based clicks; ranker B's "
+              "own scoring noise is smaller than A's, both share `shared noise`. A/B: half the "
+              "impressions see each ranker, judged on click-through by a two-proportion test; "
+              "interleaving: every impression sees the team-draft interleaving, judged by a "
+              f"sign test on the wins. The smallest number of impressions detecting B "
+              f"(α {s.get('alpha')}) in {s.get('power')} of {s.get('reps')} simulated "
+              f"experiments, outcome rates calibrated on {_f(s.get('calibration'))} "
+              "impressions through the real code.\n")
+
+
 def _small(d: Doc) -> str:
     from . import small_device
 
@@ -404,6 +483,10 @@ def write_report(results: Path = RESULTS) -> Path:
         parts.append(_fallback(d["fallback"]))
     if "telemetry" in d:
         parts.append(_telemetry(d["telemetry"]))
+    if "rollout" in d:
+        parts.append(_rollout(d["rollout"]))
+    if "interleaving" in d:
+        parts.append(_interleaving(d["interleaving"]))
     path = results / "REPORT.md"
     path.write_text("\n".join(parts))
     return path

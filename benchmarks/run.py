@@ -5,7 +5,9 @@ Trains (or reuses) the workspace, runs the suites in order, writes
 ``--quick`` runs fewer models and shorter measurements (under 3 minutes); ``--tiny`` is the
 smoke test's setting (seconds, numbers meaningless). Suites: latency (items 1-2), memory (3),
 coldstart (4), size (5), serving (6), fleet (7), small_device (8), fallback (9),
-telemetry (10: its cost on the predict path, the spool, a week offline).
+telemetry (10: its cost on the predict path, the spool, a week offline), rollout (11: what a
+rollout's shadow costs the caller per prediction), interleaving (12: impressions interleaving
+vs A/B needs, a simulation).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from .common import RESULTS, environment, log, save
 
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
-          "fallback", "telemetry")
+          "fallback", "telemetry", "rollout", "interleaving")
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "hybridml-bench"
 
 
@@ -71,9 +73,11 @@ def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bo
         coldstart,
         fallback,
         fleet,
+        interleaving,
         latency,
         memory,
         serving,
+        shadow,
         size,
         small_device,
         telemetry,
@@ -108,6 +112,23 @@ def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bo
         return {"suite": "telemetry", **telemetry.run(
             picked, work, week_hours=hours, single_calls=calls,
             blocks=60 if s.mode == "full" else 6, batch_blocks=20 if s.mode == "full" else 2)}
+    if name == "rollout":
+        picked = _pick(models, ["orders_hgb", "orders_logreg", "digits_mlp"])  # classifiers
+        full = s.mode == "full"
+        return {"suite": "rollout", **shadow.run(
+            picked, work, single_calls={"full": 512, "quick": 128}.get(s.mode, 16),
+            blocks=40 if full else 6 if s.mode == "quick" else 2,
+            batch_calls=5 if full else 2, batch_blocks=20 if full else 2)}
+    if name == "interleaving":
+        # As ``python -m benchmarks.interleaving`` (its full and --quick settings); tiny: seconds.
+        calibration, reps = {"full": (200_000, 500), "quick": (20_000, 200)}.get(
+            s.mode, (2_000, 40))
+        runs = []
+        for shared, noise_a, noise_b in interleaving.SCENARIOS:
+            log(f"interleaving: shared noise {shared}, A {noise_a} vs B {noise_b}")
+            runs.append(interleaving.simulate(noise_a=noise_a, noise_b=noise_b, shared=shared,
+                                              calibration=calibration, reps=reps))
+        return {"suite": "interleaving", "scenarios": runs}
     raise SystemExit(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
 
 

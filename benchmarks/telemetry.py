@@ -28,13 +28,18 @@ from .workspace import Model
 BATCH = 1000
 
 
-def _blocks(contenders: dict[str, Callable[[], object]], calls: int, blocks: int
-            ) -> dict[str, tuple[float, float]]:
-    """(p10, median) of the per-call µs of ``blocks`` loops of ``calls`` calls each."""
+def blocks_of(contenders: dict[str, Callable[[], object]], calls: int, blocks: int,
+              settle: Callable[[], object] | None = None) -> dict[str, tuple[float, float]]:
+    """(p10, median) of the per-call µs of ``blocks`` loops of ``calls`` calls each, the
+    contenders' blocks interleaved. ``settle`` runs after the warm-up and after each block,
+    outside the timed region (the rollout suite drains every shadow worker there, so a block
+    competes with its own runtime's worker, not with the backlog another left)."""
     samples: dict[str, list[float]] = {k: [] for k in contenders}
     for fn in contenders.values():
         for _ in range(min(calls, 50)):
             fn()
+    if settle is not None:
+        settle()
     clock = time.perf_counter_ns
     with gc_paused():
         for _ in range(blocks):
@@ -43,6 +48,8 @@ def _blocks(contenders: dict[str, Callable[[], object]], calls: int, blocks: int
                 for _ in range(calls):
                     fn()
                 samples[name].append((clock() - t0) / calls / 1000.0)
+                if settle is not None:
+                    settle()
     return {k: (float(np.percentile(v, 10)), float(np.median(v))) for k, v in samples.items()}
 
 
@@ -68,11 +75,11 @@ def telemetry_overhead(model: Model, *, single_calls: int = 2048, blocks: int = 
     assert off.loaded is not None
     enc = off.loaded.schema.encode(rows)
     arrays = {k: v for k, v in (("num", enc.num), ("cat", enc.cat)) if v.shape[1]}
-    got = _blocks({"hit_off": lambda: off.predict(hit), "hit_on": lambda: on.predict(hit)},
+    got = blocks_of({"hit_off": lambda: off.predict(hit), "hit_on": lambda: on.predict(hit)},
                   single_calls * 4, blocks)
-    got.update(_blocks({"miss_off": lambda: off.predict(miss),
+    got.update(blocks_of({"miss_off": lambda: off.predict(miss),
                         "miss_on": lambda: on.predict(miss)}, single_calls // 4, blocks))
-    got.update(_blocks({"rows_off": lambda: off.predict(rows),
+    got.update(blocks_of({"rows_off": lambda: off.predict(rows),
                         "rows_on": lambda: on.predict(rows),
                         "arrays_off": lambda: off.predict_arrays(**arrays),
                         "arrays_on": lambda: on.predict_arrays(**arrays)}, 5, batch_blocks))
