@@ -142,6 +142,21 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     def list_models() -> Response:
         return jsonify({"models": [s.to_json() for s in reg.models()]})
 
+    def _placed(name: str, unit: str | None) -> Assignment | None:
+        """The unit's place in the running rollout; None (stable, logged) when there is no
+        unit, no rollout, or the rollout cannot be read: a broken rollout must not keep the
+        fleet from syncing stable."""
+        if unit is None:
+            return None
+        try:
+            return rollouts.assign(name, unit)
+        except HybridMLError as exc:
+            if isinstance(exc, NotFoundError):
+                raise
+            log.error("%s: the running rollout cannot be read (%s); serving stable",
+                      printable(name), exc.message)
+            return None
+
     @app.get("/v1/models/<name>/manifest")
     def manifest(name: str) -> Response:
         ref = _ref(request)
@@ -150,8 +165,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
         # ETag) within a period, and a device sees a new issued-at at least once per period.
         issued, expires = issue_window(time.time(), cfg.manifest_lifetime_s)
         if ref == "stable":  # only the default takes part in a rollout (docs/rollouts.md §3)
-            unit = _unit(request)
-            place = None if unit is None else rollouts.assign(name, unit)
+            place = _placed(name, _unit(request))
             if place is not None and place.in_cohort:
                 return _rollout_manifest(name, place, issued, expires)
         etag = signer.etag(f"{served.etag[:40]}.{served.sequence}.{int(issued)}.{ref}")

@@ -100,6 +100,17 @@ class Config:
             _check_metric(given["metric"], defaults["metric"])
         return replace(cls(), **{k: given.get(k, defaults[k]) for k in defaults})
 
+    @classmethod
+    def stored(cls, data: Mapping[str, Any]) -> Config:
+        """A config as :meth:`to_json` stored it, checked when the rollout started: read back
+        as it is, not judged again by the rules of this release (a rule tightened by an
+        upgrade must not make a running rollout unreadable, and so every manifest request
+        fail). Unknown keys, from a newer release, are left out."""
+        known = {f for f in cls.__dataclass_fields__}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in data.items() if k in known}
+        return replace(cls(), **values)
+
     def percent(self, strategy: str, step: int | None) -> float:
         """The share of units in the cohort: the canary's current step, the shadow's or
         interleave's ``devices``, 100 for A/B."""

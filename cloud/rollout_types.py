@@ -106,7 +106,7 @@ def rollout_of(row: Sequence[Any]) -> Rollout:
      ended, forced, decision, memo) = row
     versions = tuple(json.loads(arms))
     return Rollout(int(rid), name, strategy, state, int(stable), candidate, versions,
-                   Config.from_json(strategy, json.loads(config), arms=len(versions)), step,
+                   Config.stored(json.loads(config)), step,
                    step_started, float(started), ended, bool(forced),
                    json.loads(decision) if decision else None, json.loads(memo) if memo else None)
 

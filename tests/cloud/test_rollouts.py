@@ -268,3 +268,14 @@ def test_a_schema_3_registry_gains_the_rollout_tables_when_opened(iris_copy: Pat
                                               "type = 'index'")}
     assert "one_running" in indexes
     conn.close()
+
+
+def test_a_stored_config_reads_back_as_it_was_stored() -> None:
+    from hybridml.cloud.rollout_config import Config
+
+    regression = {"output": {"task": "regression"}, "metrics": {"edge_test": {"rmse": 4.0}}}
+    cfg = Config.from_json("ab", {"metric": "mse", "split": [30, 70]}, stable=regression)
+    assert cfg.metric == "mse" and cfg.split == (30.0, 70.0)
+    # read back without the model's manifest, and whatever this release would now refuse
+    assert Config.stored(cfg.to_json()) == cfg
+    assert Config.stored({**cfg.to_json(), "from_a_newer_release": 1}) == cfg

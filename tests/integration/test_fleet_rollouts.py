@@ -136,9 +136,11 @@ def _shadow_totals(site: Site, rollout_id: int) -> dict[str, int]:
     return {k: sum(int(b[k]) for b in mine) for k in ("rows", "agree", "skipped", "errors")}
 
 
-def _timeline(days: list[Day]) -> str:
-    return "\n".join(f"day {d.day}: versions {d.versions} roles {d.roles} -> {d.action} "
-                     f"({d.state}, step {d.step}): {'; '.join(d.reasons)}" for d in days)
+def _timeline(days: list[Day], fleet: Fleet | None = None) -> str:
+    errors = [] if fleet is None else [f"{d.name}: {d.errors[-1]}" for d in fleet if d.errors]
+    return "\n".join([*errors[:5]] + [
+        f"day {d.day}: versions {d.versions} roles {d.roles} -> {d.action} ({d.state}, step "
+        f"{d.step}): {'; '.join(d.reasons)}" for d in days])
 
 
 # ------------------------------------------------------------------------------- shadow
@@ -149,7 +151,7 @@ def test_shadow_of_the_same_model_agrees_on_every_row(site: Site) -> None:
     totals = _shadow_totals(site, r.id)
     assert totals["rows"] >= 500 and totals["errors"] == 0
     assert totals["agree"] == totals["rows"], totals
-    assert days[-1].action == "ready", _timeline(days)
+    assert days[-1].action == "ready", _timeline(days, site.fleet)
     assert days[0].roles == {"shadow": DEVICES}
     site.rollouts().abort(NAME, actor="test", reason="shadow checked")
     assert site.fleet.sync() == {1: DEVICES} and site.fleet.roles() == {"stable": DEVICES}
@@ -168,7 +170,7 @@ def test_shadow_of_a_different_model_reports_the_agreement_both_models_give(site
     assert totals["rows"] + totals["skipped"] >= len(rows) * 0.95
     assert abs(measured - expected) < 0.02, (measured, expected)
     assert measured < 0.9
-    assert days[-1].action == "abort" and days[-1].state == "aborted", _timeline(days)
+    assert days[-1].action == "abort" and days[-1].state == "aborted", _timeline(days, site.fleet)
     assert site.fleet.versions() == {1: DEVICES} and site.fleet.roles() == {"stable": DEVICES}
 
 
@@ -178,7 +180,8 @@ def test_a_bad_canary_is_aborted_at_its_first_step_and_the_fleet_returns_to_stab
     r = site.rollouts().start(NAME, "canary", candidate=2, force=True, actor="test",
                               config={"steps": [10, 50, 100], "dwell_s": DAY})
     days = drive(site.fleet, site.look, site.traffic(3), days=3)
-    assert days[-1].state == "aborted" and not any(d.step for d in days), _timeline(days)
+    assert days[-1].state == "aborted" and not any(d.step for d in days), \
+        _timeline(days, site.fleet)
     first_cohort = days[0].versions.get(2, 0)
     assert 1 <= first_cohort <= DEVICES * 0.25
     ever = site.fleet.ever(2)
@@ -195,7 +198,7 @@ def test_a_good_canary_reaches_every_device_and_becomes_stable(site: Site) -> No
                           config={"steps": [10, 50, 100], "dwell_s": DAY})
     days = drive(site.fleet, site.look, site.traffic(4), days=8)
     actions = [d.action for d in days]
-    assert actions[-1] == "promote" and days[-1].state == "promoted", _timeline(days)
+    assert actions[-1] == "promote" and days[-1].state == "promoted", _timeline(days, site.fleet)
     cohorts = [d.versions.get(3, 0) for d in days]
     assert cohorts == sorted(cohorts) and cohorts[0] < DEVICES and cohorts[-1] == DEVICES
     assert site.registry.resolve(NAME, "stable") == 3
@@ -207,7 +210,7 @@ def test_ab_detects_a_true_effect(site: Site) -> None:
     site.rollouts().start(NAME, "ab", arms=[3, 2], force=True, actor="test",
                           config={"min_samples": 200, "max_duration_s": 5 * DAY})
     days = drive(site.fleet, site.look, site.traffic(5), days=5)
-    assert days[-1].state == "aborted", _timeline(days)  # the control beats the bad arm
+    assert days[-1].state == "aborted", _timeline(days, site.fleet)  # the control beats the bad arm
     assert any("significant" in r or "beats" in r for r in days[-1].reasons), days[-1].reasons
     assert site.fleet.versions() == {3: DEVICES}
 
@@ -216,7 +219,7 @@ def test_ab_between_two_copies_of_one_model_finds_nothing(site: Site) -> None:
     site.rollouts().start(NAME, "ab", arms=[3, 5], force=True, actor="test",
                           config={"min_samples": 200, "max_duration_s": 3 * DAY})
     days = drive(site.fleet, site.look, site.traffic(6), days=4)
-    assert [d.action for d in days][-1] == "inconclusive", _timeline(days)
+    assert [d.action for d in days][-1] == "inconclusive", _timeline(days, site.fleet)
     assert days[-1].state == "inconclusive-held"
     assert site.registry.resolve(NAME, "stable") == 3
     assert site.fleet.versions() == {3: DEVICES}
