@@ -180,6 +180,7 @@ def test_a_bad_canary_is_aborted_at_its_first_step_and_the_fleet_returns_to_stab
     r = site.rollouts().start(NAME, "canary", candidate=2, force=True, actor="test",
                               config={"steps": [10, 50, 100], "dwell_s": DAY})
     days = drive(site.fleet, site.look, site.traffic(3), days=3)
+    print("bad canary:\n" + _timeline(days))  # shown with -s: the closing note's timeline
     assert days[-1].state == "aborted" and not any(d.step for d in days), \
         _timeline(days, site.fleet)
     first_cohort = days[0].versions.get(2, 0)
@@ -197,6 +198,7 @@ def test_a_good_canary_reaches_every_device_and_becomes_stable(site: Site) -> No
     site.rollouts().start(NAME, "canary", candidate=3, actor="test",
                           config={"steps": [10, 50, 100], "dwell_s": DAY})
     days = drive(site.fleet, site.look, site.traffic(4), days=8)
+    print("good canary:\n" + _timeline(days))
     actions = [d.action for d in days]
     assert actions[-1] == "promote" and days[-1].state == "promoted", _timeline(days, site.fleet)
     cohorts = [d.versions.get(3, 0) for d in days]
