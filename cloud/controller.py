@@ -222,16 +222,37 @@ class Controller:
                        gate=gate_hook(reg, name, against=active, recent=new))
         version = int(result.manifest["version"])
         gate = result.manifest["gate"]
-        promoted = bool(policy.auto_promote and gate["blessed"])
+        label = display_label(reg.versions(name), version)
+        shipped: dict[str, Any] = {}
+        if gate["blessed"] and policy.rollout is not None:
+            shipped = self._roll_out(name, policy, version, label)
+        promoted = bool(policy.auto_promote and gate["blessed"] and policy.rollout is None)
         if promoted:
             promote(reg, name, "stable", version, actor="controller")
-        label = display_label(reg.versions(name), version)
         log.info("%s: registered %s (v%d, %s): %s%s", name, label, version, choice.mode,
                  "blessed" if gate["blessed"] else "not blessed",
-                 ", promoted to stable" if promoted else "")
+                 ", promoted to stable" if promoted else
+                 f", rollout {shipped['rollout']} started" if shipped.get("rollout") else "")
         return {"candidate": version, "label": label, "mode": choice.to_json(),
                 "data": rows.report, "blessed": gate["blessed"], "gate": gate["reason"],
-                "promoted": promoted}
+                "promoted": promoted, **shipped}
+
+    def _roll_out(self, name: str, policy: Policy, version: int, label: str
+                  ) -> dict[str, Any]:
+        """Start the policy's rollout of the blessed candidate: ``{"rollout": id}``, or
+        ``{"rollout": None, "rollout_error": ...}`` (e.g. one is already running)."""
+        assert policy.rollout is not None
+        config = {"auto_promote": True} if policy.auto_promote and \
+            policy.rollout == "shadow" else {}
+        try:
+            r = self._rollouts().start(name, policy.rollout, candidate=version, config=config,
+                                       actor="controller",
+                                       reason=f"{label} blessed by the gate; the policy "
+                                       f"ships candidates by {policy.rollout}")
+        except HybridMLError as exc:
+            log.warning("%s: %s not rolled out: %s", name, label, exc.message)
+            return {"rollout": None, "rollout_error": exc.to_json()["error"]}
+        return {"rollout": r.id, "strategy": r.strategy}
 
     @staticmethod
     def _mode(policy: Policy, parent: Parent, n_new: int, labels: tuple[Any, ...]

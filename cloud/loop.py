@@ -61,7 +61,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     ps.add_argument("--reservoir", type=int, help="rows kept of the older data in a retrain "
                     "(default 100000)")
     ps.add_argument("--auto-promote", action=argparse.BooleanOptionalAction, default=None,
-                    help="make a blessed candidate stable at once (default: no)")
+                    help="make a blessed candidate stable at once (default: no); with "
+                    "--rollout shadow, promote it when the shadow is ready")
+    ps.add_argument("--rollout", help="ship a blessed candidate by a rollout instead: "
+                    "canary, shadow or interleave (default settings; or off)")
     ps.set_defaults(func=cmd_policy_set)
     pw = psub.add_parser("show", parents=[common], help="show a model's policy")
     pw.add_argument("name")
@@ -110,6 +113,8 @@ def cmd_policy_set(args: argparse.Namespace) -> int:
         changes["reservoir_rows"] = args.reservoir
     if args.auto_promote is not None:
         changes["auto_promote"] = args.auto_promote
+    if args.rollout is not None:
+        changes["rollout"] = None if args.rollout == "off" else args.rollout
     policy = current.updated(**changes)
     reg.set_policy(args.name, policy.to_json())
     _emit(args, {"name": args.name, "policy": policy.to_json()},
@@ -177,7 +182,7 @@ def _policy_line(policy: Policy) -> str:
     on = ", ".join(policy.enabled) or "no trigger on"
     cooldown = _setting("cooldown_s", policy.cooldown_s)
     return (f"triggers {on}; mode {policy.mode}; cooldown {cooldown}; auto-promote "
-            f"{'on' if policy.auto_promote else 'off'}")
+            f"{'on' if policy.auto_promote else 'off'}; rollout {policy.rollout or 'off'}")
 
 
 def _setting(key: str, value: Any) -> str:

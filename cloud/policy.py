@@ -38,6 +38,9 @@ from hybridml.shared.errors import ConfigError
 
 MODES = ("auto", "finetune", "retrain")
 TRIGGERS = ("time", "performance", "data", "drift")
+# How the controller ships a blessed candidate (None: auto_promote decides, at once). A/B
+# needs arms a person chooses; these three take one candidate beside stable.
+ROLLOUTS = (None, "shadow", "canary", "interleave")
 DRIFT_WINDOWS = 2
 LOWER_IS_BETTER = frozenset({"rmse", "mae"})
 
@@ -55,6 +58,7 @@ class Policy:
     mode: str = "auto"
     cooldown_s: float = 6 * 3600.0
     auto_promote: bool = False
+    rollout: str | None = None  # shadow, canary or interleave: how a blessed candidate ships
     window_s: float | None = None  # None: every labelled row since the line's base is new
     reservoir_rows: int = 100_000
     drift_window_s: float = 3600.0
@@ -81,6 +85,10 @@ class Policy:
                               field="mode")
         if not isinstance(self.auto_promote, bool):
             raise ConfigError("auto_promote must be true or false", field="auto_promote")
+        if self.rollout not in ROLLOUTS:
+            raise ConfigError(f"rollout {str(self.rollout)[:40]!r}: use one of "
+                              f"{', '.join(r for r in ROLLOUTS if r)}, or off (promote or "
+                              "keep the candidate as auto_promote says)", field="rollout")
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object stored in the registry."""

@@ -121,6 +121,27 @@ def test_a_blessed_candidate_is_promoted_through_the_audited_promote(tmp_path: P
     assert AuditLog(reg.root).entries("late")[-1]["by"] == "controller"
 
 
+def test_a_blessed_candidate_ships_by_the_policys_rollout_not_at_once(tmp_path: Path
+                                                                      ) -> None:
+    small = write_orders_csv(tmp_path / "small.csv", n=100, seed=0)
+    reg = _v1(tmp_path, small, "mlp", {})
+    t1 = _created(reg)
+    _feed(reg, _fresh(tmp_path, n=300), t1 + 60)
+    reg.set_policy("late", Policy(new_data_fraction=0.5, auto_promote=True,
+                                  rollout="canary").to_json())
+    out = Controller(reg, clock=lambda: t1 + 120).run_once()[0].outcome
+    assert out is not None and (out["blessed"], out["promoted"], out["strategy"]) == \
+        (True, False, "canary")
+    assert reg.aliases("late") == {"stable": 1}  # the canary decides, not the gate alone
+    from hybridml.cloud.rollouts import Rollouts
+
+    r = Rollouts(reg).active("late")
+    assert r is not None and (r.id, r.candidate, r.stable) == (out["rollout"], 2, 1)
+    assert Rollouts(reg).events(r.id)[0]["actor"] == "controller"
+    with pytest.raises(Exception, match="rollout"):
+        Policy(rollout="ab")
+
+
 def test_auto_mode_retrains_logreg_only_when_there_is_new_data(tmp_path: Path,
                                                                source: Path) -> None:
     reg = _v1(tmp_path, source, "logreg", {})
