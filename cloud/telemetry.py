@@ -61,27 +61,32 @@ from .registry import Registry
 log = logging.getLogger("hybridml.cloud.telemetry")
 
 DB_NAME = "telemetry.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events by kind (rollouts read shadow, interleave, health records)
 ANONYMOUS = "anonymous"  # the device of a record without a store id, on a server without tokens
-_SCHEMA = (
-    "CREATE TABLE records (device TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, "
-    "received REAL NOT NULL, PRIMARY KEY (device, id)) WITHOUT ROWID",
-    "CREATE TABLE summaries (device TEXT NOT NULL, id TEXT NOT NULL, model TEXT NOT NULL, "
-    "version INTEGER NOT NULL, start REAL NOT NULL, end REAL NOT NULL, rows INTEGER NOT NULL, "
-    "body TEXT NOT NULL, received REAL NOT NULL, PRIMARY KEY (device, id))",
-    "CREATE INDEX summaries_by_end ON summaries (model, version, end)",
-    "CREATE TABLE feedback (device TEXT NOT NULL, id TEXT NOT NULL, model TEXT NOT NULL, "
-    "version INTEGER, prediction_id TEXT, prediction TEXT, label TEXT NOT NULL, features TEXT, "
-    "sha256 TEXT, at REAL NOT NULL, received REAL NOT NULL, PRIMARY KEY (device, id))",
-    "CREATE INDEX feedback_by_received ON feedback (model, received)",
-    "CREATE TABLE events (device TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, "
-    "model TEXT, prediction_id TEXT, created REAL, body TEXT NOT NULL, received REAL NOT NULL, "
+_SCHEMA = (  # every statement IF NOT EXISTS: an older file upgrades by running them all
+    "CREATE TABLE IF NOT EXISTS records (device TEXT NOT NULL, id TEXT NOT NULL, "
+    "kind TEXT NOT NULL, received REAL NOT NULL, PRIMARY KEY (device, id)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS summaries (device TEXT NOT NULL, id TEXT NOT NULL, "
+    "model TEXT NOT NULL, version INTEGER NOT NULL, start REAL NOT NULL, end REAL NOT NULL, "
+    "rows INTEGER NOT NULL, body TEXT NOT NULL, received REAL NOT NULL, "
     "PRIMARY KEY (device, id))",
-    "CREATE INDEX events_by_prediction ON events (model, prediction_id)",
-    "CREATE TABLE dropped (device TEXT NOT NULL, batch TEXT NOT NULL, kind TEXT NOT NULL, "
-    "count INTEGER NOT NULL, received REAL NOT NULL, PRIMARY KEY (device, batch, kind))",
-    "CREATE TABLE counters (name TEXT NOT NULL, label TEXT NOT NULL, value INTEGER NOT NULL, "
-    "PRIMARY KEY (name, label))",
+    "CREATE INDEX IF NOT EXISTS summaries_by_end ON summaries (model, version, end)",
+    "CREATE TABLE IF NOT EXISTS feedback (device TEXT NOT NULL, id TEXT NOT NULL, "
+    "model TEXT NOT NULL, version INTEGER, prediction_id TEXT, prediction TEXT, "
+    "label TEXT NOT NULL, features TEXT, sha256 TEXT, at REAL NOT NULL, "
+    "received REAL NOT NULL, PRIMARY KEY (device, id))",
+    "CREATE INDEX IF NOT EXISTS feedback_by_received ON feedback (model, received)",
+    "CREATE TABLE IF NOT EXISTS events (device TEXT NOT NULL, id TEXT NOT NULL, "
+    "kind TEXT NOT NULL, model TEXT, prediction_id TEXT, created REAL, body TEXT NOT NULL, "
+    "received REAL NOT NULL, PRIMARY KEY (device, id))",
+    "CREATE INDEX IF NOT EXISTS events_by_prediction ON events (model, prediction_id)",
+    "CREATE TABLE IF NOT EXISTS dropped (device TEXT NOT NULL, batch TEXT NOT NULL, "
+    "kind TEXT NOT NULL, count INTEGER NOT NULL, received REAL NOT NULL, "
+    "PRIMARY KEY (device, batch, kind))",
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT NOT NULL, label TEXT NOT NULL, "
+    "value INTEGER NOT NULL, PRIMARY KEY (name, label))",
+    # Schema 2: the rollout queries read events by kind (shadow, interleave, health).
+    "CREATE INDEX IF NOT EXISTS events_by_kind ON events (model, kind, received)",
 )
 
 

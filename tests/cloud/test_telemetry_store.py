@@ -269,3 +269,22 @@ def test_the_database_is_private_and_in_wal_mode(store: TelemetryStore) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     with sqlite3.connect(path) as c:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_schema_1_telemetry_file_upgrades_in_place_and_keeps_its_records(
+        iris_copy: Path, clock: Clock, manifest: dict[str, Any]) -> None:
+    s = TelemetryStore(Registry(iris_copy), clock=clock)
+    assert s.ingest_summaries("dev-1", records("0a1b2c3d4e", [summary(
+        manifest, iris_rows(manifest, 50), **window(0))])).accepted
+    s.close()
+    path = iris_copy / DB_NAME
+    with sqlite3.connect(path) as c:  # as the previous release left it
+        c.execute("DROP INDEX events_by_kind")
+        c.execute("PRAGMA user_version = 1")
+    again = TelemetryStore(Registry(iris_copy), clock=clock)
+    assert len(again.summaries("iris", 1)) == 1
+    again.close()
+    with sqlite3.connect(path) as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert c.execute("SELECT name FROM sqlite_master WHERE name = 'events_by_kind'"
+                         ).fetchone()
