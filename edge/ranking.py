@@ -38,7 +38,7 @@ from .window import FORMAT
 
 if TYPE_CHECKING:
     from .loaded import LoadedVersion
-    from .shadow import Rollout
+    from .roles import Rollout
 
 KEEP = 10_000  # impressions kept for clicks
 Records = list[tuple[str, dict[str, Any], str, int]]
@@ -243,7 +243,7 @@ class Ranker:
     def _candidate(self, rollout: Rollout, batch: EncodedBatch, positive: Any
                    ) -> list[int] | None:
         """The companion's ranking of the items, or None when it cannot run them."""
-        from .shadow import same_columns
+        from .companion import same_columns
 
         companion = rollout.companion
         assert companion is not None

@@ -60,8 +60,9 @@ from .monitor import Monitor
 from .observe import Observation, Observer, Outcome
 from .prediction import Prediction, maker
 from .ranking import Ranker, Ranking
+from .roles import Rollout, companion_changed, load_rollout
 from .session import ModelSession
-from .shadow import Rollout, Shadow, companion_changed, load_rollout
+from .shadow import Shadow
 from .store import LocalStore
 from .telemetry import Telemetry, TelemetrySettings
 

@@ -1,21 +1,14 @@
-"""The device side of a rollout: the companion model, and shadowing it (docs/rollouts.md §4).
+"""Shadowing a rollout's companion on the device, off the predict path (docs/rollouts.md §4).
 
-A device in a rollout's cohort has a ``rollout`` block in its active manifest
-(:mod:`hybridml.shared.rollout`) and the other version, the *companion*, in
-``companion.json`` (:meth:`~hybridml.edge.store.LocalStore.companion`).
-:func:`load_rollout` pairs the loaded served version with its loaded companion in one
-:class:`Rollout`, which the runtime swaps in beside the version; a call uses it only when its
-``served`` is the very version the call read, so no call ever pairs a version with another
-version's companion.
-
-Roles ``shadow`` and ``canary`` shadow the companion: every ⌈1/sample⌉-th call (a counter, not
-randomness) hands its encoded rows and the served answers to :class:`Shadow`'s worker thread
-through a bounded queue (:data:`QUEUE_BATCHES`; a full queue drops the batch and counts it in
-``skipped``). The worker runs the companion on the same inputs and counts agreement, the
-largest class-probability difference per row (classes aligned by name) or the absolute
-difference (regression), companion failures and the companion's time. The caller never waits
-and its answer is never changed. At each flush :meth:`Shadow.records` turns the window into one
-``shadow`` record per (served, shadow) pair.
+The companion (:mod:`hybridml.edge.companion`) is loaded beside the served version by
+:mod:`hybridml.edge.roles`. Roles ``shadow`` and ``canary`` shadow the companion: every
+⌈1/sample⌉-th call (a counter, not randomness) hands its encoded rows and the served
+answers to :class:`Shadow`'s worker thread through a bounded queue (:data:`QUEUE_BATCHES`;
+a full queue drops the batch and counts it in ``skipped``). The worker runs the companion on
+the same inputs and counts agreement, the largest class-probability difference per row
+(classes aligned by name) or the absolute difference (regression), companion failures and
+the companion's time. The caller never waits and its answer is never changed. At each flush
+:meth:`Shadow.records` turns the window into one ``shadow`` record per (served, shadow) pair.
 
 The single-row fast path answers without an encoded batch: a sampled fast-path call hands over
 a copy of its row, and the worker encodes it and runs both models on it (the served model's
@@ -33,24 +26,22 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hybridml.shared.clock import utc_iso
-from hybridml.shared.errors import HybridMLError, InferenceError, ModelLoadError
-from hybridml.shared.manifest import DELIVERY_KEYS, Manifest, canonical_json
-from hybridml.shared.rollout import SHADOW_ROLES, RolloutBlock
+from hybridml.shared.errors import InferenceError
+from hybridml.shared.rollout import RolloutBlock
 from hybridml.shared.schema import EncodedBatch
 
-from .session import ModelSession
+from .companion import Companion, same_columns, tolerance
 from .window import FORMAT, LATENCY_EDGES_MS
 
 if TYPE_CHECKING:
     from .loaded import LoadedVersion
     from .observe import Outcome
-    from .store import LocalStore
 
 log = logging.getLogger("hybridml.edge.shadow")
 
@@ -58,118 +49,7 @@ QUEUE_BATCHES = 64
 MERGE_ROWS = 64  # queued fast-path rows the worker encodes and compares at once
 PROB_EDGES: tuple[float, ...] = (0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 ABS_EDGES: tuple[float, ...] = (1e-6, 1e-4, 1e-3, 0.01, 0.1, 1, 10, 100)
-DEFAULT_TOLERANCE = 1e-3
-COMPANION_ROLES = (*SHADOW_ROLES, "interleave")  # roles that load the companion
 Records = list[tuple[str, dict[str, Any], str, int]]
-
-
-# ---------------------------------------------------------------------------- the companion
-@dataclass(frozen=True)
-class Companion:
-    """The loaded companion: its manifest and onnxruntime session."""
-
-    manifest: Manifest
-    session: ModelSession
-
-    @property
-    def version(self) -> int:
-        """The companion's version."""
-        return self.manifest.version
-
-    @property
-    def classes(self) -> tuple[Any, ...]:
-        """The companion's classes (empty for regression)."""
-        return tuple(self.manifest.classes or ())
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """The rollout a loaded version takes part in: its ``block``, the loaded ``companion``
-    (None when the store has none that fits, or it failed to load) and, for roles shadow and
-    canary with a companion of the same columns, the shadow ``plan``."""
-
-    served: LoadedVersion
-    block: RolloutBlock
-    companion: Companion | None
-    plan: ShadowPlan | None
-
-    def on(self, v: LoadedVersion) -> Rollout:
-        """This rollout for another snapshot of the same version (a new table or policy)."""
-        plan = None if self.plan is None else self.plan.on(v)
-        return replace(self, served=v, plan=plan)
-
-
-def load_rollout(store: LocalStore, name: str, v: LoadedVersion, shadow: Shadow,
-                 threads: int = 1) -> tuple[Rollout | None, HybridMLError | None]:
-    """The :class:`Rollout` of the loaded version ``v`` (None outside a rollout) and the
-    error its companion failed to load with (None if it loaded, or none was needed)."""
-    block = RolloutBlock.of(v.manifest)
-    if block is None:
-        return None, None
-    wanted = block.companion_manifest() if block.role in COMPANION_ROLES else None
-    if wanted is None:
-        return Rollout(v, block, None, None), None
-    kept = store.companion(name)
-    if kept is None or kept.content() != wanted.content():
-        log.warning("rollout %s: the store holds no companion v%s for %s v%s (a sync did not "
-                    "fetch it, or it failed its checks); serving alone", block.id,
-                    wanted.version, name, v.version)
-        return Rollout(v, block, None, None), None
-    model = kept.artifact("model")
-    assert model is not None  # Manifest.from_json guarantees a model artifact
-    try:
-        session = ModelSession(store.artifact_path(model.sha256), kept.schema, kept.task,
-                               threads=threads)
-        session.warm()
-    except (ModelLoadError, InferenceError, OSError) as exc:
-        err = exc if isinstance(exc, HybridMLError) else \
-            ModelLoadError(f"cannot open companion v{kept.version}: {exc}")
-        log.warning("rollout %s: companion %s v%s failed to load, serving v%s alone: %s",
-                    block.id, name, kept.version, v.version, err.message)
-        return Rollout(v, block, None, None), err
-    companion = Companion(kept, session)
-    plan = shadow.plan(v, companion, block) if block.role in SHADOW_ROLES else None
-    return Rollout(v, block, companion, plan), None
-
-
-def companion_changed(store: LocalStore, name: str, v: LoadedVersion,
-                      rollout: Rollout | None) -> bool:
-    """Whether the store now holds another companion for the loaded ``v`` than ``rollout``
-    has loaded (a sync fetched it after ``v`` was loaded alone, say)."""
-    block = RolloutBlock.of(v.manifest)
-    have = None if rollout is None or rollout.served is not v or rollout.companion is None \
-        else rollout.companion.manifest.content()
-    if block is None or block.companion is None or block.role not in COMPANION_ROLES:
-        return have is not None
-    kept = store.companion(name)
-    fits = kept is not None and kept.content() == canonical_json(
-        {k: x for k, x in block.companion.items() if k not in DELIVERY_KEYS})
-    return (kept.content() if fits and kept is not None else None) != have
-
-
-def same_columns(v: LoadedVersion, companion: Companion) -> str | None:
-    """Why the companion cannot run the served version's encoded rows, or None if it can
-    (the same feature names and kinds in the same order, and the same kind of task)."""
-    a, b = v.schema, companion.manifest.schema
-    if a.names != b.names or [f.kind for f in a.features] != [f.kind for f in b.features]:
-        return f"its columns {list(b.names)} differ from the served version's {list(a.names)}"
-    if (v.manifest.task == "regression") != (companion.manifest.task == "regression"):
-        return f"its task {companion.manifest.task!r} is not comparable to {v.manifest.task!r}"
-    return None
-
-
-def tolerance(block: RolloutBlock, served: Manifest, companion: Manifest) -> float:
-    """Regression agreement bound: 10 % of the stable version's holdout RMSE (the companion
-    in a canary, else the served version), else :data:`DEFAULT_TOLERANCE`."""
-    stable = companion if block.role == "canary" else served
-    metrics = stable.raw.get("metrics")
-    if isinstance(metrics, Mapping):
-        for where in (metrics, metrics.get("edge_test"), metrics.get("sklearn_test")):
-            rmse = where.get("rmse") if isinstance(where, Mapping) else None
-            if isinstance(rmse, (int, float)) and not isinstance(rmse, bool) \
-                    and math.isfinite(rmse) and rmse > 0:
-                return 0.1 * float(rmse)
-    return DEFAULT_TOLERANCE
 
 
 # -------------------------------------------------------------------------------- counters
@@ -522,21 +402,5 @@ class Shadow:
 
 
 # ------------------------------------------------------------------------------- flushing
-__all__ = [
-    "ABS_EDGES",
-    "COMPANION_ROLES",
-    "DEFAULT_TOLERANCE",
-    "PROB_EDGES",
-    "QUEUE_BATCHES",
-    "CallCounter",
-    "Companion",
-    "Rollout",
-    "Shadow",
-    "ShadowCounts",
-    "ShadowPlan",
-    "companion_changed",
-    "drain",
-    "load_rollout",
-    "same_columns",
-    "tolerance",
-]
+__all__ = ["ABS_EDGES", "PROB_EDGES", "QUEUE_BATCHES", "CallCounter", "Shadow", "ShadowCounts",
+           "ShadowPlan", "drain"]

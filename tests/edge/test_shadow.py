@@ -19,8 +19,9 @@ import pytest
 
 from hybridml.cloud.registry import Registry
 from hybridml.cloud.train import train
+from hybridml.edge.companion import Companion
 from hybridml.edge.runtime import EdgeRuntime
-from hybridml.edge.shadow import ABS_EDGES, PROB_EDGES, Companion
+from hybridml.edge.shadow import ABS_EDGES, PROB_EDGES
 from hybridml.edge.spool import Spool
 from hybridml.edge.store import LocalStore
 from hybridml.edge.window import LATENCY_EDGES_MS
