@@ -16,9 +16,9 @@ version. Abort when any check fails:
   ``agreement``: the 95 % Wilson interval's upper end under it (:func:`judge_agreement`;
   a share under the bound whose interval still reaches it holds the step for more rows);
 * ``metric`` — the realised metric from feedback below stable's by ``metric_margin``
-  (points for classifiers; RMSE: relative) *and* significantly worse (one-sided at ``alpha``:
-  the two-proportion test on rows predicted right, Welch's test on squared errors), judged
-  when both have ≥ 50 labels. Stable with
+  (points for classifiers; RMSE: relative) *and* confidently so: the always-valid (mSPRT)
+  confidence sequence of the difference — rows predicted right, or squared errors — lies
+  past the margin, judged when both have ≥ 50 labels. Stable with
   labels and the canary with fewer: unjudged (the step holds). No stable labels at all: the
   metric cannot be compared and is not judged (passed, said in ``detail``), so a model
   without a labelling pipeline can still be canaried on the other checks.
@@ -40,20 +40,35 @@ bound; ``inconclusive`` when ``max_duration_s`` passes without enough evidence.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from hybridml.shared.clock import format_duration
 
 from .facts import ModelFacts
-from .rollout_facts import Histogram, RolloutTelemetry, labels, p99, shadow, traffic, wilson
-from .stats import two_proportion, welch
+from .rollout_facts import (
+    Histogram,
+    Labels,
+    RolloutTelemetry,
+    labels,
+    p99,
+    shadow,
+    traffic,
+    wilson,
+)
+from .stats import SequentialResult, msprt_mean, msprt_proportion
 from .verdict import Verdict, conf, rate
 
 if TYPE_CHECKING:
     from .rollouts import Rollout, Rollouts
 
 MIN_LABELS = 50
-MIN_CALLS = 200  # a p99 from fewer calls is the slowest one or two
+MIN_CALLS = 200
+# The mSPRT's mixing scale for the canary's harm check, in standard deviations of a label's
+# outcome: a canary looks for losses big enough to matter on the small cohort of its first
+# steps (a model that learned nothing: 0.96 -> 0.5 on 62 labels is caught), where the A/B
+# default (0.1 sd, for fine effects at large samples) would need hundreds of labels.
+HARM_TAU_SD = 0.5  # a p99 from fewer calls is the slowest one or two
 FAILED_DEVICES = 2
 FAILED_SHARE = 0.02
 
@@ -188,26 +203,17 @@ def _metric_check(r: Rollout, telemetry: RolloutTelemetry, facts: ModelFacts, si
         v.check("metric", None, c.value, MIN_LABELS, f"{c.n} candidate and {s.n} stable "
                 f"labels; {MIN_LABELS} each needed to compare {c.metric}")
         return
-    if regression:  # RMSE: lower is better, the margin is relative
-        bound = s.value * (1 + margin)
-        ok = c.value <= bound
-    else:
-        bound = s.value - margin
-        ok = c.value >= bound
+    bound = s.value * (1 + margin) if regression else s.value - margin
     detail = (f"{c.metric} candidate {c.value:.4f} on {c.n} labels, stable {s.value:.4f} on "
               f"{s.n} (margin {margin:g})")
+    ok = c.value <= bound if regression else c.value >= bound
     if not ok:
-        # Below the margin on these labels: abort only when that is more than sampling noise
-        # (one-sided, at alpha), else a good candidate's unlucky day aborts it. Each step's
-        # larger cohort brings more labels, so a real loss is found by a later step if not here.
-        test = (welch(s.mean_sq, s.var_sq, s.n, c.mean_sq, c.var_sq, c.n) if regression
-                else two_proportion(s.correct, s.n, c.correct, c.n))  # effect: cand - stable
         alpha = float(conf(r, "alpha", 0.05))
-        worse = test.effect > 0 if regression else test.effect < 0
-        ok = not (worse and test.p_value / 2 < alpha)
-        v.tests["metric"] = test.to_json()
-        detail += (f"; {'significantly' if not ok else 'not significantly'} worse "
-                   f"(one-sided p {test.p_value / 2:.3g})")
+        ok, seq = judge_metric(s, c, regression, margin, alpha)
+        v.tests["metric"] = seq.to_json()
+        detail += (f"; {'confidently' if not ok else 'not confidently'} worse by more than "
+                   f"the margin ({100 * (1 - alpha):g} % always-valid interval of the "
+                   f"difference {seq.ci_low:.4g} to {seq.ci_high:.4g})")
     v.check("metric", ok, c.value, bound, detail)
 
 
@@ -262,6 +268,27 @@ def shadow_rollout(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry,
                                         if conf(r, "auto_promote", False) else
                                         "; a person promotes it"))
     return "ready"
+
+
+def judge_metric(stable: Labels, candidate: Labels, regression: bool, margin: float,
+                 alpha: float = 0.05) -> tuple[bool, SequentialResult]:
+    """Whether a candidate whose realised metric is below stable's passes: it fails only when
+    it is confidently worse by more than ``margin`` — the always-valid (mSPRT) confidence
+    sequence of the difference (rows predicted right; squared errors, with the RMSE margin
+    as one on their mean) lies past it. Always-valid because each tick looks again at a
+    step's growing labels; past the margin, so a candidate a hair worse, within what the gate
+    allows, is not aborted on noise. A real loss is found by a later, larger cohort if not
+    here."""
+    s, c = stable, candidate
+    if regression:
+        sd = math.sqrt(((s.n - 1) * s.var_sq + (c.n - 1) * c.var_sq) / max(s.n + c.n - 2, 1))
+        seq = msprt_mean(s.mean_sq, s.var_sq, s.n, c.mean_sq, c.var_sq, c.n,
+                         tau=HARM_TAU_SD * sd or None, alpha=alpha)
+        return not seq.ci_low > s.mean_sq * ((1 + margin) ** 2 - 1), seq
+    p = (s.correct + c.correct) / (s.n + c.n)
+    seq = msprt_proportion(s.correct, s.n, c.correct, c.n,
+                           tau=HARM_TAU_SD * math.sqrt(p * (1 - p)) or None, alpha=alpha)
+    return not seq.ci_high < -margin, seq
 
 
 def latency_bound(stable_p99: float | None, ratio: float, floor_ms: float) -> float | None:

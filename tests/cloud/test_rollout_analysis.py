@@ -470,3 +470,26 @@ def test_agreement_fails_only_when_confidently_below_its_bound(agree: int, rows:
     from hybridml.cloud.rollout_canary import judge_agreement
 
     assert judge_agreement(agree, rows, 0.9) is judged
+
+
+def _labels(correct: int, n: int) -> Any:
+    from hybridml.cloud.rollout_facts import Labels
+
+    return Labels(n, correct, 0.0, 0.0, correct / n, "accuracy", 1)
+
+
+@pytest.mark.parametrize(("candidate", "stable", "passes"), [
+    # a good candidate's unlucky day (true accuracies 0.966 and 0.968, measured in the fleet
+    # test): 3 points under on 169 labels is noise under repeated looks, not a loss
+    ((158, 169), (979, 1014), True),
+    ((31, 62), (1115, 1162), False),     # labels shuffled: 0.50 against 0.96
+    ((35, 62), (1115, 1162), False),     # 0.56: caught on the first step's 62 labels
+    ((9000, 10000), (9700, 10000), False),  # 7 points under on 10,000 labels each
+    ((9640, 10000), (9660, 10000), True),   # within the 0.5-point margin, on any sample
+])
+def test_the_metric_fails_only_when_confidently_worse_by_more_than_the_margin(
+        candidate: tuple[int, int], stable: tuple[int, int], passes: bool) -> None:
+    from hybridml.cloud.rollout_canary import judge_metric
+
+    ok, seq = judge_metric(_labels(*stable), _labels(*candidate), False, 0.005)
+    assert ok is passes, seq.to_json()
