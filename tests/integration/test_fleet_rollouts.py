@@ -166,6 +166,8 @@ def test_shadow_of_a_different_model_reports_the_agreement_both_models_give(site
     rows = [row for i in range(DEVICES) for row, _ in site.traffic(2)(i)]
     expected = float(np.mean(_labels(site, 1, rows) == _labels(site, 2, rows)))
     measured = totals["agree"] / totals["rows"]
+    print(f"shadow of v2: {totals['agree']} of {totals['rows']} rows agree ({measured:.4f}); "
+          f"both models on the same rows directly: {expected:.4f}")
     # every row was compared unless a device's shadow queue was full
     assert totals["rows"] + totals["skipped"] >= len(rows) * 0.95
     assert abs(measured - expected) < 0.02, (measured, expected)
