@@ -289,7 +289,7 @@ def _admin_blueprint(registry: Registry) -> Blueprint:
 
     @bp.post("/v1/models/<name>/aliases/<alias>")
     def promote_alias(name: str, alias: str) -> Response:
-        body = _body()
+        body = admin_body()
         ref = _ref(body.get("version"), required=True)
         assert ref is not None
         version, before = promote(registry, name, alias, ref, actor=_actor())
@@ -297,7 +297,7 @@ def _admin_blueprint(registry: Registry) -> Blueprint:
 
     @bp.post("/v1/models/<name>/rollback")
     def rollback_alias(name: str) -> Response:
-        body = _body()
+        body = admin_body()
         alias = body.get("alias", "stable")
         if not isinstance(alias, str):
             raise InputError("'alias' must be a string such as 'stable'", field="alias")
@@ -308,11 +308,12 @@ def _admin_blueprint(registry: Registry) -> Blueprint:
     return bp
 
 
-def _body() -> dict[str, Any]:
+def admin_body(keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The JSON object body of an admin call; an empty body is ``{}``.
 
     Strict JSON whatever the content type (a token-checked caller need not set it; the
-    insecure mode's guard requires it); 400 naming ``body`` for anything else.
+    insecure mode's guard requires it); 400 naming ``body`` for anything else, and, with
+    ``keys``, naming a key that is not one of them.
     """
     raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: werkzeug raises 413
     if not raw:
@@ -320,6 +321,11 @@ def _body() -> dict[str, Any]:
     data = jsontext.loads_body(raw)
     if not isinstance(data, dict):
         raise InputError("the body must be a JSON object, e.g. {\"version\": 3}", field="body")
+    unknown = [] if keys is None else [k for k in data if k not in keys]
+    if unknown:
+        shown = printable(str(unknown[0]), 40)
+        raise InputError(f"unknown key {shown!r} in the body; known keys: "
+                         f"{', '.join(keys or ())}", field=shown)
     return data
 
 

@@ -22,10 +22,9 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from hybridml.shared import jsontext
 from hybridml.shared.errors import InputError, NotFoundError
-from hybridml.shared.text import printable
 
+from .auth import admin_body
 from .rollouts import Rollout, Rollouts
 
 START_KEYS = ("strategy", "candidate", "arms", "config", "force", "reason")
@@ -77,7 +76,7 @@ def _blueprint(rollouts: Rollouts) -> Blueprint:
 
     @bp.post("/v1/models/<name>/rollouts")
     def start_rollout(name: str) -> tuple[Response, int]:
-        body = _body(START_KEYS)
+        body = admin_body(START_KEYS)
         strategy = body.get("strategy")
         if not isinstance(strategy, str):
             raise InputError("'strategy' is required: one of shadow, canary, ab, interleave",
@@ -104,7 +103,7 @@ def _blueprint(rollouts: Rollouts) -> Blueprint:
 
     @bp.post("/v1/models/<name>/rollout/promote")
     def promote_rollout(name: str) -> Response:
-        body = _body(PROMOTE_KEYS)
+        body = admin_body(PROMOTE_KEYS)
         version = body.get("version")
         if version is not None and (isinstance(version, bool)
                                     or not isinstance(version, (int, str))):
@@ -116,27 +115,11 @@ def _blueprint(rollouts: Rollouts) -> Blueprint:
 
     @bp.post("/v1/models/<name>/rollout/abort")
     def abort_rollout(name: str) -> Response:
-        body = _body(ABORT_KEYS)
+        body = admin_body(ABORT_KEYS)
         r = rollouts.abort(name, actor=_actor(), reason=_reason(body))
         return jsonify({"rollout": r.to_json()})
 
     return bp
-
-
-def _body(keys: tuple[str, ...]) -> dict[str, Any]:
-    """The strict-JSON object body (empty: ``{}``); 400 naming an unknown key."""
-    raw = request.get_data(cache=True)  # over MAX_CONTENT_LENGTH: werkzeug raises 413
-    if not raw:
-        return {}
-    data = jsontext.loads_body(raw)
-    if not isinstance(data, dict):
-        raise InputError("the body must be a JSON object", field="body")
-    for key in data:
-        if key not in keys:
-            shown = printable(str(key), 40)
-            raise InputError(f"unknown key {shown!r} in the body; known keys: "
-                             f"{', '.join(keys)}", field=shown)
-    return data
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
