@@ -84,6 +84,10 @@ def canary(r: Rollout, rollouts: Rollouts, telemetry: RolloutTelemetry, facts: M
     stable = traffic(telemetry.summaries(r.name, r.stable, since, now), exclude=cohort)
     if not stable.rows:  # the 100 % step has no stable cohort: compare with the rollout's
         stable = traffic(telemetry.summaries(r.name, r.stable, r.started, now))
+    if not stable.rows:
+        v.say(f"no device has reported stable v{r.stable} during this rollout: the checks "
+              "that compare with it cannot be judged (a canary whose first step is 100 % has "
+              "no stable devices; start it with a smaller step)")
     ever = traffic(telemetry.summaries(r.name, r.candidate, r.started, now))
     health = [e for e in telemetry.events(r.name, "health", since=r.started, until=now)
               if e.get("event") == "load_failed" and e.get("version") == r.candidate

@@ -176,8 +176,8 @@ class Rollouts:
                         else None)
             bump_sequence(c, name)
             started = self._get(c, rollout_id)
-        log.warning("rollout %d of %s started: %s of %s by %s%s", rollout_id, name, strategy,
-                    list(versions), actor, " (forced)" if unblessed else "")
+        log.info("rollout %d of %s started: %s of %s by %s%s", rollout_id, name, strategy,
+                 list(versions), actor, " (forced)" if unblessed else "")
         return started
 
     def advance(self, rollout_id: int, step: int, *, actor: str, reason: str | None = None,
@@ -200,8 +200,8 @@ class Rollouts:
                         evidence)
             bump_sequence(c, r.name)
             moved = self._get(c, r.id)
-        log.warning("rollout %d of %s: step %s -> %d (%g%%) by %s", r.id, r.name, r.step, step,
-                    steps[step], actor)
+        log.info("rollout %d of %s: step %s -> %d (%g%%) by %s", r.id, r.name, r.step, step,
+                 steps[step], actor)
         return moved
 
     def finish(self, rollout_id: int, state: str, *, actor: str, reason: str | None = None,
@@ -240,8 +240,8 @@ class Rollouts:
                         proof or None)
             bump_sequence(c, r.name)
             done = self._get(c, r.id)
-        log.warning("rollout %d of %s: %s -> %s by %s (%s)", r.id, r.name, r.state, state,
-                    actor, reason or "no reason given")
+        log.info("rollout %d of %s: %s -> %s by %s (%s)", r.id, r.name, r.state, state,
+                 actor, reason or "no reason given")
         return done
 
     def record_decision(self, rollout_id: int, decision: Mapping[str, Any] | None,
