@@ -21,7 +21,8 @@ taken before the model's triggers are evaluated, so a pass sees the ``stable`` i
 
 Decisions and their times are in the registry's database, so the cooldown survives a
 restart; a controller killed while training leaves a fired decision without an outcome (and
-no half-registered version: a version appears in one transaction at the end).
+no half-registered version: a version appears in one transaction at the end). Decisions that
+did not fire are kept for :data:`QUIET_KEPT_S` (30 days), fired ones for good.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import ConfigError, HybridMLError
 
 from .evidence import Telemetry, epoch, gather, labelled_since, open_telemetry
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .rollouts import Rollouts
 
 log = logging.getLogger("hybridml.cloud.controller")
+QUIET_KEPT_S = 30 * 86400.0  # decisions that did not fire are pruned after this long
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ class Controller:
         now = self.clock()
         decision = evaluate(policy, gather(self.registry, self.telemetry, name, policy, now))
         did = self.registry.add_decision(name, decision.to_json())
+        self.registry.prune_decisions(name, utc_iso(now - QUIET_KEPT_S))
         fired = [t.name for t in decision.triggers if t.fired]
         if not decision.fired:
             log.info("%s: %s", name, f"held by the cooldown ({', '.join(fired)})"

@@ -404,6 +404,17 @@ class Registry:
                                                     canonical_json(doc).decode("utf-8")))
             return int(cur.lastrowid or 0)
 
+    def prune_decisions(self, name: str, before: str) -> int:
+        """Delete ``name``'s decisions that did not fire, recorded before ``before`` (ISO
+        time); returns how many. Fired ones — each trained a candidate, or says why not —
+        are kept: they are the model's history. The quiet ones are a controller pass each
+        (1,440 a day at one a minute) and only say nothing happened."""
+        name = lookup_name(name)
+        with self._tx(write=True) as c:
+            gone = c.execute("DELETE FROM decisions WHERE name = ? AND fired = 0 AND time < ?",
+                             (name, before))
+            return int(gone.rowcount)
+
     def finish_decision(self, decision_id: int, outcome: Mapping[str, Any]) -> None:
         """Record what followed decision ``decision_id``: the candidate version, or why none."""
         doc = _json_copy(outcome, "outcome", RegistryError)

@@ -285,3 +285,21 @@ def test_fleet_drift_in_two_consecutive_windows_fires_the_drift_trigger(
     fired = decision()
     (drift,) = [t for t in fired.triggers if t.name == "drift"]
     assert fired.fired and drift.fired, drift.evidence
+
+
+def test_quiet_decisions_are_pruned_after_30_days_and_fired_ones_kept(
+        tmp_path: Path, source: Path) -> None:
+    from hybridml.shared.clock import utc_iso
+
+    reg = _v1(tmp_path, source, "logreg", {})
+    t1 = _created(reg)
+    now = t1 + 3600
+    old = utc_iso(now - 40 * DAY)
+    quiet = reg.add_decision("late", {"time": old, "fired": False, "triggers": []})
+    fired = reg.add_decision("late", {"time": old, "fired": True, "triggers": []})
+    recent = reg.add_decision("late", {"time": utc_iso(now - DAY), "fired": False})
+    reg.set_policy("late", Policy(every_s=7 * DAY).to_json())  # does not fire an hour in
+    step = Controller(reg, clock=lambda: now).run_once()[0]
+    assert not step.fired
+    kept = {d["id"] for d in reg.decisions("late")}
+    assert quiet not in kept and {fired, recent, step.decision} <= kept
