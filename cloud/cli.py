@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", default="stable", help="alias to move (default: stable)")
     pr.set_defaults(func=cmd_promote)
 
+    gc = sub.add_parser("gc", parents=[common],
+                        help="delete blobs no version names, crash leftovers and the "
+                        "controller's orphaned training CSVs")
+    gc.add_argument("--min-age", default="1h", help="only files older than this (default "
+                    "1h: a training run may still register what it wrote)")
+    gc.set_defaults(func=cmd_gc)
+
     rb = sub.add_parser("rollback", parents=[common],
                         help="move an alias back to the version it pointed at before")
     rb.add_argument("name")
@@ -320,6 +327,15 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     version, before = rollback(_registry(args), args.name, args.alias, args.version)
     _emit(args, {"name": args.name, "alias": args.alias, "version": version,
                  "previous": before}, f"{args.name}: {args.alias} -> v{version} (was v{before})")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``gc``: :meth:`Registry.gc`."""
+    from hybridml.shared.clock import parse_duration
+
+    removed = _registry(args).gc(min_age_seconds=parse_duration(args.min_age, "min_age"))
+    _emit(args, {"removed": removed}, f"removed {removed} file(s)")
     return 0
 
 

@@ -518,7 +518,8 @@ class Registry:
         return json.loads(text)  # type: ignore[no-any-return]
 
     def gc(self, *, min_age_seconds: float = GC_MIN_AGE_S) -> int:
-        """Delete unreferenced blobs and crash leftovers older than ``min_age_seconds``.
+        """Delete unreferenced blobs, crash leftovers and orphaned training CSVs older than
+        ``min_age_seconds``.
 
         A blob is kept while any version's manifest or metadata mentions its sha256. The age
         limit protects a training run that has stored its blobs but not yet registered its
@@ -535,7 +536,31 @@ class Registry:
             for suffix in (".gz", ".raw", ".lock"):
                 (self.gzip_cache / f"{sha}{suffix}").unlink(missing_ok=True)
         removed += self.blobs.sweep(min_age_seconds)
+        removed += self._gc_training(min_age_seconds)
         log.info("gc removed %d files from %s", removed, self.root)
+        return removed
+
+    def _gc_training(self, min_age_seconds: float) -> int:
+        """Delete the controller's training CSVs (``<root>/training/<name>/*.csv``) that no
+        version names as its ``training.source`` — a candidate that failed to train or
+        register — once older than ``min_age_seconds`` (a controller may be training on a
+        younger one now). Named ones stay: a retrain reads its line's source again."""
+        folder = self.root / "training"
+        if not folder.is_dir():
+            return 0
+        with self._tx(write=False) as c:
+            sources = [json.loads(text).get("training", {}).get("source")
+                       for (text,) in c.execute("SELECT manifest FROM versions")]
+        keep = {str(Path(s).resolve()) for s in sources if isinstance(s, str)}
+        now, removed = time.time(), 0
+        for path in folder.glob("*/*.csv"):
+            try:
+                old = now - path.stat().st_mtime >= min_age_seconds
+            except FileNotFoundError:
+                continue
+            if old and str(path.resolve()) not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     # ------------------------------------------------------------ for other cloud stores

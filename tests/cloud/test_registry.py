@@ -499,3 +499,26 @@ def test_a_database_from_a_newer_hybridml_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RegistryError, match=r"schema version 99.*upgrade hybridml"):
         Registry(tmp_path / "reg")
+
+
+def test_gc_deletes_orphaned_training_csvs_and_keeps_a_versions_source(
+        tmp_path: Path, orders_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from hybridml.cloud.cli import main
+    from hybridml.cloud.train import train
+
+    reg = Registry(tmp_path / "reg")
+    folder = reg.root / "training" / "late"
+    folder.mkdir(parents=True)
+    source = Path(shutil.copy(orders_csv, folder / "20261201T160000Z-retrain.csv"))
+    train(reg, "late", data=source, target="late", drop=["delivery_minutes"], model="logreg")
+    orphan = Path(shutil.copy(orders_csv, folder / "20261201T170000Z-finetune.csv"))
+    young = Path(shutil.copy(orders_csv, folder / "20261201T180000Z-retrain.csv"))
+    hours_ago = time.time() - 2 * 3600
+    for p in (source, orphan):
+        os.utime(p, (hours_ago, hours_ago))
+    assert main(["gc", "--registry", str(reg.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] >= 1
+    # the version's source stays (a retrain reads it again); a young one may be in training
+    assert source.exists() and young.exists() and not orphan.exists()
