@@ -233,7 +233,12 @@ class CloudShadow:
 
     def _compare(self, r: Rollout, served: Predictor, rows: list[Any], batch: EncodedBatch,
                  out: Outputs) -> None:
-        from hybridml.edge.shadow import ABS_EDGES, LATENCY_EDGES_MS, PROB_EDGES
+        from hybridml.edge.shadow import (
+            LATENCY_EDGES_MS,
+            Alignment,
+            compare_classes,
+            compare_values,
+        )
 
         assert r.candidate is not None
         task = served.manifest.task
@@ -247,44 +252,21 @@ class CloudShadow:
             log.info("rollout %d: the candidate failed on %d rows: %s", r.id, n, exc.message)
             got = None
         took_ms = (time.perf_counter() - t0) * 1000.0
+        if got is not None and task == "regression":
+            assert out.values is not None and got.values is not None
+            compared = compare_values(out.values, got.values, float(r.config.tolerance or 1e-3))
+        elif got is not None:
+            assert out.labels is not None and out.probabilities is not None
+            assert got.labels is not None and got.probabilities is not None
+            compared = compare_classes(Alignment.of(served.classes, cand.classes), out.labels,
+                                       out.probabilities, got.labels, got.probabilities)
         with self._lock:
             c = self._counts_locked(r, task)
             c.latency[int(np.searchsorted(LATENCY_EDGES_MS, took_ms, "right"))] += 1
             if got is None:
                 c.errors += n
-                return
-            if task == "regression":
-                assert out.values is not None and got.values is not None
-                diff = np.abs(out.values.astype(np.float64) - got.values.astype(np.float64))
-                finite = diff[np.isfinite(diff)]
-                tol = float(r.config.tolerance or 1e-3)
-                c.rows += n
-                c.agree += int(np.count_nonzero(finite <= tol))
-                assert c.abs_diff is not None
-                c.abs_diff += np.bincount(np.searchsorted(ABS_EDGES, finite, "right"),
-                                          minlength=len(ABS_EDGES) + 1)
-                if finite.size:
-                    c.abs_sum += float(finite.sum())
-                    c.abs_max = max(c.abs_max, float(finite.max()))
-                return
-            assert out.labels is not None and out.probabilities is not None
-            assert got.labels is not None and got.probabilities is not None
-            names = [str(x) for x in served.classes]
-            names += [str(x) for x in cand.classes if str(x) not in names]
-            s_at = np.array([names.index(str(x)) for x in served.classes], dtype=np.intp)
-            c_at = np.array([names.index(str(x)) for x in cand.classes], dtype=np.intp)
-            a = s_at[out.labels]
-            b = c_at[got.labels]
-            ps = np.zeros((n, len(names)))
-            pc = np.zeros((n, len(names)))
-            ps[:, s_at] = out.probabilities
-            pc[:, c_at] = got.probabilities
-            diff = np.abs(ps - pc).max(axis=1)
-            c.rows += n
-            c.agree += int(np.count_nonzero(a == b))
-            assert c.prob_diff is not None
-            c.prob_diff += np.bincount(np.searchsorted(PROB_EDGES, diff, "right"),
-                                       minlength=len(PROB_EDGES) + 1)
+            else:
+                c.add(compared)
 
 
 def _key(r: Rollout) -> tuple[int, int, int]:

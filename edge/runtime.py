@@ -22,7 +22,7 @@ thread, and at exit — and the agent or ``hybridml-edge push`` uploads it. Each
 ``prediction_id`` (:mod:`hybridml.edge.feedback`) that :meth:`EdgeRuntime.feedback` refers to.
 
 In a rollout (docs/rollouts.md §4) the loaded version comes with its companion
-(:class:`~hybridml.edge.shadow.Rollout`): roles ``shadow`` and ``canary`` hand sampled calls to
+(:class:`~hybridml.edge.roles.Rollout`): roles ``shadow`` and ``canary`` hand sampled calls to
 :attr:`EdgeRuntime.shadow`'s worker after the answer is made, and :meth:`EdgeRuntime.rank`
 interleaves the two models' rankings in role ``interleave`` (:mod:`hybridml.edge.ranking`).
 Their records go to the spool with each telemetry window.
@@ -62,7 +62,7 @@ from .prediction import Prediction, maker
 from .ranking import Ranker, Ranking
 from .roles import Rollout, companion_changed, load_rollout
 from .session import ModelSession
-from .shadow import Shadow
+from .shadow import Shadow, ShadowPlan
 from .store import LocalStore
 from .telemetry import Telemetry, TelemetrySettings
 
@@ -296,8 +296,19 @@ class EdgeRuntime:
     def rollout(self) -> Rollout | None:
         """The rollout the loaded version takes part in (its block, the loaded companion),
         or None."""
-        r, v = self._rollout, self._loaded
+        return self._rollout_of(self._loaded)
+
+    def _rollout_of(self, v: LoadedVersion | None) -> Rollout | None:
+        """The rollout of ``v``, the version a call read: None when the current rollout
+        belongs to another version (a reload swapped in between)."""
+        r = self._rollout
         return r if r is not None and r.served is v else None
+
+    def _shadow_plan(self, v: LoadedVersion) -> ShadowPlan | None:
+        """The shadow plan of ``v`` when this call is to be shadowed (the plan counted it)."""
+        r = self._rollout_of(v)
+        plan = None if r is None else r.plan
+        return plan if plan is not None and plan.pick() else None
 
     # ---------------------------------------------------------------------------------- doors
     def predict(self, rows: Iterable[Row], *, errors: str = "raise") -> list[Prediction]:
@@ -315,10 +326,10 @@ class EdgeRuntime:
                 if answer is not None:
                     if self.observers:
                         self._observe(Observation("row", v, [answer], rows=rows))
-                    r = self._rollout
-                    if r is not None and r.served is v and r.plan is not None \
-                            and r.plan.pick():
-                        r.plan.row(rows[0])  # the worker encodes it
+                    if self._rollout is not None:  # one read when there is no rollout
+                        plan = self._shadow_plan(v)
+                        if plan is not None:
+                            plan.row(rows[0])  # the worker encodes it
                     return [answer]
         t0 = _clock() if self.telemetry is not None else 0
         _check_errors(errors)
@@ -375,9 +386,9 @@ class EdgeRuntime:
             if tel is not None:
                 tel(obs)
             self._observe(obs)
-        r = self._rollout
-        if r is not None and r.served is v and r.plan is not None and r.plan.pick():
-            r.plan.batch(batch, result.outcome(), copy=True)  # the arrays may be the caller's
+        plan = self._shadow_plan(v)
+        if plan is not None:
+            plan.batch(batch, result.outcome(), copy=True)  # the arrays may be the caller's
         return result
 
     # ---------------------------------------------------------------------------- ranking
@@ -388,9 +399,7 @@ class EdgeRuntime:
         an ``interleave`` rollout, a team-draft interleaving of the served and the candidate
         model's rankings (:mod:`hybridml.edge.ranking`)."""
         v = self._require()
-        r = self._rollout
-        return self.ranker.rank(v, r if r is not None and r.served is v else None, items, k,
-                                positive)
+        return self.ranker.rank(v, self._rollout_of(v), items, k, positive)
 
     def click(self, ranking_id: str, item: Any) -> None:
         """Record a click on ``item`` (one of ``ranking.items``, or its position) of the
@@ -462,9 +471,7 @@ class EdgeRuntime:
         """Infer, ask the cloud for the rows the policy flags, tell the observers (and
         telemetry: ``t0`` is when the call came in, ``perf_counter_ns``)."""
         inf = v.infer(batch)
-        r = self._rollout
-        plan = r.plan if r is not None and r.served is v else None
-        pick = plan is not None and plan.pick()
+        plan = self._shadow_plan(v)
         make = self._make
         version = v.version
         sources = [SOURCES[s] for s in inf.source.tolist()]
@@ -481,7 +488,7 @@ class EdgeRuntime:
         reasons = self.fallback.reasons(batch, inf.probabilities, inf.local_failed)
         ask = np.flatnonzero(reasons)
         tel = self.telemetry
-        track = tel is not None or pick  # the answers as arrays are wanted
+        track = tel is not None or plan is not None  # the answers as arrays are wanted
         degraded = cloud = None
         if ask.size:
             unanswered = 0
@@ -513,8 +520,7 @@ class EdgeRuntime:
             if tel is not None:
                 tel(obs)
             self._observe(obs)
-        if pick:
-            assert plan is not None
+        if plan is not None:
             plan.batch(batch, outcome)
         return results
 

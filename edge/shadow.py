@@ -25,7 +25,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,18 @@ class ShadowCounts:
         else:
             self.prob_diff = np.zeros(len(PROB_EDGES) + 1, dtype=np.int64)
 
+    def add(self, got: Compared) -> None:
+        """Count one comparison (the caller holds the counts' lock)."""
+        self.rows += got.rows
+        self.agree += got.agree
+        if self.prob_diff is not None:
+            self.prob_diff += got.bins
+        else:
+            assert self.abs_diff is not None
+            self.abs_diff += got.bins
+            self.abs_sum += got.total
+            self.abs_max = max(self.abs_max, got.top)
+
     def body(self, model: str, start: float, end: float) -> dict[str, Any]:
         """The ``shadow`` record body (docs/rollouts.md §4)."""
         return {
@@ -95,6 +107,65 @@ class ShadowCounts:
             {"edges": list(ABS_EDGES), "counts": self.abs_diff.tolist(),
              "sum": self.abs_sum, "max": self.abs_max},
             "latency_ms": {"edges": list(LATENCY_EDGES_MS), "counts": self.latency.tolist()}}
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Two classifiers' classes lined up by name: the columns of the union of both, where
+    each model's classes sit in it (models of one line may order or extend them)."""
+
+    width: int
+    served_at: np.ndarray
+    companion_at: np.ndarray
+
+    @classmethod
+    def of(cls, served: Sequence[Any], companion: Sequence[Any]) -> Alignment:
+        """The alignment of ``served``'s classes with ``companion``'s."""
+        names = [str(c) for c in served]
+        names += [str(c) for c in companion if str(c) not in names]
+        return cls(len(names), np.array([names.index(str(c)) for c in served], dtype=np.intp),
+                   np.array([names.index(str(c)) for c in companion], dtype=np.intp))
+
+
+@dataclass(frozen=True)
+class Compared:
+    """What one comparison adds to a :class:`ShadowCounts`."""
+
+    rows: int
+    agree: int
+    bins: np.ndarray  # the prob_diff (classifiers) or abs_diff (regression) histogram
+    total: float = 0.0  # regression: sum and largest absolute difference
+    top: float = 0.0
+
+
+def compare_classes(align: Alignment, s_labels: np.ndarray, s_probs: np.ndarray,
+                    c_labels: np.ndarray, c_probs: np.ndarray) -> Compared:
+    """Same label (by name; a served label of -1 — an answer no class names — never
+    agrees) and the largest absolute difference of any class's probability, per row."""
+    a = np.where(s_labels >= 0, align.served_at[np.clip(s_labels, 0, None)], -1)
+    agree = int(np.count_nonzero(a == align.companion_at[c_labels]))
+    m = len(c_labels)
+    ps = np.zeros((m, align.width), dtype=np.float64)
+    pc = np.zeros((m, align.width), dtype=np.float64)
+    ps[:, align.served_at] = s_probs
+    pc[:, align.companion_at] = c_probs
+    diff = np.abs(ps - pc).max(axis=1)
+    return Compared(m, agree, np.bincount(np.searchsorted(PROB_EDGES, diff, "right"),
+                                          minlength=len(PROB_EDGES) + 1))
+
+
+def compare_values(s_values: np.ndarray, c_values: np.ndarray, tol: float) -> Compared:
+    """Regression: rows whose absolute difference is within ``tol`` agree (a NaN answer
+    never does), and the differences' histogram, sum and largest."""
+    diff = np.abs(np.asarray(s_values, dtype=np.float64)
+                  - np.asarray(c_values, dtype=np.float64))
+    m = len(diff)
+    diff = diff[np.isfinite(diff)]
+    return Compared(m, int(np.count_nonzero(diff <= tol)),
+                    np.bincount(np.searchsorted(ABS_EDGES, diff, "right"),
+                                minlength=len(ABS_EDGES) + 1),
+                    float(diff.sum()) if diff.size else 0.0,
+                    float(diff.max()) if diff.size else 0.0)
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -146,15 +217,7 @@ class ShadowPlan:
         self.tolerance = tolerance(block, served.manifest, companion.manifest)
         self.is_clf = served.is_clf
         self.counter = CallCounter()
-        # Class alignment by name: columns of a union of both models' classes.
-        names = [str(c) for c in served.classes]
-        for c in companion.classes:
-            if str(c) not in names:
-                names.append(str(c))
-        self.width = len(names)
-        self.served_at = np.array([names.index(str(c)) for c in served.classes], dtype=np.intp)
-        self.companion_at = np.array([names.index(str(c)) for c in companion.classes],
-                                     dtype=np.intp)
+        self.align = Alignment.of(served.classes, companion.classes)
 
     def on(self, v: LoadedVersion) -> ShadowPlan:
         """This plan for another snapshot of the same served version (sharing its counter)."""
@@ -359,48 +422,34 @@ class Shadow:
                 c.latency += latency
             return
         if plan.is_clf:
-            s_labels, s_probs = served.labels[ok], served.probabilities[ok]
-            c_labels = np.concatenate([o.labels for o in outs])
-            c_probs = np.concatenate([o.probabilities for o in outs])
-            a = np.where(s_labels >= 0, plan.served_at[np.clip(s_labels, 0, None)], -1)
-            agree = int(np.count_nonzero(a == plan.companion_at[c_labels]))
-            m = len(c_labels)
-            ps = np.zeros((m, plan.width), dtype=np.float64)
-            pc = np.zeros((m, plan.width), dtype=np.float64)
-            ps[:, plan.served_at] = s_probs
-            pc[:, plan.companion_at] = c_probs
-            diff = np.abs(ps - pc).max(axis=1)
-            bins = np.bincount(np.searchsorted(PROB_EDGES, diff, "right"),
-                               minlength=len(PROB_EDGES) + 1)
-            total = top = 0.0
+            got = compare_classes(plan.align, served.labels[ok], served.probabilities[ok],
+                                  np.concatenate([o.labels for o in outs]),
+                                  np.concatenate([o.probabilities for o in outs]))
         else:
-            values = np.concatenate([o.values for o in outs]).astype(np.float64)
-            diff = np.abs(np.asarray(served.values, dtype=np.float64)[ok] - values)
-            m = len(diff)
-            diff = diff[np.isfinite(diff)]  # a NaN answer (the cloud's None) never agrees
-            agree = int(np.count_nonzero(diff <= plan.tolerance))
-            bins = np.bincount(np.searchsorted(ABS_EDGES, diff, "right"),
-                               minlength=len(ABS_EDGES) + 1)
-            total = float(diff.sum()) if diff.size else 0.0
-            top = float(diff.max()) if diff.size else 0.0
+            got = compare_values(np.asarray(served.values)[ok],
+                                 np.concatenate([o.values for o in outs]), plan.tolerance)
         with self._lock:
             c = self._counts_locked(plan)
-            c.rows += m
+            c.add(got)
             c.errors += failed
-            c.agree += agree
             c.latency += latency
-            if c.prob_diff is not None:
-                c.prob_diff += bins
-            else:
-                assert c.abs_diff is not None
-                c.abs_diff += bins
-                c.abs_sum += total
-                c.abs_max = max(c.abs_max, top)
 
     def _counts_locked(self, plan: ShadowPlan) -> ShadowCounts:
         return self._window.get(plan.key) or self._new(plan, self._window)
 
 
 # ------------------------------------------------------------------------------- flushing
-__all__ = ["ABS_EDGES", "PROB_EDGES", "QUEUE_BATCHES", "CallCounter", "Shadow", "ShadowCounts",
-           "ShadowPlan", "drain"]
+__all__ = [
+    "ABS_EDGES",
+    "PROB_EDGES",
+    "QUEUE_BATCHES",
+    "Alignment",
+    "CallCounter",
+    "Compared",
+    "Shadow",
+    "ShadowCounts",
+    "ShadowPlan",
+    "compare_classes",
+    "compare_values",
+    "drain",
+]
