@@ -297,14 +297,24 @@ class CloudClient:
         limit = max_bytes or self.limits.answer_bytes + len(rows) * self.limits.row_bytes
         path = f"/v1/models/{name}/predict"
 
+        late = (f"the cloud at {self.base_url} did not answer the prediction within "
+                f"{timeout_s:g} s")
+
         def call(cancel: threading.Event) -> dict[str, Any]:
-            resp = self._request("POST", path, data=body,
-                                 headers={"Content-Type": "application/json"},
-                                 timeout=(timeout_s, timeout_s), cancel=cancel,
-                                 deadline=deadline)
-            with resp:
-                raw = read_body(resp, f"the answer to POST {path}", limit, cancel=cancel,
-                                deadline=deadline)
+            try:
+                resp = self._request("POST", path, data=body,
+                                     headers={"Content-Type": "application/json"},
+                                     timeout=(timeout_s, timeout_s), cancel=cancel,
+                                     deadline=deadline)
+                with resp:
+                    raw = read_body(resp, f"the answer to POST {path}", limit, cancel=cancel,
+                                    deadline=deadline)
+            except CloudTimeoutError as exc:
+                if time.monotonic() < deadline:
+                    raise  # a socket read timed out early, or the call was abandoned
+                # The call's own deadline, seen by the reader before the waiting caller: the
+                # same error whichever side notices first.
+                raise CloudTimeoutError(late) from exc
             try:
                 data = _JSON.decode(raw.decode("utf-8"))
             except (ValueError, RecursionError) as exc:
@@ -313,8 +323,7 @@ class CloudClient:
                 raise RemoteError("the cloud's prediction answer has no 'predictions'")
             return data
 
-        return _within(call, timeout_s, f"the cloud at {self.base_url} did not answer the "
-                                        f"prediction within {timeout_s:g} s")
+        return _within(call, timeout_s, late)
 
     def telemetry(self, records: Sequence[Mapping[str, Any]],
                   dropped: Mapping[str, int] | None = None) -> dict[str, Any]:
