@@ -35,7 +35,7 @@ every caller is an admin; a web page the operator visits must not become one. On
 Admin bodies are strict JSON read by :func:`hybridml.shared.jsontext.loads`: malformed,
 non-UTF-8 or absurdly nested bodies are a 400 naming ``body``.
 
-Every promote and rollback (over HTTP or from the CLI) is appended to ``<registry>/audit.jsonl``
+Every promote and rollback (over HTTP or from the CLI) is recorded in the registry's audit trail
 with the token that did it. That log is also the rollback history: ``rollback`` without a
 version moves ``stable`` back to the version its last recorded move replaced, so a second
 rollback undoes the first.
@@ -43,20 +43,16 @@ rollback undoes the first.
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
 from hybridml.shared import jsontext
-from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import (
     AuthError,
     ForbiddenError,
@@ -79,7 +75,6 @@ DEVICE_ENDPOINTS = frozenset({"list_models", "manifest", "artifact", "predict", 
 # Open to callers on this machine (a Prometheus beside the server), admin tokens otherwise.
 LOOPBACK_ENDPOINTS = frozenset({"metrics"})
 INSECURE_ENV = "HYBRIDML_INSECURE"
-AUDIT_NAME = "audit.jsonl"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -102,7 +97,7 @@ def install(app: Flask, registry: Registry, *, insecure: bool | None = None) -> 
                     "only loopback Host and Origin headers and JSON writes are accepted")
         app.before_request_funcs.setdefault(None, []).insert(0, loopback_only)
         return
-    tokens = TokenStore(registry.root)
+    tokens = TokenStore(registry)
 
     def authenticate() -> None:
         endpoint = request.endpoint
@@ -205,41 +200,25 @@ def loopback_only() -> None:
 
 # ------------------------------------------------------------------------- admin actions
 class AuditLog:
-    """Append-only JSON lines of alias moves (``<registry>/audit.jsonl``): who, what, when.
+    """Who moved which alias, and when: the registry's audit trail (its ``audit`` table since
+    schema 5; an older ``audit.jsonl`` is imported when the registry is opened).
 
     It is also the rollback history: the newest entry for an alias says which version it
-    replaced. Lines are appended under an exclusive ``flock`` and fsynced.
+    replaced. An alias move and its entry commit in one transaction
+    (:meth:`Registry.move_alias`).
     """
 
-    def __init__(self, registry_root: str | os.PathLike[str]) -> None:
-        self.path = Path(registry_root).expanduser().resolve() / AUDIT_NAME
+    def __init__(self, registry: Registry | str | os.PathLike[str]) -> None:
+        self.registry = (registry if isinstance(registry, Registry)
+                         else Registry(registry, create=False))
 
     def append(self, entry: dict[str, Any]) -> None:
-        """Record one action."""
-        line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Record one action that is not an alias move."""
+        self.registry.add_audit(entry)
 
     def entries(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Every recorded action (of model ``name``), oldest first; torn lines are skipped."""
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and (name is None or entry.get("name") == name):
-                out.append(entry)
-        return out
+        """Every recorded action (of model ``name``), oldest first."""
+        return self.registry.audit(name)
 
     def replaced(self, name: str, alias: str) -> tuple[int | None, int | None]:
         """``(from, to)`` of the newest move of ``alias``, or ``(None, None)``."""
@@ -264,7 +243,7 @@ def rollback(registry: Registry, name: str, alias: str = "stable", ref: Ref | No
     """
     if ref is None:
         current = registry.aliases(name).get(alias)
-        was, moved_to = AuditLog(registry.root).replaced(name, alias)
+        was, moved_to = AuditLog(registry).replaced(name, alias)
         if was is None or moved_to != current:
             raise NotFoundError(f"no earlier {alias!r} version of {name!r} is recorded; pass "
                                 "the version to roll back to", field="version")
@@ -274,12 +253,9 @@ def rollback(registry: Registry, name: str, alias: str = "stable", ref: Ref | No
 
 def _move_alias(registry: Registry, action: str, name: str, alias: str, ref: Ref,
                 actor: str) -> tuple[int, int | None]:
-    """Set ``alias`` and append the move to the audit log; returns (new, old) versions."""
-    before = registry.aliases(name).get(alias)
-    version = registry.set_alias(name, alias, ref)
-    AuditLog(registry.root).append({"time": utc_iso(), "action": action, "name": name,
-                                    "alias": alias, "from": before, "to": version,
-                                    "by": actor})
+    """Set ``alias`` and record the move, in one transaction; returns (new, old) versions."""
+    version, before = registry.move_alias(name, alias, ref,
+                                          audit={"action": action, "by": actor})
     log.warning("%s %s/%s: v%s -> v%d by %s", action, name, alias, before, version, actor)
     return version, before
 

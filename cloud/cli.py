@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -29,8 +30,18 @@ from .policy import MODES
 from .progress import StepProgress
 from .registry import Registry
 from .rollout_cli import add_parser as add_rollout
+from .storage import ARTIFACTS_ENV, DB_ENV, S3_ENDPOINT_ENV, URLS_ENV, Storage
 
 log = logging.getLogger("hybridml.cloud.cli")
+STORAGE_FLAGS = (
+    ("--db", DB_ENV, "metadata database: postgresql://user@host/db; unset: SQLite in the "
+     "registry directory"),
+    ("--artifacts", ARTIFACTS_ENV, "artifact store: s3://bucket/prefix or file:///dir; unset: "
+     "<registry>/blobs"),
+    ("--s3-endpoint", S3_ENDPOINT_ENV, "S3-compatible endpoint URL (SeaweedFS, MinIO, Ceph)"),
+    ("--artifact-urls", URLS_ENV, "direct artifact URLs for devices: off, presign or "
+     "public:<base URL>"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        storage_flags(args)
         return int(args.func(args) or 0)
     except HybridMLError as exc:
         if getattr(args, "json", False):
@@ -56,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", default=None,
                         help="registry directory (default: $HYBRIDML_REGISTRY, else ./registry)")
+    for flag, var, text in STORAGE_FLAGS:
+        common.add_argument(flag, default=None, help=f"{text} (default: ${var})")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     common.add_argument("--verbose", "-v", action="store_true", help="log INFO messages")
@@ -126,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "1h: a training run may still register what it wrote)")
     gc.set_defaults(func=cmd_gc)
 
+    mg = sub.add_parser("migrate", parents=[common],
+                        help="upgrade the stores' schemas, or move an embedded registry to "
+                        "PostgreSQL and S3 (--from DIR), verified")
+    mg.add_argument("--from", dest="source", default=None, metavar="DIR",
+                    help="an embedded registry directory to copy onto --db / --artifacts")
+    mg.set_defaults(func=cmd_migrate)
+
     rb = sub.add_parser("rollback", parents=[common],
                         help="move an alias back to the version it pointed at before")
     rb.add_argument("name")
@@ -185,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the PEM private key of --certfile (default: $HYBRIDML_KEYFILE)")
     s.set_defaults(func=cmd_serve)
     return p
+
+
+def storage_flags(args: argparse.Namespace) -> Storage:
+    """Check the storage flags and put them in the environment (docs/storage.md §1), where
+    every store — and each gunicorn worker ``serve`` starts — finds them."""
+    for flag, var, _ in STORAGE_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            os.environ[var] = value
+    return Storage.from_env()
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -339,11 +370,34 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``migrate``: :func:`hybridml.cloud.migrate.upgrade` or :func:`~.migrate.migrate`."""
+    from pathlib import Path
+
+    from . import migrate
+    from .registry import DEFAULT_ROOT, ENV_VAR
+
+    storage = Storage.from_env()
+    root = Path(args.registry or os.environ.get(ENV_VAR) or DEFAULT_ROOT)
+    if args.source is None:
+        report = migrate.upgrade(root, storage)
+        _emit(args, report.to_json(), "schemas: " + ", ".join(
+            f"{k} {v}" for k, v in report.schemas.items()) + f" ({storage.describe()})")
+        return 0
+    report = migrate.migrate(Path(args.source), storage)
+    rows = ", ".join(f"{k} {v}" for k, v in report.rows.items() if v)
+    _emit(args, report.to_json(),
+          f"migrated {args.source}: {report.blobs} blobs ({report.blob_bytes} bytes), "
+          f"{report.keys} signing key(s); rows: {rows or 'none'}; verified\n"
+          f"now serve with: {storage.describe()}")
+    return 0
+
+
 def cmd_keys_init(args: argparse.Namespace) -> int:
     """``keys init``: a new ed25519 key pair under ``<registry>/keys``."""
     from .signing import KeyRing
 
-    info = KeyRing(_registry(args).root).init(activate=args.activate)
+    info = KeyRing(_registry(args)).init(activate=args.activate)
     note = ("signs manifests from now on" if info.active else
             f"not signing yet: give devices the .pub file, then run 'hybridml-cloud keys use "
             f"{info.key_id}'")
@@ -356,7 +410,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     """``keys list``: the key pairs, the active one marked."""
     from .signing import KeyRing
 
-    keys = KeyRing(_registry(args).root).list()
+    keys = KeyRing(_registry(args)).list()
     rows = [[k.key_id, "yes" if k.active else "-", "yes" if k.has_private else "no",
              k.created, str(k.public_path)] for k in keys]
     text = (format_table(["key_id", "active", "private", "created", "public key"], rows) if rows
@@ -369,7 +423,7 @@ def cmd_keys_use(args: argparse.Namespace) -> int:
     """``keys use``: switch the signing key (running servers follow on the next request)."""
     from .signing import KeyRing
 
-    info = KeyRing(_registry(args).root).use(args.key_id)
+    info = KeyRing(_registry(args)).use(args.key_id)
     _emit(args, info.to_json(), f"manifests are now signed with key {info.key_id}")
     return 0
 
@@ -378,7 +432,7 @@ def cmd_keys_remove(args: argparse.Namespace) -> int:
     """``keys remove``: delete a retired key pair."""
     from .signing import KeyRing
 
-    KeyRing(_registry(args).root).remove(args.key_id)
+    KeyRing(_registry(args)).remove(args.key_id)
     _emit(args, {"removed": args.key_id}, f"removed key {args.key_id}")
     return 0
 
@@ -387,7 +441,7 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     """``tokens create``: the token goes alone to stdout (for ``$(...)``), notes to stderr."""
     from .tokens import TokenStore
 
-    info, token = TokenStore(_registry(args).root).create(args.role, args.name)
+    info, token = TokenStore(_registry(args)).create(args.role, args.name)
     if args.json:
         print(json.dumps({**info.to_json(), "token": token}, indent=2, sort_keys=True))
     else:
@@ -402,7 +456,7 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
     """``tokens list``: ids, names, roles; never secrets (only their hashes are stored)."""
     from .tokens import TokenStore
 
-    tokens = TokenStore(_registry(args).root).list()
+    tokens = TokenStore(_registry(args)).list()
     rows = [[t.id, t.role, t.name, t.created[:19] + "Z", (t.revoked or "")[:19] + "Z"
              if t.revoked else "-"] for t in tokens]
     text = (format_table(["id", "role", "name", "created", "revoked"], rows) if rows
@@ -415,7 +469,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     """``tokens revoke``: the token stops working on the next request."""
     from .tokens import TokenStore
 
-    info = TokenStore(_registry(args).root).revoke(args.token)
+    info = TokenStore(_registry(args)).revoke(args.token)
     _emit(args, info.to_json(), f"revoked {info.role} token {info.id} ({info.name})")
     return 0
 

@@ -78,7 +78,12 @@ class Step:
 @contextlib.contextmanager
 def model_lock(registry: Registry, name: str) -> Iterator[bool]:
     """Hold the controller lock of ``name`` if it is free: yields True, or False when another
-    controller holds it (this one then leaves the model alone)."""
+    controller holds it (this one then leaves the model alone). On PostgreSQL the lock is the
+    database's, so controllers on different machines exclude each other too."""
+    if registry.storage.on_postgres:
+        with registry.database.exclusive(f"controller:{name}") as held:
+            yield held
+        return
     folder = registry.root / "locks"
     private_dir(folder)
     fd = os.open(folder / f"controller-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)

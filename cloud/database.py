@@ -1,4 +1,11 @@
-"""One SQLite file shared safely by threads and processes (gunicorn workers, cron jobs).
+"""A store's database: one SQLite file (the default) or PostgreSQL (docs/storage.md §2).
+
+:func:`open_database` picks the engine from the :class:`~hybridml.cloud.storage.Storage`;
+PostgreSQL's implementation is :mod:`hybridml.cloud.database_pg` (imported only then). Both
+give per-thread transactions (``tx``) whose connection takes ``?`` placeholders, a ``stamp``
+that changes when anything commits, and :func:`insert_id`.
+
+The SQLite file is shared safely by threads and processes (gunicorn workers, cron jobs):
 
 * Every thread of every process uses its own connection; a connection inherited across
   ``fork`` is abandoned, never used or closed, as SQLite requires.
@@ -18,12 +25,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 from hybridml.shared.errors import HybridMLError
 
 from .private import private_file
+from .storage import Storage
 
 BUSY_TIMEOUT_S = 30.0
 # Connections inherited across fork: closing one in the child could disturb the parent's
@@ -31,11 +40,63 @@ BUSY_TIMEOUT_S = 30.0
 _ABANDONED: list[sqlite3.Connection] = []
 
 
+class SqlConn(Protocol):
+    """What a store's SQL runs on inside a transaction (sqlite3's connection, or PgConn)."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Any:
+        """Run one statement with ``?`` placeholders; returns a cursor."""
+
+    def executemany(self, sql: str, rows: Any, /) -> Any:
+        """Run one statement per row."""
+
+
+class Store(Protocol):
+    """A store's database, whichever the engine."""
+
+    dialect: str
+
+    def tx(self, *, write: bool, notify: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """One transaction (writes serialised per store)."""
+
+    def stamp(self) -> int | None:
+        """Changes when anything commits; None when it cannot be known."""
+
+    def schema_version(self) -> int:
+        """The schema version of the store's tables."""
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+
+
+def open_database(storage: Storage, root: Path, store: str, *, create: bool,
+                  schema: Sequence[str], version: int, error: type[HybridMLError],
+                  rowid_tables: Iterable[str] = ()) -> Store:
+    """The database of ``store`` (``registry``, ``tokens``, ``telemetry``): the file
+    ``<root>/<store>.db``, or the store's tables in ``storage.db`` on PostgreSQL."""
+    if storage.on_postgres:
+        from .database_pg import PgDatabase  # psycopg only when PostgreSQL is chosen
+
+        assert storage.db is not None
+        return PgDatabase(storage.db, store=store, create=create, schema=schema,
+                          version=version, error=error, rowid_tables=rowid_tables)
+    return Database(root / f"{store}.db", create=create, schema=schema, version=version,
+                    error=error)
+
+
+def insert_id(c: Any, sql: str, params: Sequence[Any] = ()) -> int:
+    """Run an INSERT into a table keyed by an ``id`` it assigns; returns the new id."""
+    if isinstance(c, sqlite3.Connection):
+        return int(c.execute(sql, params).lastrowid or 0)
+    return int(c.insert_id(sql, params))
+
+
 class Database:
     """A SQLite file with per-thread, per-process connections and schema versioning.
 
     ``error`` is the :class:`HybridMLError` subclass raised for database failures.
     """
+
+    dialect = "sqlite"
 
     def __init__(self, path: Path, *, create: bool, schema: Sequence[str], version: int,
                  error: type[HybridMLError]) -> None:
@@ -96,6 +157,18 @@ class Database:
         local.conn, local.pid = conn, pid
         return conn
 
+    def schema_version(self) -> int:
+        """``PRAGMA user_version``: the schema version of this file."""
+        with self.tx(write=False) as c:
+            return int(c.execute("PRAGMA user_version").fetchone()[0])
+
+    def stamp(self) -> int | None:
+        """:meth:`data_version`, or None when the file cannot be read."""
+        try:
+            return self.data_version()
+        except sqlite3.Error:
+            return None
+
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version`` on this thread's connection: it changes whenever
         another connection commits (not for this connection's own commits). One cheap read,
@@ -103,8 +176,9 @@ class Database:
         return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
 
     @contextlib.contextmanager
-    def tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction; writes take the lock up front so they never fail half-way."""
+    def tx(self, *, write: bool, notify: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction; writes take the lock up front so they never fail half-way.
+        (``notify`` is PostgreSQL's: another SQLite connection sees ``data_version`` move.)"""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -1,7 +1,7 @@
 """Owner-only files and directories: nothing in a registry is meant for other users.
 
 A registry holds who may call the cloud (``tokens.db``), who moved which alias
-(``audit.jsonl``), the signing keys and every model; other accounts on the machine have no
+(the ``audit`` table of ``registry.db``), the signing keys and every model; other accounts on the machine have no
 business reading any of it. So its directories are created ``0700`` and its files ``0600``
 (blobs ``0400``: owner-only and read-only, as they are immutable) — with ``os.open`` /
 ``mkdir`` modes, so no file is ever readable by others, not even for the instant before a

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -62,9 +61,10 @@ from hybridml.shared.manifest import (
     check_name,
 )
 
-from .blobs import BlobSource, BlobStore, check_sha
-from .database import Database
+from .blobs import BlobBackend, BlobSource, check_sha, open_blobs
+from .database import SqlConn, insert_id, open_database
 from .private import private_dir, tighten_tree
+from .storage import Storage
 
 log = logging.getLogger("hybridml.cloud.registry")
 
@@ -72,7 +72,11 @@ ENV_VAR = "HYBRIDML_REGISTRY"
 DEFAULT_ROOT = "registry"
 DB_NAME = "registry.db"
 GC_MIN_AGE_S = 3600.0
-SCHEMA_VERSION = 4  # 2: release sequences; 3: training policies and decisions; 4: rollouts
+# 2: release sequences; 3: training policies and decisions; 4: rollouts; 5: the audit trail
+# (was audit.jsonl) and signing keys (PostgreSQL) in the database
+SCHEMA_VERSION = 5
+STORE = "registry"
+AUDIT_FILE = "audit.jsonl"  # before schema 5: imported once, then renamed *.imported
 MODEL_ROLES = ("model", "model_fp32")
 Ref = int | str
 
@@ -128,6 +132,15 @@ _SCHEMA = (
         rollout INTEGER NOT NULL, unit TEXT NOT NULL, arm TEXT NOT NULL, bucket INTEGER NOT NULL,
         first_seen REAL NOT NULL, last_seen REAL NOT NULL, candidate_since REAL,
         PRIMARY KEY (rollout, unit))""",
+    # Schema 5. Every alias move (who, what, when), committed with the move itself; and, on
+    # a fleet, the signing keys (hybridml.cloud.signing; private halves encrypted).
+    """CREATE TABLE IF NOT EXISTS audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, name TEXT,
+        alias TEXT, entry TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS audit_by_name ON audit (name, alias, id)",
+    """CREATE TABLE IF NOT EXISTS signing_keys (
+        key_id TEXT PRIMARY KEY, public_pem TEXT NOT NULL, private_pem TEXT,
+        created TEXT NOT NULL, active INTEGER NOT NULL DEFAULT 0)""",
 )
 
 
@@ -190,22 +203,25 @@ class Registry:
     ``--preload``); each thread and process opens its own connection on first use.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True,
+                 storage: Storage | None = None) -> None:
         # Absolute: Flask resolves relative file paths against the package, not the cwd.
         self.root = Path(root).expanduser().resolve()
+        self.storage = storage or Storage()
         self.db_path = self.root / DB_NAME
         self.gzip_cache = self.root / "cache" / "gzip"  # derived copies, dropped with the blob
-        self.blobs = BlobStore(self.root / "blobs")
-        if not self.db_path.exists():
-            if not create:
-                raise NotFoundError(
-                    f"no registry at {self.root} (no {DB_NAME}): pass create=True, or point "
-                    f"${ENV_VAR} at an existing registry", field="root")
+        if not self.storage.on_postgres and not create and not self.db_path.exists():
+            raise NotFoundError(
+                f"no registry at {self.root} (no {DB_NAME}): pass create=True, or point "
+                f"${ENV_VAR} at an existing registry", field="root")
+        if not self.root.exists():
             private_dir(self.root)
         tighten_tree(self.root)  # 0700/0600, also for a registry an older release created
-        private_dir(self.blobs.dir)
-        self._db = Database(self.db_path, create=create, schema=_SCHEMA,
-                            version=SCHEMA_VERSION, error=RegistryError)
+        self.blobs: BlobBackend = open_blobs(self.storage, self.root)
+        self._db = open_database(self.storage, self.root, STORE, create=create, schema=_SCHEMA,
+                                 version=SCHEMA_VERSION, error=RegistryError)
+        if not self.storage.on_postgres:
+            self._import_audit_file()
         # Bumped after each write through this object: SQLite's data_version does not change
         # for a connection's own commits, and this thread may be the one that promoted.
         self._writes = itertools.count()
@@ -214,13 +230,17 @@ class Registry:
 
     @classmethod
     def from_env(cls, path: str | os.PathLike[str] | None = None, *,
-                 create: bool = True) -> Registry:
-        """Open ``path``, else ``$HYBRIDML_REGISTRY``, else ``./registry``."""
+                 create: bool = True, storage: Storage | None = None) -> Registry:
+        """Open ``path``, else ``$HYBRIDML_REGISTRY``, else ``./registry``; on ``storage``,
+        else the backends ``$HYBRIDML_DB`` and ``$HYBRIDML_ARTIFACTS`` name (docs/storage.md)."""
         return cls(path if path is not None else os.environ.get(ENV_VAR) or DEFAULT_ROOT,
-                   create=create)
+                   create=create, storage=storage or Storage.from_env())
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
 
     def close(self) -> None:
         """Close this thread's database connection."""
@@ -280,8 +300,9 @@ class Registry:
                  model.size if model else 0, canonical_json(metrics).decode("utf-8"), text,
                  canonical_json(meta).decode("utf-8")))
             _index_refs(c, name, version, (doc, meta))
-            c.execute("INSERT OR IGNORE INTO aliases (name, alias, version, updated) "
-                      "VALUES (?, 'stable', ?, ?)", (name, version, utc_iso()))
+            c.execute("INSERT INTO aliases (name, alias, version, updated) VALUES "
+                      "(?, 'stable', ?, ?) ON CONFLICT (name, alias) DO NOTHING",
+                      (name, version, utc_iso()))
             _bump_sequence(c, name)  # 'latest' (and a first 'stable') now resolve anew
         log.info("registered %s version %d (%s, parent %s)", name, version, lineage, parent)
         return json.loads(text)  # type: ignore[no-any-return]
@@ -331,9 +352,8 @@ class Registry:
         memo = self._memo
         # Outside a transaction: the pragma is then one read transaction of its own, at a
         # third of the cost of BEGIN/pragma/COMMIT.
-        try:
-            data_version = self._db.data_version()
-        except sqlite3.Error:
+        data_version = self._db.stamp()
+        if data_version is None:
             return self.resolve(name, ref)  # which says what failed, as a RegistryError
         stamp = (data_version, self._write_stamp)
         cache: dict[tuple[str, type, Ref], int] | None = getattr(memo, "cache", None)
@@ -382,8 +402,9 @@ class Registry:
         doc = canonical_json(_json_copy(policy, "policy", RegistryError)).decode("utf-8")
         with self._tx(write=True) as c:
             self._resolve(c, name, "latest")  # NotFoundError for an unknown model
-            c.execute("INSERT OR REPLACE INTO policies (name, policy, updated) VALUES (?, ?, ?)",
-                      (name, doc, utc_iso()))
+            c.execute("INSERT INTO policies (name, policy, updated) VALUES (?, ?, ?) "
+                      "ON CONFLICT (name) DO UPDATE SET policy = excluded.policy, "
+                      "updated = excluded.updated", (name, doc, utc_iso()))
         log.info("policy of %s set", name)
 
     def policies(self) -> dict[str, dict[str, Any]]:
@@ -398,11 +419,10 @@ class Registry:
         name = lookup_name(name)
         doc = _json_copy(decision, "decision", RegistryError)
         with self._tx(write=True) as c:
-            cur = c.execute("INSERT INTO decisions (name, time, fired, decision) "
-                            "VALUES (?, ?, ?, ?)", (name, str(doc.get("time") or utc_iso()),
-                                                    int(bool(doc.get("fired"))),
-                                                    canonical_json(doc).decode("utf-8")))
-            return int(cur.lastrowid or 0)
+            return insert_id(c, "INSERT INTO decisions (name, time, fired, decision) "
+                             "VALUES (?, ?, ?, ?)", (name, str(doc.get("time") or utc_iso()),
+                                                     int(bool(doc.get("fired"))),
+                                                     canonical_json(doc).decode("utf-8")))
 
     def prune_decisions(self, name: str, before: str) -> int:
         """Delete ``name``'s decisions that did not fire, recorded before ``before`` (ISO
@@ -433,29 +453,87 @@ class Registry:
         name = lookup_name(name)
         with self._tx(write=False) as c:
             rows = c.execute("SELECT id, decision, outcome FROM decisions WHERE name = ? AND "
-                             "fired >= ? ORDER BY id DESC LIMIT ?",
-                             (name, int(fired_only), -1 if limit is None else int(limit))
-                             ).fetchall()
+                             "fired >= ? ORDER BY id DESC"
+                             + ("" if limit is None else f" LIMIT {max(0, int(limit))}"),
+                             (name, int(fired_only))).fetchall()
         return [{**json.loads(d), "id": i, "outcome": json.loads(o) if o else None}
                 for i, d, o in rows]
 
     # ---------------------------------------------------------------------------- aliases
-    def set_alias(self, name: str, alias: str, ref: Ref) -> int:
+    def set_alias(self, name: str, alias: str, ref: Ref, *,
+                  audit: Mapping[str, Any] | None = None) -> int:
         """Point ``alias`` of ``name`` at version ``ref`` (this is how a version is promoted).
 
         ``ref`` may itself be an alias (``set_alias("eta", "stable", "canary")``); returns the
-        version number the alias now points at.
+        version number the alias now points at. With ``audit`` (``action``, ``by``, ...), the
+        move is recorded in the audit trail (:meth:`audit`) in the same transaction, with
+        ``name``, ``alias``, ``from``, ``to`` and ``time`` filled in: a move is never
+        committed without its record, nor a record without its move.
         """
+        return self._set_alias(name, alias, ref, audit)[0]
+
+    def _set_alias(self, name: str, alias: str, ref: Ref, audit: Mapping[str, Any] | None
+                   ) -> tuple[int, int | None]:
         name, alias = lookup_name(name), _check_alias(alias)
         with self._tx(write=True) as c:
             version = self._resolve(c, name, ref)
-            before = c.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
-                               (name, alias)).fetchone()
-            c.execute("INSERT OR REPLACE INTO aliases (name, alias, version, updated) "
-                      "VALUES (?, ?, ?, ?)", (name, alias, version, utc_iso()))
+            row = c.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?",
+                            (name, alias)).fetchone()
+            before = None if row is None else int(row[0])
+            c.execute("INSERT INTO aliases (name, alias, version, updated) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, "
+                      "updated = excluded.updated", (name, alias, version, utc_iso()))
             _bump_sequence(c, name)
-        log.info("alias %s/%s: %s -> %d", name, alias, before[0] if before else None, version)
-        return version
+            if audit is not None:
+                _audit(c, {**_json_copy(audit, "audit", RegistryError), "name": name,
+                           "alias": alias, "from": before, "to": version, "time": utc_iso()})
+        log.info("alias %s/%s: %s -> %d", name, alias, before, version)
+        return version, before
+
+    def move_alias(self, name: str, alias: str, ref: Ref, *, audit: Mapping[str, Any]
+                   ) -> tuple[int, int | None]:
+        """:meth:`set_alias` with its audit record; returns (new, previous) versions."""
+        return self._set_alias(name, alias, ref, audit)
+
+    # ------------------------------------------------------------------------ audit trail
+    def add_audit(self, entry: Mapping[str, Any]) -> None:
+        """Record one action that is not an alias move (the entry's ``name`` and ``alias``,
+        if any, index it)."""
+        doc = _json_copy(entry, "audit", RegistryError)
+        doc.setdefault("time", utc_iso())
+        with self._tx(write=True, invalidates=False) as c:
+            _audit(c, doc)
+
+    def audit(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded action (of model ``name``), oldest first."""
+        sql = "SELECT entry FROM audit"
+        args: tuple[Any, ...] = ()
+        if name is not None:
+            sql, args = sql + " WHERE name = ?", (name,)
+        with self._tx(write=False) as c:
+            return [json.loads(text) for (text,) in c.execute(sql + " ORDER BY id", args)]
+
+    def _import_audit_file(self) -> None:
+        """Move a pre-schema-5 ``audit.jsonl`` into the audit table, once (torn lines are
+        skipped, as the file's reader always did); the file is kept as ``*.imported``."""
+        path = self.root / AUDIT_FILE
+        if not path.is_file():
+            return
+        entries = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+        with self._tx(write=True, invalidates=False) as c:
+            if not path.is_file():  # another process imported it first
+                return
+            for entry in entries:
+                _audit(c, entry)
+            path.rename(path.with_name(AUDIT_FILE + ".imported"))  # kept, never read again
+        log.info("imported %d audit entries from %s", len(entries), path)
 
     def aliases(self, name: str) -> dict[str, int]:
         """Return ``{alias: version}`` for ``name``."""
@@ -566,39 +644,40 @@ class Registry:
     # ------------------------------------------------------------ for other cloud stores
     @contextlib.contextmanager
     def transaction(self, *, write: bool = True, invalidates: bool = True
-                    ) -> Iterator[sqlite3.Connection]:
+                    ) -> Iterator[Any]:
         """One transaction on the registry database, for stores that keep their tables in it
         (:mod:`hybridml.cloud.rollouts`). A write takes the lock up front (``BEGIN
         IMMEDIATE``); with ``invalidates`` (the default) it also drops this object's resolve
         memos and every :meth:`stamp` taken before it, as the registry's own writes do.
         Pass ``invalidates=False`` for bookkeeping that changes no answer (a unit seen).
         Change what a model's references serve? Call :func:`bump_sequence` inside."""
-        if write and invalidates:
-            with self._tx(write=True) as c:
-                yield c
-        else:
-            with self._db.tx(write=write) as c:
-                yield c
+        with self._tx(write=write, invalidates=invalidates) as c:
+            yield c
 
     def stamp(self) -> tuple[int, int] | None:
         """A value that changes whenever anything commits to the database (another
-        connection: SQLite's ``data_version``; this object: its own write counter). Per
-        thread, as :meth:`resolve_cached` uses it; None when the database cannot be read."""
-        try:
-            return self._db.data_version(), self._write_stamp
-        except sqlite3.Error:
-            return None
+        connection: SQLite's ``data_version``, or another replica's NOTIFY on PostgreSQL;
+        this object: its own write counter). Per thread, as :meth:`resolve_cached` uses it;
+        None when changes cannot be known (then cache nothing)."""
+        seen = self._db.stamp()
+        return None if seen is None else (seen, self._write_stamp)
+
+    @property
+    def database(self) -> Any:
+        """The registry's :class:`~hybridml.cloud.database.Store` (for ``migrate``)."""
+        return self._db
 
     # ---------------------------------------------------------------------------- helpers
     @contextlib.contextmanager
-    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """A transaction; after a write, the stamp that invalidates resolve memos moves."""
-        if not write:
-            with self._db.tx(write=False) as c:
+    def _tx(self, *, write: bool, invalidates: bool = True) -> Iterator[Any]:
+        """A transaction; after an invalidating write, the stamp that invalidates resolve
+        memos moves (here at once; on other replicas by NOTIFY, at COMMIT)."""
+        if not write or not invalidates:
+            with self._db.tx(write=write) as c:
                 yield c
             return
         try:
-            with self._db.tx(write=True) as c:
+            with self._db.tx(write=True, notify=True) as c:
                 yield c
         finally:
             self._write_stamp = next(self._writes) + 1
@@ -611,7 +690,7 @@ class Registry:
                             (name, version)).fetchone()
         return str(row[0])
 
-    def _resolve(self, c: sqlite3.Connection, name: str, ref: Ref) -> int:
+    def _resolve(self, c: SqlConn, name: str, ref: Ref) -> int:
         if (isinstance(ref, int) and not isinstance(ref, bool)) or (
                 isinstance(ref, str) and _DIGITS_RE.fullmatch(ref)):
             version = int(ref)
@@ -635,7 +714,7 @@ class Registry:
         raise NotFoundError(f"{ref!r} is not a version reference: use a version number, an "
                             "alias such as 'stable', or 'latest'", field="ref")
 
-    def _not_found(self, c: sqlite3.Connection, name: str, what: str) -> NotFoundError:
+    def _not_found(self, c: SqlConn, name: str, what: str) -> NotFoundError:
         versions = [r[0] for r in c.execute(
             "SELECT version FROM versions WHERE name = ? ORDER BY version", (name,))]
         if not versions:
@@ -656,7 +735,7 @@ class Registry:
                 raise RegistryError(
                     f"artifact {art.role!r} refers to blob {art.sha256}, which is not in the "
                     "registry: put_blob() it first (nothing was written)", field="artifacts")
-            size = self.blobs.path(art.sha256).stat().st_size
+            size = self.blobs.size(art.sha256)
             if size != art.size:
                 raise RegistryError(
                     f"artifact {art.role!r} says size {art.size} but blob {art.sha256} has "
@@ -700,16 +779,16 @@ def _json_copy(value: object, what: str, error: type[RegistryError] | type[Manif
                     ".tolist() and replace NaN/inf", field=what) from exc
 
 
-def _sequence(c: sqlite3.Connection, name: str) -> int:
+def _sequence(c: SqlConn, name: str) -> int:
     row = c.execute("SELECT sequence FROM sequences WHERE name = ?", (name,)).fetchone()
     return int(row[0]) if row else 0
 
 
-def bump_sequence(c: sqlite3.Connection, name: str) -> int:
+def bump_sequence(c: SqlConn, name: str) -> int:
     """Raise ``name``'s release sequence by one inside the caller's write transaction
     (:meth:`Registry.transaction`); returns the new sequence."""
     c.execute("INSERT INTO sequences (name, sequence, updated) VALUES (?, 1, ?) "
-              "ON CONFLICT (name) DO UPDATE SET sequence = sequence + 1, "
+              "ON CONFLICT (name) DO UPDATE SET sequence = sequences.sequence + 1, "
               "updated = excluded.updated", (name, utc_iso()))
     return _sequence(c, name)
 
@@ -717,12 +796,12 @@ def bump_sequence(c: sqlite3.Connection, name: str) -> int:
 _bump_sequence = bump_sequence  # the name the registry's own writes use
 
 
-def sequence_of(c: sqlite3.Connection, name: str) -> int:
+def sequence_of(c: SqlConn, name: str) -> int:
     """``name``'s release sequence, read inside the caller's transaction."""
     return _sequence(c, name)
 
 
-def _index_refs(c: sqlite3.Connection, name: str, version: int,
+def _index_refs(c: SqlConn, name: str, version: int,
                 docs: Iterable[object]) -> None:
     """Record every sha256 a version mentions, so gc keeps those blobs (metadata included)."""
     found: set[str] = set()
@@ -736,8 +815,17 @@ def _index_refs(c: sqlite3.Connection, name: str, version: int,
             stack.extend(v.values())
         elif isinstance(v, list):
             stack.extend(v)
-    c.executemany("INSERT OR IGNORE INTO blob_refs (sha256, name, version) VALUES (?, ?, ?)",
-                  [(sha, name, version) for sha in sorted(found)])
+    c.executemany("INSERT INTO blob_refs (sha256, name, version) VALUES (?, ?, ?) "
+                  "ON CONFLICT DO NOTHING", [(sha, name, version) for sha in sorted(found)])
+
+
+def _audit(c: SqlConn, entry: Mapping[str, Any]) -> None:
+    """Append one audit record inside the caller's write transaction."""
+    name, alias = entry.get("name"), entry.get("alias")
+    c.execute("INSERT INTO audit (time, name, alias, entry) VALUES (?, ?, ?, ?)",
+              (str(entry.get("time") or utc_iso()), name if isinstance(name, str) else None,
+               alias if isinstance(alias, str) else None,
+               json.dumps(dict(entry), sort_keys=True)))
 
 
 def _ranges(values: list[int]) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import builtins
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from hybridml.shared.errors import (
 from hybridml.shared.manifest import canonical_json
 
 from .auth import promote as promote_alias
+from .database import SqlConn, insert_id
 from .registry import Ref, Registry, bump_sequence, lookup_name
 from .rollout_config import Config
 from .rollout_types import Assignment, Rollout, Unit, blessed, rollout_of
@@ -162,14 +162,13 @@ class Rollouts:
                     f"rollout {running[0]} ({running[1]}) of {name!r} is still running; "
                     f"promote or abort it first ('hybridml-cloud rollout abort {name}')",
                     field="name", rollout=int(running[0]))
-            cur = c.execute(
-                "INSERT INTO rollouts (name, strategy, state, stable, candidate, arms, config, "
+            rollout_id = insert_id(
+                c, "INSERT INTO rollouts (name, strategy, state, stable, candidate, arms, config, "
                 "step, step_started, started, forced) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, strategy, RUNNING, stable, None if strategy == "ab" else versions[1],
                  _text(list(versions)), _text(cfg.to_json()),
                  0 if strategy == "canary" else None, now if strategy == "canary" else None,
                  now, int(bool(unblessed))))
-            rollout_id = int(cur.lastrowid or 0)
             self._event(c, rollout_id, now, actor, "start", None, RUNNING,
                         0 if strategy == "canary" else None, reason,
                         {"forced": bool(unblessed), "unblessed": unblessed} if unblessed
@@ -397,7 +396,7 @@ class Rollouts:
         return [rollout_of(row) for row in rows]
 
     @staticmethod
-    def _get(c: sqlite3.Connection, rollout_id: int) -> Rollout:
+    def _get(c: SqlConn, rollout_id: int) -> Rollout:
         row = c.execute(f"SELECT {_COLUMNS} FROM rollouts WHERE id = ?",
                         (rollout_id,)).fetchone()
         if row is None:
@@ -405,7 +404,7 @@ class Rollouts:
         return rollout_of(row)
 
     @staticmethod
-    def _event(c: sqlite3.Connection, rollout_id: int, now: float, actor: str, action: str,
+    def _event(c: SqlConn, rollout_id: int, now: float, actor: str, action: str,
                before: str | None, after: str | None, step: int | None, reason: str | None,
                evidence: Mapping[str, Any] | None) -> None:
         c.execute("INSERT INTO rollout_events (rollout, time, actor, action, from_state, "

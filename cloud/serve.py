@@ -61,6 +61,7 @@ from .auth import INSECURE_ENV
 from .config import ServeConfig
 from .front import Front
 from .prom import prepare_multiprocess
+from .registry import Registry
 from .shedding import HEALTH_PATH, ShedLog, overloaded
 from .signing import KeyRing
 from .tls import tls_files
@@ -326,16 +327,20 @@ def check_security(registry: str, host: str, insecure: bool) -> None:
                 field="host")
         log.warning("insecure mode: no token checks on %s (loopback only)", host)
         return
-    if TokenStore(registry).count_active() == 0:
+    reg = Registry.from_env(registry)  # on the backends the flags or environment name
+    if TokenStore(reg).count_active() == 0:
         raise ConfigError(
             f"no API tokens in {registry}: create one with 'hybridml-cloud tokens create --role "
             "device --name LABEL' (and an admin one to promote over HTTP), or pass --insecure "
             "to serve without tokens on loopback only", field="tokens")
-    if KeyRing(registry).active_id() is None:
+    ring = KeyRing(reg)
+    active = ring.active_id()
+    if active is None:
         raise ConfigError(
             f"no signing key in {registry}: run 'hybridml-cloud keys init' and give devices "
             "the .pub file it prints ('hybridml-edge trust add FILE'), or pass --insecure to "
             "serve unsigned manifests on loopback only", field="keys")
+    ring.private_key(active)  # a replica that cannot unseal the key says so before serving
 
 
 def serve(registry: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,

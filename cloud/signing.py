@@ -24,6 +24,14 @@ key give the same bytes, so ETags stay stable until the manifest or the signing 
 
 Rotation: ``keys init`` (a new key, not yet signing) -> devices ``trust add`` the new ``.pub``
 -> ``keys use NEW`` -> devices ``trust remove OLD`` -> ``keys remove OLD``.
+
+On a fleet (``--db postgresql://...``, docs/storage.md §5) nobody copies key files to each
+replica: the keys live in the registry's ``signing_keys`` table, the private half as PKCS#8
+encrypted (``BestAvailableEncryption``) under ``$HYBRIDML_KEY_PASSPHRASE``, which each replica
+gets from its secret store and which the database never holds. A dump of the database alone
+reveals no key. ``keys use`` on one replica is seen by every other at its next manifest
+(the registry's change stamp); ``.pub`` files are still written under ``<registry>/keys`` for
+``trust add``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from hybridml.shared.signature import ALG, KEY_ID_RE, key_id_of, signed_payload
 log = logging.getLogger("hybridml.cloud.signing")
 
 KEYS_DIR = "keys"
+PASSPHRASE_ENV = "HYBRIDML_KEY_PASSPHRASE"
 ACTIVE_FILE = "active"
 
 
@@ -69,10 +78,18 @@ class KeyInfo:
 
 
 class KeyRing:
-    """The signing keys kept under ``<registry>/keys``."""
+    """The signing keys kept under ``<registry>/keys``, or in the registry's database when it
+    is PostgreSQL (pass the :class:`~hybridml.cloud.registry.Registry` then)."""
 
     def __init__(self, registry_root: str | os.PathLike[str]) -> None:
         self.dir = Path(registry_root).expanduser().resolve() / KEYS_DIR
+        storage = getattr(registry_root, "storage", None)
+        self._db: Any = registry_root if storage is not None and storage.on_postgres else None
+
+    @property
+    def in_database(self) -> bool:
+        """True when the keys live in the registry's PostgreSQL database."""
+        return self._db is not None
 
     def init(self, *, activate: bool = False) -> KeyInfo:
         """Create a key pair; it signs at once if ``activate`` or if no key is active yet.
@@ -85,6 +102,14 @@ class KeyRing:
         public_raw = private.public_key().public_bytes(serialization.Encoding.Raw,
                                                        serialization.PublicFormat.Raw)
         key_id = key_id_of(public_raw)
+        public_pem = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if self._db is not None:
+            self.adopt(private)
+            if activate or self.active_id() is None:
+                self.use(key_id)
+            log.info("created signing key %s (in the database, encrypted)", key_id)
+            return self.info(key_id)
         pem = private.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -95,15 +120,37 @@ class KeyRing:
             fh.write(pem)
             fh.flush()
             os.fsync(fh.fileno())
-        atomic_write(self.dir / f"{key_id}.pub", private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+        atomic_write(self.dir / f"{key_id}.pub", public_pem, 0o644)
         if activate or self.active_id() is None:
             self.use(key_id)
         log.info("created signing key %s", key_id)
         return self.info(key_id)
 
+    def adopt(self, private: Ed25519PrivateKey, *, created: str | None = None) -> KeyInfo:
+        """Seal an existing key into the database (``migrate``); a no-op if it is there."""
+        if self._db is None:
+            raise ConfigError("adopt() moves keys into a PostgreSQL registry; this one keeps "
+                              "its keys as files", field="db")
+        public_pem = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        key_id = key_id_of(private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                             serialization.PublicFormat.Raw))
+        sealed = private.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(_passphrase()))
+        with self._db.transaction(write=True) as c:
+            c.execute("INSERT INTO signing_keys (key_id, public_pem, private_pem, created, "
+                      "active) VALUES (?, ?, ?, ?, 0) ON CONFLICT (key_id) DO NOTHING",
+                      (key_id, public_pem.decode(), sealed.decode(), created or utc_iso()))
+        self._cache_public(key_id, public_pem)
+        return self.info(key_id)
+
     def active_id(self) -> str | None:
         """The key id that signs, or None when no key is active."""
+        if self._db is not None:
+            with self._db.transaction(write=False) as c:
+                row = c.execute("SELECT key_id FROM signing_keys WHERE active = 1").fetchone()
+            return None if row is None else str(row[0])
         try:
             text = (self.dir / ACTIVE_FILE).read_text().strip()
         except FileNotFoundError:
@@ -114,6 +161,12 @@ class KeyRing:
         """Make ``key_id`` the signing key (running servers pick it up on the next request)."""
         self.info(key_id)  # NotFoundError listing the keys there are
         self.private_key(key_id)  # raises if the private half is missing or unreadable
+        if self._db is not None:
+            with self._db.transaction(write=True) as c:  # every replica's stamp moves
+                c.execute("UPDATE signing_keys SET active = CASE WHEN key_id = ? THEN 1 "
+                          "ELSE 0 END", (key_id,))
+            log.info("signing key is now %s", key_id)
+            return self.info(key_id)
         atomic_write(self.dir / ACTIVE_FILE, (key_id + "\n").encode(), 0o600)
         log.info("signing key is now %s", key_id)
         return self.info(key_id)
@@ -125,12 +178,19 @@ class KeyRing:
             raise ConfigError(f"key {key_id} is the active signing key; run 'hybridml-cloud "
                               "keys use OTHER_ID' first", field="key_id")
         self.info(key_id)
+        if self._db is not None:
+            with self._db.transaction(write=True) as c:
+                c.execute("DELETE FROM signing_keys WHERE key_id = ?", (key_id,))
         for suffix in (".key", ".pub"):
             (self.dir / f"{key_id}{suffix}").unlink(missing_ok=True)
         log.info("removed signing key %s", key_id)
 
     def list(self) -> list[KeyInfo]:
         """Every key pair, oldest first."""
+        if self._db is not None:
+            with self._db.transaction(write=False) as c:
+                ids = [r[0] for r in c.execute("SELECT key_id FROM signing_keys")]
+            return sorted((self.info(k) for k in ids), key=lambda k: (k.created, k.key_id))
         if not self.dir.is_dir():
             return []
         infos = [self.info(p.stem) for p in self.dir.glob("*.pub") if KEY_ID_RE.fullmatch(p.stem)]
@@ -139,6 +199,18 @@ class KeyRing:
     def info(self, key_id: str) -> KeyInfo:
         """Describe one key; :class:`NotFoundError` lists the keys that exist."""
         self._check_id(key_id)
+        if self._db is not None:
+            with self._db.transaction(write=False) as c:
+                row = c.execute("SELECT public_pem, private_pem IS NOT NULL, created, active "
+                                "FROM signing_keys WHERE key_id = ?", (key_id,)).fetchone()
+                known = [r[0] for r in c.execute("SELECT key_id FROM signing_keys "
+                                                 "ORDER BY key_id")]
+            if row is None:
+                raise NotFoundError(f"no signing key {key_id!r} in the database; keys: "
+                                    f"{', '.join(known) or 'none (run hybridml-cloud keys init)'}",
+                                    field="key_id")
+            pub = self._cache_public(key_id, str(row[0]).encode())
+            return KeyInfo(key_id, pub, bool(row[1]), bool(row[3]), str(row[2]))
         pub = self.dir / f"{key_id}.pub"
         if not pub.is_file():
             known = sorted(p.stem for p in self.dir.glob("*.pub")) if self.dir.is_dir() else []
@@ -151,6 +223,8 @@ class KeyRing:
     def private_key(self, key_id: str) -> Ed25519PrivateKey:
         """Load the private key ``key_id``."""
         self._check_id(key_id)
+        if self._db is not None:
+            return self._sealed_key(key_id)
         path = self.dir / f"{key_id}.key"
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -163,11 +237,47 @@ class KeyRing:
             raise ConfigError(f"{path} is not an ed25519 key", field="key_id")
         return key
 
+    def _sealed_key(self, key_id: str) -> Ed25519PrivateKey:
+        with self._db.transaction(write=False) as c:
+            row = c.execute("SELECT private_pem FROM signing_keys WHERE key_id = ?",
+                            (key_id,)).fetchone()
+        if row is None or row[0] is None:
+            raise NotFoundError(f"no private key {key_id} in the database; run 'hybridml-cloud "
+                                "keys list' to see the keys it can sign with", field="key_id")
+        try:
+            key = serialization.load_pem_private_key(str(row[0]).encode(),
+                                                     password=_passphrase())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"cannot decrypt signing key {key_id}: ${PASSPHRASE_ENV} is not "
+                              "the passphrase it was sealed with", field="key_id") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"signing key {key_id} is not an ed25519 key", field="key_id")
+        return key
+
+    def _cache_public(self, key_id: str, pem: bytes) -> Path:
+        """The ``.pub`` file of a database key (written once: devices ``trust add`` it)."""
+        path = self.dir / f"{key_id}.pub"
+        if not path.is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.dir, 0o700)
+            atomic_write(path, pem, 0o644)
+        return path
+
     @staticmethod
     def _check_id(key_id: str) -> None:
         if not isinstance(key_id, str) or not KEY_ID_RE.fullmatch(key_id):
             raise ConfigError(f"invalid key id {key_id!r}: use the 16 hex digits shown by "
                               "'hybridml-cloud keys list'", field="key_id")
+
+
+def _passphrase() -> bytes:
+    """The passphrase that seals database keys; ConfigError naming the variable if unset."""
+    value = os.environ.get(PASSPHRASE_ENV, "")
+    if len(value) < 12:
+        raise ConfigError(f"${PASSPHRASE_ENV} must hold the passphrase (12+ characters) that "
+                          "seals the signing keys in the database; give every replica the same "
+                          "one from your secret store", field=PASSPHRASE_ENV)
+    return value.encode("utf-8")
 
 
 class Signer:
@@ -179,24 +289,36 @@ class Signer:
 
     def __init__(self, registry_root: str | os.PathLike[str]) -> None:
         self.keys = KeyRing(registry_root)
+        self._registry: Any = registry_root if self.keys.in_database else None
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: object = None
         self._current: tuple[str, Ed25519PrivateKey] | None = None
+        self._unsealed: dict[str, Ed25519PrivateKey] = {}  # decrypting costs ~0.1 s: once
         self._warned = False
+
+    def _seen(self) -> object:
+        """What changes when the active key may have: the ``active`` file's identity, or
+        (database keys) the registry's change stamp — a fresh object when it is unknown."""
+        if self._registry is not None:
+            return self._registry.stamp() or object()
+        try:
+            st = (self.keys.dir / ACTIVE_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
 
     def current(self) -> tuple[str, Ed25519PrivateKey] | None:
         """The active ``(key_id, private key)``, or None when the registry has no key."""
-        try:
-            st = (self.keys.dir / ACTIVE_FILE).stat()
-            stamp: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
-        except FileNotFoundError:
-            stamp = None
+        stamp = self._seen()
         with self._lock:
             if stamp != self._stamp:
-                key_id = self.keys.active_id() if stamp else None
-                self._current = (key_id, self.keys.private_key(key_id)) if key_id else None
+                key_id = self.keys.active_id() if stamp is not None else None
+                if key_id and key_id not in self._unsealed:
+                    self._unsealed[key_id] = self.keys.private_key(key_id)
+                before = self._current[0] if self._current else None
+                self._current = (key_id, self._unsealed[key_id]) if key_id else None
                 self._stamp = stamp
-                if key_id:
+                if key_id and key_id != before:
                     log.info("signing manifests with key %s", key_id)
             if self._current is None and not self._warned:
                 log.warning("no signing key in %s: serving unsigned manifests; run "

@@ -5,7 +5,7 @@
     TelemetryStore          the API the cloud uses (HTTP ingest, monitor, triggers, /metrics):
       │                     checks records (hybridml.cloud.ingest), computes drift and
       │                     performance (hybridml.shared.drift, hybridml.cloud.performance)
-      └── SQLiteTelemetry   every SQL statement; a PostgreSQL backend implements the same
+      └── SqlTelemetry   every SQL statement; a PostgreSQL backend implements the same
                             nine methods (TelemetryBackend)
 
 Idempotency: every record is keyed by (device, record id) in one ledger; a record already
@@ -37,14 +37,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import HybridMLError, RegistryError
 
 from . import fleet, performance
-from .database import Database
+from .database import Store, open_database
 from .facts import Facts, FactsCache
 from .ingest import (
     Feedback,
@@ -61,16 +60,18 @@ from .registry import Registry
 log = logging.getLogger("hybridml.cloud.telemetry")
 
 DB_NAME = "telemetry.db"
+STORE = "telemetry"
+ROWID_TABLES = ("feedback", "events")  # read in arrival order
 SCHEMA_VERSION = 2  # 2: events by kind (rollouts read shadow, interleave, health records)
 ANONYMOUS = "anonymous"  # the device of a record without a store id, on a server without tokens
 _SCHEMA = (  # every statement IF NOT EXISTS: an older file upgrades by running them all
     "CREATE TABLE IF NOT EXISTS records (device TEXT NOT NULL, id TEXT NOT NULL, "
     "kind TEXT NOT NULL, received REAL NOT NULL, PRIMARY KEY (device, id)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS summaries (device TEXT NOT NULL, id TEXT NOT NULL, "
-    "model TEXT NOT NULL, version INTEGER NOT NULL, start REAL NOT NULL, end REAL NOT NULL, "
+    "model TEXT NOT NULL, version INTEGER NOT NULL, start REAL NOT NULL, \"end\" REAL NOT NULL, "
     "rows INTEGER NOT NULL, body TEXT NOT NULL, received REAL NOT NULL, "
     "PRIMARY KEY (device, id))",
-    "CREATE INDEX IF NOT EXISTS summaries_by_end ON summaries (model, version, end)",
+    "CREATE INDEX IF NOT EXISTS summaries_by_end ON summaries (model, version, \"end\")",
     "CREATE TABLE IF NOT EXISTS feedback (device TEXT NOT NULL, id TEXT NOT NULL, "
     "model TEXT NOT NULL, version INTEGER, prediction_id TEXT, prediction TEXT, "
     "label TEXT NOT NULL, features TEXT, sha256 TEXT, at REAL NOT NULL, "
@@ -165,13 +166,25 @@ class TelemetryBackend(Protocol):
         """Close this thread's connection."""
 
 
-class SQLiteTelemetry:
-    """:class:`TelemetryBackend` on one SQLite file (WAL, owner-only; see
-    :class:`hybridml.cloud.database.Database`)."""
+class SqlTelemetry:
+    """:class:`TelemetryBackend` on a store database: ``<registry>/telemetry.db`` (SQLite:
+    WAL, owner-only) or the ``telemetry`` tables of PostgreSQL (docs/storage.md §2). The
+    same SQL runs on both."""
 
-    def __init__(self, path: Path) -> None:
-        self._db = Database(path, create=True, schema=_SCHEMA, version=SCHEMA_VERSION,
-                            error=TelemetryError)
+    def __init__(self, db: Store) -> None:
+        self._db = db
+
+    @property
+    def db(self) -> Store:
+        """The store's database (``migrate`` copies it)."""
+        return self._db
+
+    @classmethod
+    def open(cls, registry: Registry) -> SqlTelemetry:
+        """The telemetry store beside ``registry`` (its storage backend, its root)."""
+        return cls(open_database(registry.storage, registry.root, STORE, create=True,
+                                 schema=_SCHEMA, version=SCHEMA_VERSION, error=TelemetryError,
+                                 rowid_tables=ROWID_TABLES))
 
     def store(self, items: Sequence[tuple[str, Record]], dropped: Sequence[tuple[str, str,
               Mapping[str, int]]], counts: Mapping[tuple[str, str], int], received: float
@@ -184,8 +197,9 @@ class SQLiteTelemetry:
             for device, r in items:
                 kind = "summary" if isinstance(r, Summary) else \
                     "feedback" if isinstance(r, Feedback) else r.kind
-                cur = c.execute("INSERT OR IGNORE INTO records (device, id, kind, received) "
-                                "VALUES (?, ?, ?, ?)", (device, r.id, kind, received))
+                cur = c.execute("INSERT INTO records (device, id, kind, received) VALUES "
+                                "(?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                (device, r.id, kind, received))
                 if cur.rowcount == 0:
                     duplicates.append(r.id)
                     continue
@@ -209,12 +223,13 @@ class SQLiteTelemetry:
                                r.body, received))
             for device, batch, tally in dropped:
                 for kind, n in tally.items():
-                    c.execute("INSERT OR IGNORE INTO dropped VALUES (?, ?, ?, ?, ?)",
+                    c.execute("INSERT INTO dropped VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT DO NOTHING",
                               (device, batch, kind, n, received))
             counts = {**counts, ("records_accepted", "all"): len(accepted),
                       ("records_duplicate", "all"): len(duplicates)}
             c.executemany("INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (name, label) "
-                          "DO UPDATE SET value = value + excluded.value",
+                          "DO UPDATE SET value = counters.value + excluded.value",
                           [(n, lab, v) for (n, lab), v in counts.items()])
         return accepted, duplicates
 
@@ -223,34 +238,42 @@ class SQLiteTelemetry:
         """See :meth:`TelemetryBackend.summaries`."""
         sql = "SELECT device, id, body FROM summaries WHERE model = ?"
         args: list[Any] = [model]
-        for clause, value in (("version = ?", version), ("end > ?", period[0]),
-                              ("end <= ?", period[1]), ("device = ?", device)):
+        for clause, value in (("version = ?", version), ('"end" > ?', period[0]),
+                              ('"end" <= ?', period[1]), ("device = ?", device)):
             if value is not None:
                 sql += " AND " + clause
                 args.append(value)
         with self._db.tx(write=False) as c:
-            return [tuple(r) for r in c.execute(sql + " ORDER BY end, device, id", args)]
+            return [tuple(r) for r in c.execute(sql + ' ORDER BY "end", device, id', args)]
 
     def feedback(self, model: str, received: Period, labelled: bool, *, dated: bool = False
                  ) -> list[FeedbackRow]:
         """See :meth:`TelemetryBackend.feedback`."""
-        sql = ("SELECT COALESCE(f.version, json_extract(e.body, '$.version')), "
-               "COALESCE(f.prediction, json_quote(json_extract(e.body, '$.prediction'))), "
-               "f.label, f.at, f.features, f.sha256, f.device FROM feedback f LEFT JOIN events e "
-               "ON f.prediction IS NULL AND f.prediction_id IS NOT NULL AND e.kind = 'sample' "
-               "AND e.model = f.model AND e.prediction_id = f.prediction_id "
-               "WHERE f.model = ?")
+        # Feedback without its prediction takes it (and the version) from the sample record
+        # that names its prediction_id: decoded here, so the SQL is the same on both engines.
+        sql = ("SELECT f.version, f.prediction, f.label, f.at, f.features, f.sha256, f.device, "
+               "CASE WHEN f.prediction IS NULL AND f.prediction_id IS NOT NULL THEN "
+               "(SELECT e.body FROM events e WHERE e.kind = 'sample' AND e.model = f.model "
+               "AND e.prediction_id = f.prediction_id ORDER BY e.received, e.rowid LIMIT 1) "
+               "END FROM feedback f WHERE f.model = ?")
         args: list[Any] = [model]
         if labelled:
             sql += " AND f.features IS NOT NULL"
         sql += _received(received, args, "f.at" if dated else "f.received")
         with self._db.tx(write=False) as c:
-            rows = c.execute(sql + " GROUP BY f.device, f.id ORDER BY f.received, f.rowid",
-                             args).fetchall()
-        return [FeedbackRow(None if v is None else int(v),
-                            None if p is None else json.loads(p), json.loads(lab), float(at),
-                            None if feats is None else json.loads(feats), sha, dev)
-                for v, p, lab, at, feats, sha, dev in rows]
+            rows = c.execute(sql + " ORDER BY f.received, f.rowid", args).fetchall()
+        out = []
+        for v, p, lab, at, feats, sha, dev, sample in rows:
+            prediction = None if p is None else json.loads(p)
+            if sample is not None:
+                doc = json.loads(sample)
+                doc = doc if isinstance(doc, dict) else {}
+                v = doc.get("version") if v is None else v
+                prediction = doc.get("prediction")
+            out.append(FeedbackRow(None if v is None else int(v), prediction, json.loads(lab),
+                                   float(at), None if feats is None else json.loads(feats),
+                                   sha, dev))
+        return out
 
     def labelled_count(self, model: str, received: Period) -> int:
         """See :meth:`TelemetryBackend.labelled_count`."""
@@ -270,11 +293,18 @@ class SQLiteTelemetry:
     def devices(self, model: str) -> list[tuple[str, float, int, str]]:
         """See :meth:`TelemetryBackend.devices`."""
         with self._db.tx(write=False) as c:
-            return [tuple(r) for r in c.execute(
-                "SELECT device, MAX(received), SUM(rows), GROUP_CONCAT(DISTINCT version) FROM "
+            rows = c.execute(
+                "SELECT device, MAX(received), SUM(rows), version FROM "
                 "(SELECT device, received, rows, version FROM summaries WHERE model = ? "
-                "UNION ALL SELECT device, received, 0, version FROM feedback WHERE model = ?) "
-                "GROUP BY device ORDER BY device", (model, model))]
+                "UNION ALL SELECT device, received, 0, version FROM feedback WHERE model = ?) u "
+                "GROUP BY device, version ORDER BY device, version", (model, model)).fetchall()
+        out: dict[str, tuple[float, int, list[str]]] = {}
+        for device, seen, n, version in rows:
+            last, total, versions = out.get(device, (seen, 0, []))
+            if version is not None:
+                versions.append(str(version))
+            out[device] = (max(last, seen), total + int(n or 0), versions)
+        return [(d, seen, n, ",".join(vs)) for d, (seen, n, vs) in out.items()]
 
     def models(self) -> list[str]:
         """See :meth:`TelemetryBackend.models`."""
@@ -297,14 +327,14 @@ class SQLiteTelemetry:
 class TelemetryStore:
     """Ingest, query and analyse telemetry of the models in ``registry``.
 
-    ``backend`` defaults to :class:`SQLiteTelemetry` on ``<registry>/telemetry.db``;
+    ``backend`` defaults to :class:`SqlTelemetry` on ``<registry>/telemetry.db``;
     ``clock`` (POSIX seconds) is what "now" means for :meth:`device_drift`.
     """
 
     def __init__(self, registry: Registry, *, backend: TelemetryBackend | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
-        self.backend: TelemetryBackend = backend or SQLiteTelemetry(registry.root / DB_NAME)
+        self.backend: TelemetryBackend = backend or SqlTelemetry.open(registry)
         self.clock = clock
         self.facts = FactsCache(registry)  # (model, version=None) -> ModelFacts
 

@@ -12,10 +12,15 @@ not a connection per request.
 
 Roles: ``device`` may read manifests and artifacts, predict and post telemetry; ``admin`` may
 also promote, roll back and upload. Revocation is immediate: every request reads the table.
+
+On a fleet (``--db postgresql://...``, docs/storage.md) the same table lives in PostgreSQL and
+every replica reads it per request, so a token revoked through one replica is refused by all
+at their next request.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import hmac
@@ -31,13 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from hybridml.shared.clock import utc_iso
-from hybridml.shared.errors import ConfigError, NotFoundError
+from hybridml.shared.errors import ConfigError, NotFoundError, RegistryError
 
+from .database import Database, Store, open_database
 from .private import private_dir, private_file
+from .storage import Storage
 
 log = logging.getLogger("hybridml.cloud.tokens")
 
 DB_NAME = "tokens.db"
+STORE = "tokens"
+SCHEMA_VERSION = 1
 ROLES = ("device", "admin")
 PREFIX = "hml"
 _TOKEN_RE = re.compile(r"^hml_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
@@ -77,14 +86,42 @@ def hash_token(token: str) -> str:
 
 
 class TokenStore:
-    """Create, list, revoke and check tokens kept in one small SQLite file."""
+    """Create, list, revoke and check tokens kept in one small SQLite file beside the
+    registry, or in the ``tokens`` table of the registry's PostgreSQL database.
 
-    def __init__(self, registry_root: str | os.PathLike[str]) -> None:
-        self.path = Path(registry_root).expanduser().resolve() / DB_NAME
+    ``registry`` is a :class:`~hybridml.cloud.registry.Registry` (its storage decides) or a
+    registry root directory (SQLite)."""
+
+    def __init__(self, registry: str | os.PathLike[str], storage: Storage | None = None
+                 ) -> None:
+        self.path = Path(registry).expanduser().resolve() / DB_NAME
+        storage = storage or getattr(registry, "storage", None) or Storage()
         self._local = threading.local()  # this thread's reader: (file identity, connection)
+        self._pg: Store | None = None
+        if storage.on_postgres:
+            self._pg = open_database(storage, self.path.parent, STORE, create=True,
+                                     schema=[_SCHEMA], version=SCHEMA_VERSION,
+                                     error=RegistryError, rowid_tables=(STORE,))
+
+    @property
+    def database(self) -> Store:
+        """The token table's database (``migrate`` copies it; creates the file if absent)."""
+        if self._pg is not None:
+            return self._pg
+        private_dir(self.path.parent)
+        return Database(self.path, create=True, schema=[_SCHEMA], version=SCHEMA_VERSION,
+                        error=RegistryError)
+
+    def schema_version(self) -> int:
+        """The schema version of the token table."""
+        return self.database.schema_version()
 
     @contextlib.contextmanager
-    def _db(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    def _db(self, *, write: bool = False) -> Iterator[Any]:
+        if self._pg is not None:
+            with self._pg.tx(write=write) as c:
+                yield c
+            return
         # One short-lived connection per call: fork-safe under gunicorn, and a request costs
         # one indexed read on a tiny file.
         if not self.path.exists() and not write:
@@ -165,18 +202,25 @@ class TokenStore:
         if m is None:
             return None
         query = "SELECT id, name, role, created, revoked, sha256 FROM tokens WHERE id = ?"
-        try:
-            reader = self._reader()
-            rows = [] if reader is None else reader.execute(query, (m.group(1),)).fetchall()
-        except sqlite3.Error:  # e.g. a file without the table yet: the creating path
-            with self._db() as c:
+        if self._pg is not None:
+            with self._pg.tx(write=False) as c:
                 rows = c.execute(query, (m.group(1),)).fetchall()
+        else:
+            rows = self._read_file(query, m.group(1))
         if not rows:
             return None
         row = rows[0]
         if not hmac.compare_digest(row[5], hash_token(token)) or row[4] is not None:
             return None
         return TokenInfo(*row[:5])
+
+    def _read_file(self, query: str, ident: str) -> builtins.list[Any]:
+        try:
+            reader = self._reader()
+            return [] if reader is None else reader.execute(query, (ident,)).fetchall()
+        except sqlite3.Error:  # e.g. a file without the table yet: the creating path
+            with self._db() as c:
+                return c.execute(query, (ident,)).fetchall()  # type: ignore[no-any-return]
 
     def _reader(self) -> sqlite3.Connection | None:
         """This thread's read connection to the token file; None while there is no file.

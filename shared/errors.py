@@ -16,7 +16,8 @@ the cloud said.
     │   └── QuantizationError          quantization      500
     ├── RegistryError                  registry          500
     │   ├── NotFoundError              not_found         404
-    │   └── ConflictError              conflict          409
+    │   ├── ConflictError              conflict          409
+    │   └── StorageUnavailableError    storage_unavailable 503 (database or bucket down: retry)
     ├── ArtifactError                  artifact          502
     │   └── IntegrityError             integrity         502
     ├── ManifestError                  manifest          502
@@ -164,6 +165,14 @@ class ConflictError(RegistryError):
 
     code = "conflict"
     status = 409
+
+
+class StorageUnavailableError(RegistryError):
+    """The database or the artifact store cannot be reached right now (a restart, a network
+    cut): nothing was written; retry the same request."""
+
+    code = "storage_unavailable"
+    status = 503
 
 
 class ArtifactError(HybridMLError):

@@ -417,7 +417,7 @@ def test_a_new_registry_is_private_to_its_owner_whatever_the_umask(
     key = KeyRing(root).init()
     for d in (root, root / "blobs", root / "cache", root / "cache" / "gzip", root / "keys"):
         assert mode(d) == 0o700, d
-    for f in (root / "registry.db", root / "tokens.db", root / "audit.jsonl",
+    for f in (root / "registry.db", root / "tokens.db",  # the audit trail is in registry.db
               root / "cache" / "gzip" / f"{sha}.gz", root / "keys" / f"{key.key_id}.key"):
         assert mode(f) == 0o600, f
     sidecars = sorted(root.glob("registry.db-*"))  # SQLite's, while a connection is open

@@ -263,7 +263,7 @@ def test_a_schema_3_registry_gains_the_rollout_tables_when_opened(iris_copy: Pat
     r = Rollouts(reg).start("iris", "canary", candidate=3, actor=ALICE)
     assert Rollouts(reg).get(r.id).state == "running"
     conn = sqlite3.connect(iris_copy / "registry.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE "
                                               "type = 'index'")}
     assert "one_running" in indexes
