@@ -1,6 +1,14 @@
-"""The registry's blob store: immutable, content-addressed files in one directory.
+"""The registry's artifact store: immutable, content-addressed blobs (docs/storage.md §3).
 
-Each blob lives at ``<dir>/<sha256>``. A write goes to a temp file in the same directory
+:class:`BlobBackend` is the interface the registry and the API use; :func:`open_blobs` picks the
+backend from :class:`~hybridml.cloud.storage.Storage`: :class:`BlobStore`, a local directory
+(the default, ``<root>/blobs``, or ``file:///dir``), or ``S3Blobs`` on S3-compatible storage
+(:mod:`hybridml.cloud.blobs_s3`, imported, with boto3, only when an ``s3://`` URL is chosen).
+The S3 backend reads through a :class:`BlobStore` under ``<root>/cache/blobs``: a download is
+stored with :meth:`BlobStore.fill`, which checks its sha256 before the file gets its name, and
+gzip copies of both backends are made by the same :meth:`BlobStore.gzipped`.
+
+Each local blob lives at ``<dir>/<sha256>``. A write goes to a temp file in the same directory
 (``.tmp-<pid>-<random>``), is fsynced, made read-only, hard-linked to its final name (which
 never overwrites an existing blob) and the directory is fsynced; so a reader sees either no
 blob or the whole blob, and a crash leaves at most a temp file behind, which :meth:`sweep`
@@ -28,18 +36,22 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
 
-from hybridml.shared.errors import ConflictError, NotFoundError, RegistryError
+from hybridml.shared.errors import ConfigError, ConflictError, NotFoundError, RegistryError
 from hybridml.shared.files import CHUNK, file_sha256, fsync_dir
 from hybridml.shared.manifest import SHA256_RE
 
 from .private import FILE_MODE, private_dir, private_file
+from .storage import Storage
 
 log = logging.getLogger("hybridml.cloud.blobs")
 
 TEMP_PREFIX = ".tmp-"
+LOCK_PREFIX = ".lock-"  # BlobStore.fill: one download per blob at a time
 BLOB_MODE = 0o400  # owner-only, and read-only: blobs are immutable
 GZIP_LEVEL = 6
 GZIP_MAX_RATIO = 0.9  # a gzip copy must save 10% to be worth serving
@@ -59,8 +71,88 @@ def check_sha(sha256: object) -> str:
     return sha256
 
 
+class BlobBackend(Protocol):
+    """Where artifacts live: immutable blobs named by their sha256 (docs/storage.md §3).
+
+    Every method takes the 64-hex-character name; a malformed one is a NotFoundError (it can
+    never exist) and ``has`` answers False for it.
+    """
+
+    def put(self, data: BlobSource) -> tuple[str, int]:
+        """Store bytes, or stream the file at a path; return ``(sha256, size)``. Putting
+        content that exists is a no-op; a stored blob whose content differs is a
+        ConflictError."""
+        ...
+
+    def has(self, sha256: str) -> bool:
+        """True if blob ``sha256`` is stored."""
+        ...
+
+    def size(self, sha256: str) -> int:
+        """The size of blob ``sha256`` in bytes; NotFoundError if absent."""
+        ...
+
+    def path(self, sha256: str) -> Path:
+        """A local file holding blob ``sha256``, its content verified; NotFoundError if
+        absent."""
+        ...
+
+    def entries(self) -> Iterator[tuple[str, float]]:
+        """``(sha256, mtime)`` of every stored blob (what gc chooses from)."""
+        ...
+
+    def delete(self, shas: list[str]) -> int:
+        """Delete the given blobs; return how many were removed."""
+        ...
+
+    def sweep(self, min_age_seconds: float) -> int:
+        """Remove what crashed writers left behind, older than ``min_age_seconds``."""
+        ...
+
+    def gzipped(self, sha256: str, cache: str | os.PathLike[str]) -> Path | None:
+        """The gzip copy of blob ``sha256`` in ``cache`` (made once), or None when gzip
+        does not pay."""
+        ...
+
+    def presign(self, sha256: str, expiry_s: int) -> str:
+        """A URL that downloads blob ``sha256`` without credentials for ``expiry_s`` seconds;
+        ConfigError on a backend that has none."""
+        ...
+
+    def describe(self) -> str:
+        """One line for logs and ``status``: where the blobs are."""
+        ...
+
+
+def open_blobs(storage: Storage, root: str | os.PathLike[str]) -> BlobBackend:
+    """The artifact store ``storage`` names, with ``root`` (the registry root) for caches.
+
+    ``artifacts`` unset: ``<root>/blobs``; ``file:///dir``: that directory; ``s3://bucket/prefix``:
+    :class:`~hybridml.cloud.blobs_s3.S3Blobs` at ``storage.s3_endpoint`` (AWS when unset),
+    reading through a verified cache in ``<root>/cache/blobs``. A local directory is created
+    (``0700``) or made private here; S3 is not contacted.
+    """
+    url = storage.artifacts
+    if url is None:
+        return BlobStore(private_dir(Path(root) / "blobs"))
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"artifact store {url!r}: a file URL names a local directory, "
+                              "file:///srv/blobs (no host)", field="artifacts")
+        return BlobStore(private_dir(Path(unquote(parts.path))))
+    if parts.scheme == "s3":
+        from .blobs_s3 import S3Blobs  # boto3 is imported only when S3 is chosen
+
+        return S3Blobs.from_url(url, BlobStore(Path(root) / "cache" / "blobs"),
+                                endpoint=storage.s3_endpoint)
+    raise ConfigError(f"artifact store {url!r}: use s3://bucket/prefix or file:///dir",
+                      field="artifacts")
+
+
 class BlobStore:
-    """Immutable content-addressed files under one directory (the registry's default storage)."""
+    """Immutable content-addressed files under one directory: the default :class:`BlobBackend`,
+    and the verified local cache the S3 backend reads through."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory)
@@ -79,6 +171,62 @@ class BlobStore:
         """Return True if blob ``sha256`` exists (False for malformed names: nothing is read)."""
         return (isinstance(sha256, str) and bool(SHA256_RE.fullmatch(sha256))
                 and (self.dir / sha256).is_file())
+
+    def size(self, sha256: str) -> int:
+        """The size of blob ``sha256`` in bytes; NotFoundError if malformed or absent."""
+        return self.path(sha256).stat().st_size
+
+    def presign(self, sha256: str, expiry_s: int) -> str:
+        """Always a ConfigError: a local directory has no URL a device could fetch."""
+        raise ConfigError(
+            f"the artifact store {self.dir} is a local directory, which has no direct URLs: "
+            "use --artifact-urls public:<base URL> (a web server over that directory), or "
+            "--artifacts s3://bucket/prefix with --artifact-urls presign", field="artifact_urls")
+
+    def describe(self) -> str:
+        """One line for logs and ``status``."""
+        return f"local directory {self.dir}"
+
+    def fill(self, sha256: str, fetch: Callable[[], Iterable[bytes]], source: str) -> Path:
+        """The path of blob ``sha256``, stored first from the chunks ``fetch()`` yields (a
+        download) if absent; ``source`` names where they come from, for errors.
+
+        The chunks are hashed as they are written to a temp file; only content that hashes to
+        ``sha256`` is given the blob's name (a ConflictError otherwise: the temp file is
+        deleted, nothing is served). One caller fetches at a time per blob, across threads and
+        processes (an ``flock`` on ``.lock-<sha256>``); the others then find the blob stored.
+        The lock only saves work: concurrent fetches would still each be verified, and the
+        name is taken by a hard link, never by overwriting.
+        """
+        sha = check_sha(sha256)
+        final = self.dir / sha
+        if final.is_file():
+            return final
+        private_dir(self.dir)
+        with _locked(self.dir / f"{LOCK_PREFIX}{sha}"):
+            if final.is_file():  # fetched by another thread or process while we waited
+                return final
+            digest = hashlib.sha256()
+            size = 0
+
+            def hashed() -> Iterator[bytes]:
+                nonlocal size
+                for chunk in fetch():
+                    digest.update(chunk)
+                    size += len(chunk)
+                    yield chunk
+
+            tmp = self._write_temp(hashed())
+            if digest.hexdigest() != sha:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise ConflictError(
+                    f"blob {sha} from {source} is damaged: its {size} bytes hash to "
+                    f"{digest.hexdigest()}; it was not stored or served. If this happens again, "
+                    "the stored object is corrupt: delete it and put the blob again",
+                    field="sha256")
+            self._commit(tmp, sha, size)
+        return final
 
     def put(self, data: BlobSource) -> tuple[str, int]:
         """Store bytes, or stream the file at a path; return ``(sha256, size)``."""
@@ -183,17 +331,12 @@ class BlobStore:
         if raw.exists():
             return None
         private_dir(folder)
-        lock = os.open(folder / f"{sha256}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                       FILE_MODE)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the descriptor closes
+        with _locked(folder / f"{sha256}.lock"):
             if gz.exists():  # another thread or process made it while we waited
                 return gz
             if raw.exists():
                 return None
             return _compress(src, gz, raw)
-        finally:
-            os.close(lock)
 
     def entries(self) -> Iterator[tuple[str, float]]:
         """Yield ``(sha256, mtime)`` for every blob (temp and foreign files are skipped)."""
@@ -219,20 +362,32 @@ class BlobStore:
         return removed
 
     def sweep(self, min_age_seconds: float) -> int:
-        """Remove temp files left by crashed writers that are older than ``min_age_seconds``."""
+        """Remove temp files left by crashed writers (and fetch locks) older than
+        ``min_age_seconds``; return how many."""
         if not self.dir.is_dir():
             return 0
         cutoff = time.time() - min_age_seconds
         removed = 0
         with os.scandir(self.dir) as it:
             for entry in it:
-                if not entry.name.startswith(TEMP_PREFIX):
+                if not entry.name.startswith((TEMP_PREFIX, LOCK_PREFIX)):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat().st_mtime <= cutoff:
                         os.unlink(entry.path)
                         removed += 1
         return removed
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created ``0600`` if missing)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
+        yield
+    finally:
+        os.close(fd)
 
 
 def _compress(src: Path, gz: Path, raw: Path) -> Path | None:

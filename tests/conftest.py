@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 import requests
 
+# Fixtures of the real PostgreSQL and SeaweedFS servers (session-wide; see tests/servers.py).
+from tests.servers import pg_server, pg_url, s3_bucket, s3_server  # noqa: F401
+
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 30.0
 
