@@ -6,7 +6,9 @@
     GET  /v1/models                               names, aliases, latest versions
     GET  /v1/models/<name>/manifest               ?version=3 | ?alias=canary (default stable)
                                                   ETag; 304 on If-None-Match; in a running
-                                                  rollout, per device (docs/rollouts.md §3)
+                                                  rollout, per device (docs/rollouts.md §3);
+                                                  direct artifact URLs in ``sources`` with
+                                                  --artifact-urls (docs/storage.md §3)
     GET  /v1/artifacts/<sha256>                   immutable bytes; Range; gzip when accepted
     POST /v1/models/<name>/predict                {"inputs": [{col: v}, ...] | [[...], ...]}
                                                   -> predictions, probabilities, model_version
@@ -66,6 +68,8 @@ from .rollout_api import install as install_rollouts
 from .rollouts import Assignment, Rollouts
 from .shedding import LoadShedder
 from .signing import Signer
+from .sources import DirectSources
+from .storage import Storage
 from .telemetry import TelemetryStore
 
 log = logging.getLogger("hybridml.cloud.app")
@@ -93,8 +97,12 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["hybridml"] = {"registry": reg, "config": cfg}
     models = ModelCache(reg, cfg.model_cache)
-    signer = Signer(reg.root)  # signs every manifest served (hybridml.cloud.signing)
+    signer = Signer(reg)  # signs every manifest served (hybridml.cloud.signing)
     rollouts = Rollouts(reg)  # per-device roles in a running rollout (docs/rollouts.md)
+    # Direct artifact URLs in served manifests (docs/storage.md §3): signed with the body,
+    # never part of the ETag, so a 304 keeps the URLs a device has.
+    storage = getattr(reg, "storage", None) or Storage.from_env()
+    sources = DirectSources(reg.blobs, storage)
     app.extensions["hybridml"]["rollouts"] = rollouts
     gz_dir = reg.gzip_cache
 
@@ -175,6 +183,8 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             doc = json.loads(served.manifest)
             doc["release"] = Release(served.name, str(ref), served.version, served.sequence,
                                      issued, expires).to_json()
+            if sources.enabled:
+                sources.add(doc, doc)
             resp = jsonify(signer.sign(doc))
         resp.set_etag(etag)
         resp.headers["Cache-Control"] = "no-cache"
@@ -197,6 +207,8 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             companion = (None if place.companion is None
                          else reg.manifest(name, place.companion))
             doc["rollout"] = place.block(companion)
+            if sources.enabled:  # one map for both: the companion carries no delivery keys
+                sources.add(doc, doc, companion)
             resp = jsonify(signer.sign(doc))
         resp.set_etag(etag)
         resp.headers["Cache-Control"] = "no-cache"

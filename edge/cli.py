@@ -1,7 +1,8 @@
 """``hybridml-edge``: sync, predict, status, rollback, push, the sync agent and trusted keys.
 
 The store defaults to ``$HYBRIDML_STORE``, else ``~/.hybridml``; the cloud URL to
-``$HYBRIDML_CLOUD``. Exit codes: 0 ok, 2 bad input or failure.
+``$HYBRIDML_CLOUD`` (several replicas: ``URL1,URL2``, tried in turn when one cannot answer).
+Exit codes: 0 ok, 2 bad input or failure.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--store", default=os.environ.get("HYBRIDML_STORE", "~/.hybridml"),
                         help="local store directory (default: $HYBRIDML_STORE or ~/.hybridml)")
     common.add_argument("--cloud", default=os.environ.get("HYBRIDML_CLOUD"),
-                        help="cloud base URL, e.g. http://127.0.0.1:8000 ($HYBRIDML_CLOUD)")
+                        help="cloud base URL, e.g. http://127.0.0.1:8000; several replicas "
+                        "comma-separated, URL1,URL2, tried in turn ($HYBRIDML_CLOUD)")
     common.add_argument("--token-file", default=None, metavar="PATH",
                         help="file holding the device token, readable by its owner only "
                         "(chmod 600); default: $HYBRIDML_TOKEN")
@@ -199,7 +201,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if r.changed:
         text = (f"{args.name}: activated v{r.version}"
                 + (f" (previous v{r.previous_version})" if r.previous_version else "")
-                + f"; downloaded {r.bytes_downloaded:,} B ({', '.join(r.downloaded) or 'none'})")
+                + f"; downloaded {r.bytes_downloaded:,} B ({', '.join(r.downloaded) or 'none'})"
+                + (f", {r.bytes_direct:,} B of it from direct URLs" if r.bytes_direct else ""))
     else:
         text = f"{args.name}: up to date at v{r.version}"
     print(json.dumps(r.to_json()) if args.json else text)
@@ -251,7 +254,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``status``: per model, the active and previous versions, table, last sync."""
     store = LocalStore(args.store)
     names = [args.name] if args.name else store.model_names()
-    reachable = _client(args).healthy() if args.cloud else None
+    client = _client(args) if args.cloud else None
+    reachable = client.healthy() if client is not None else None
+    in_use = client.base_url if client is not None else None  # the replica that answered
     models: list[dict[str, Any]] = []
     fresh_settings = _freshness(args)
     spool = _spool_if_any(store)
@@ -280,11 +285,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         "pending": 0, "quarantined": 0, "bytes": 0, "oldest": None, "dropped": {}}
     if args.json:
         print(json.dumps({"store": str(store.root), "disk_bytes": disk, "cloud": args.cloud,
-                          "cloud_reachable": reachable, "models": models, "spool": spooled}))
+                          "cloud_in_use": in_use, "cloud_reachable": reachable,
+                          "models": models, "spool": spooled}))
         return 0
     print(f"store: {store.root} ({disk:,} B on disk)")
-    if args.cloud:
-        print(f"cloud: {args.cloud} ({'reachable' if reachable else 'unreachable'})")
+    if client is not None:
+        others = len(client.urls) - 1
+        print(f"cloud: {in_use} ({'reachable' if reachable else 'unreachable'})"
+              + (f"; {others} other replica(s) in --cloud" if others else ""))
     print(f"spool: {spooled['pending']} record(s) to upload ({spooled['bytes']:,} B"
           + (f", oldest {spooled['oldest']}" if spooled["oldest"] else "") + ")"
           + (f"; {spooled['quarantined']} quarantined" if spooled["quarantined"] else "")

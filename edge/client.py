@@ -47,6 +47,7 @@ from .bodies import ACCEPT_ENCODING, CHUNK, BodyLimits, decoded_blocks, read_bod
 from .transport import (
     check_cloud_url,
     check_token,
+    cloud_urls,
     read_token_file,
     resolve_ca_bundle,
     tls_failure,
@@ -87,7 +88,14 @@ class _Session(requests.Session):
 
 
 class CloudClient:
-    """Talks to one cloud endpoint; keeps a connection pool across calls.
+    """Talks to the cloud: one endpoint, or several replicas; keeps a connection pool.
+
+    ``base_url`` is one URL, a comma-separated list (``"https://a,https://b"``) or a sequence
+    of URLs (:func:`~hybridml.edge.transport.cloud_urls`). The client keeps a current one
+    (:attr:`base_url`); when it cannot answer — no connection, a time-out, TLS failing, any 5xx
+    (503 included) — a request goes on to the next, at most once around the list and within
+    the caller's deadline, and the client sticks with the replica that answered. A 4xx is an
+    answer, never a reason to ask another replica.
 
     ``token`` (else ``$HYBRIDML_TOKEN``) is sent as a bearer token. ``ca_bundle`` (else
     ``$HYBRIDML_CA_BUNDLE``) pins the CAs the cloud's certificate is checked against;
@@ -97,14 +105,19 @@ class CloudClient:
     ``store_id`` (:mod:`hybridml.edge.identity`; a sync sets it when it is None) goes with
     each manifest request as ``Hybridml-Device``: a cloud without device tokens assigns the
     device to a rollout's cohort by it (docs/rollouts.md §2).
+
+    :meth:`download` also fetches from a direct artifact URL a manifest names
+    (docs/storage.md §3): the same transport rules, through a session that has never held the
+    token or any device header.
     """
 
-    def __init__(self, base_url: str, token: str | None = None, device: str | None = None,
-                 *, ca_bundle: str | os.PathLike[str] | None = None, allow_http: bool = False,
+    def __init__(self, base_url: str | Sequence[str], token: str | None = None,
+                 device: str | None = None, *,
+                 ca_bundle: str | os.PathLike[str] | None = None, allow_http: bool = False,
                  limits: BodyLimits | None = None, store_id: str | None = None) -> None:
-        parts = check_cloud_url(base_url, allow_http)
-        self.base_url = base_url.strip().rstrip("/")
-        self.host = parts.hostname or ""
+        self.urls = cloud_urls(base_url, allow_http)
+        self.allow_http = allow_http
+        self._current = 0  # index into urls of the replica that answered last
         self.device = device or os.environ.get("HYBRIDML_DEVICE_ID")
         self.store_id = store_id
         self.ca_bundle = resolve_ca_bundle(ca_bundle)
@@ -114,6 +127,10 @@ class CloudClient:
         self._http = _Session()
         self._http.headers["User-Agent"] = "hybridml-edge/0.1"
         self._http.headers["Accept-Encoding"] = ACCEPT_ENCODING
+        # Direct artifact URLs are third parties: a session of their own, without the token.
+        self._direct = _Session()
+        self._direct.headers["User-Agent"] = "hybridml-edge/0.1"
+        self._direct.headers["Accept-Encoding"] = ACCEPT_ENCODING
         source = "the token argument"
         if not token:
             token, source = os.environ.get("HYBRIDML_TOKEN"), "$HYBRIDML_TOKEN"
@@ -121,28 +138,83 @@ class CloudClient:
         if token:
             self._http.headers["Authorization"] = f"Bearer {check_token(token, source)}"
 
+    @property
+    def base_url(self) -> str:
+        """The cloud URL in use: the replica that answered last (at first, the first one)."""
+        return self.urls[self._current]
+
+    @property
+    def host(self) -> str:
+        """The host name of :attr:`base_url`."""
+        return urlsplit(self.base_url).hostname or ""
+
     def close(self) -> None:
         """Close pooled connections."""
         self._http.close()
+        self._direct.close()
 
     def _request(self, method: str, path: str, *, timeout: Any = DEFAULT_TIMEOUT,
                  cancel: threading.Event | None = None, deadline: float | None = None,
                  **kwargs: Any) -> requests.Response:
-        """Send a request; the response's body is left to read (through :mod:`.bodies`).
+        """Send a request to the current replica, failing over (class docstring); the
+        response's body is left to read (through :mod:`.bodies`).
 
         A 3xx (but 304) is a :class:`RemoteError`; a 4xx/5xx (but 416) raises the error its
-        bounded JSON body describes."""
-        url = self.base_url + path
+        bounded JSON body describes (the last replica's, when none could answer)."""
+        start, n = self._current, len(self.urls)
+        failed: HybridMLError | None = None
+        for step in range(n):
+            i = (start + step) % n
+            if step:  # another replica, only within what the caller allows
+                left = None if deadline is None else deadline - time.monotonic()
+                if (cancel is not None and cancel.is_set()) or (left is not None and left <= 0):
+                    break
+                log.warning("the cloud at %s could not answer %s %s (%s); trying %s",
+                            self.urls[(i - 1) % n], method, path,
+                            failed.message if failed else "?", self.urls[i])
+                if left is not None:
+                    timeout = _shorter(timeout, left)
+            try:
+                resp = self._send(self.urls[i], method, path, timeout=timeout, **kwargs)
+            except (CloudUnavailableError, CloudTimeoutError) as exc:
+                failed = exc
+                continue
+            status = resp.status_code
+            if status >= 400 and status != 416:
+                with resp:
+                    try:
+                        self._raise_error(resp, method, path, cancel, deadline)
+                    except HybridMLError as exc:
+                        if status < 500:
+                            self._stick(i)
+                            raise  # an answer: this replica is up and refuses the request
+                        failed = exc
+                        continue
+            self._stick(i)
+            return resp
+        assert failed is not None
+        raise failed
+
+    def _stick(self, i: int) -> None:
+        if i != self._current:
+            log.warning("now using the cloud at %s", self.urls[i])
+            self._current = i
+
+    def _send(self, base: str, method: str, path: str, *, timeout: Any,
+              **kwargs: Any) -> requests.Response:
+        """One request to the replica at ``base``: the response (any status), a
+        :class:`RemoteError` for a redirect, or the transport failure."""
+        url = base + path
         try:
             resp = self._http.request(method, url, timeout=timeout, stream=True,
                                       allow_redirects=False, verify=self._verify, **kwargs)
         except requests.exceptions.SSLError as exc:
-            raise tls_failure(exc, self.host, self.ca_bundle) from exc
+            raise tls_failure(exc, urlsplit(base).hostname or "", self.ca_bundle) from exc
         except requests.Timeout as exc:
-            raise CloudTimeoutError(f"the cloud at {self.base_url} did not answer in time "
+            raise CloudTimeoutError(f"the cloud at {base} did not answer in time "
                                     f"({method} {path})") from exc
         except requests.RequestException as exc:
-            raise CloudUnavailableError(f"cannot reach the cloud at {self.base_url}: "
+            raise CloudUnavailableError(f"cannot reach the cloud at {base}: "
                                         f"{type(exc).__name__}") from exc
         status = resp.status_code
         if 300 <= status < 400 and status != 304:
@@ -152,9 +224,6 @@ class CloudClient:
             raise RemoteError(f"the cloud answered HTTP {status} to {method} {path}, a redirect "
                               f"to {target[:100]!r}; not followed (it would carry this device's "
                               "token there): point --cloud at the final URL", status=status)
-        if status >= 400 and status != 416:
-            with resp:
-                self._raise_error(resp, method, path, cancel, deadline)
         return resp
 
     def _raise_error(self, resp: requests.Response, method: str, path: str,
@@ -199,8 +268,14 @@ class CloudClient:
             return ManifestResponse(None, etag, wire)
         return ManifestResponse(body, resp.headers.get("ETag"), wire)
 
-    def download(self, sha256: str, dest: Path, size: int) -> int:
+    def download(self, sha256: str, dest: Path, size: int, *, source: str | None = None
+                 ) -> int:
         """Fetch an artifact into ``dest`` (a ``.part`` file), resuming what is there.
+
+        From the cloud's ``/v1/artifacts/<sha256>``, or with ``source`` from that direct URL
+        (docs/storage.md §3): checked by the same transport rules (:class:`ConfigError`),
+        sent without the token or any device header, never failed over — the caller decides
+        to take the artifact from the cloud instead. Either way the same code reads the body:
 
         A fresh download accepts gzip (the cloud compresses large artifacts; the body is
         decoded as it arrives, in bounded steps, so ``dest`` always holds the artifact's own
@@ -210,6 +285,21 @@ class CloudClient:
         wrong ``Content-Range``) and a full disk remove it. Returns the number of body bytes
         received.
         """
+        if source is None:
+            path = f"/v1/artifacts/{sha256}"
+
+            def get(headers: dict[str, str]) -> requests.Response:
+                return self._request("GET", path, headers=headers)
+        else:
+            host = check_cloud_url(source, self.allow_http, what="artifact source",
+                                   field="sources").hostname or ""
+
+            def get(headers: dict[str, str]) -> requests.Response:
+                return self._get_direct(source, host, headers)
+        return self._download(get, sha256, dest, size)
+
+    def _download(self, get: Callable[[dict[str, str]], requests.Response], sha256: str,
+                  dest: Path, size: int) -> int:
         have = dest.stat().st_size if dest.exists() else 0
         if have > size:
             dest.unlink()
@@ -217,16 +307,36 @@ class CloudClient:
         if have == size:
             return 0
         headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
-        resp = self._request("GET", f"/v1/artifacts/{sha256}", headers=headers)
+        resp = get(headers)
         with resp:
             if resp.status_code == 416:  # our part is stale or complete: start over
                 dest.unlink(missing_ok=True)
-                return self.download(sha256, dest, size)
+                return self._download(get, sha256, dest, size)
             if have and resp.status_code == 206:
                 _check_content_range(resp, sha256, have, size, dest)
             elif have:
                 have = 0  # the server ignored the Range header: rewrite from the start
             return self._write_body(resp, sha256, dest, have, size)
+
+    def _get_direct(self, url: str, host: str, headers: dict[str, str]) -> requests.Response:
+        """GET a direct artifact URL: 200, 206 or 416, else :class:`RemoteError`; transport
+        failures as the cloud's. The URL may hold a signature: messages name its host only."""
+        try:
+            resp = self._direct.get(url, headers=headers, timeout=DEFAULT_TIMEOUT, stream=True,
+                                    allow_redirects=False, verify=self._verify)
+        except requests.exceptions.SSLError as exc:
+            raise tls_failure(exc, host, self.ca_bundle) from exc
+        except requests.Timeout as exc:
+            raise CloudTimeoutError(f"the artifact source {host} did not answer in time") \
+                from exc
+        except requests.RequestException as exc:
+            raise CloudUnavailableError(f"cannot reach the artifact source {host}: "
+                                        f"{type(exc).__name__}") from exc
+        if resp.status_code not in (200, 206, 416):
+            resp.close()
+            raise RemoteError(f"the artifact source {host} answered HTTP {resp.status_code}",
+                              status=resp.status_code)
+        return resp
 
     def _write_body(self, resp: requests.Response, sha256: str, dest: Path, have: int,
                     size: int) -> int:
@@ -387,6 +497,13 @@ class CloudClient:
             return _within(call, timeout_s, "health check timed out") == 200
         except HybridMLError:
             return False
+
+
+def _shorter(timeout: Any, left: float) -> Any:
+    """``timeout`` (seconds, or a (connect, read) pair) cut to ``left`` seconds."""
+    if isinstance(timeout, tuple):
+        return tuple(min(t, left) for t in timeout)
+    return left if timeout is None else min(timeout, left)
 
 
 def _within(fn: Callable[[threading.Event], T], timeout_s: float, message: str) -> T:

@@ -80,9 +80,10 @@ _clock = time.perf_counter_ns
 class EdgeRuntime:
     """Serve one model from a local store, offline first.
 
-    ``store`` is a directory; ``model`` the model name; ``cloud_url`` enables sync and fallback
-    (``token``, ``ca_bundle`` and ``allow_http`` as :class:`~hybridml.edge.client.CloudClient`
-    takes them; or pass a ready ``client``).
+    ``store`` is a directory; ``model`` the model name; ``cloud_url`` enables sync and fallback:
+    one URL, or several replicas (``"https://a,https://b"`` or a list) that sync, fallback and
+    pushes fail over between (``token``, ``ca_bundle`` and ``allow_http`` as
+    :class:`~hybridml.edge.client.CloudClient` takes them; or pass a ready ``client``).
     ``observers`` are called after every prediction call, whichever door it came in by, with
     an :class:`~hybridml.edge.observe.Observation` (they run in the caller's thread: keep
     them fast, and they must not raise). ``clock`` (monotonic seconds) drives the fallback's
@@ -94,7 +95,8 @@ class EdgeRuntime:
     """
 
     def __init__(self, store: str | os.PathLike[str] | LocalStore, model: str,
-                 cloud_url: str | None = None, *, policy: FallbackPolicy | None = None,
+                 cloud_url: str | Sequence[str] | None = None, *,
+                 policy: FallbackPolicy | None = None,
                  token: str | None = None, threads: int = 1,
                  observers: Iterable[Observer] = (),
                  clock: Callable[[], float] = time.monotonic,

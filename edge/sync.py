@@ -7,13 +7,20 @@ One sync:
    current answer for the alias asked — not a replay, downgrade or expired copy
    (:mod:`hybridml.edge.freshness`) — before anything is fetched; the same model re-signed
    later only refreshes the stored manifest;
-2. download only missing artifacts, resuming ``.part`` files with Range requests;
+2. download only missing artifacts, resuming ``.part`` files with Range requests: from the
+   direct URL the manifest names in ``sources`` (docs/storage.md §3; an S3 presigned URL or
+   a public base: no token is sent there) when it names one and it has not expired, and on
+   any failure of it — refused by the transport rules, unreachable, 403, 404, wrong size or
+   sha256 — from the cloud's ``/v1/artifacts/<sha256>`` instead (one log line; a ``.part``
+   the direct origin wrote to is dropped, and a corrupt download is never committed);
 3. verify each artifact's size and sha256, fsync, rename into place;
 4. load the new model and reproduce the manifest's golden rows within tolerance, and open the
    table bound to the model's sha256;
 5. a manifest with a ``rollout`` block (docs/rollouts.md §3–4) names a companion, the other
    version this device also runs: its artifacts are fetched and verified the same way (steps
-   2–4), then written to ``companion.json`` (:meth:`LocalStore.set_companion`); a manifest
+   2–4; their direct URLs are in the outer manifest's ``sources``: the companion, covered by
+   the outer signature, carries no delivery keys of its own), then written to
+   ``companion.json`` (:meth:`LocalStore.set_companion`); a manifest
    without one removes it. A companion that fails its checks is not fatal: the served version
    is activated alone and :attr:`SyncResult.companion_error` says why (the runtime spools a
    ``health`` record of it, :func:`load_failed`);
@@ -44,11 +51,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hybridml.shared.clock import utc_iso
+from hybridml.shared.clock import from_iso, utc_iso
 from hybridml.shared.errors import (
     ArtifactError,
     HybridMLError,
@@ -59,7 +67,7 @@ from hybridml.shared.errors import (
     TableError,
 )
 from hybridml.shared.files import crash_point
-from hybridml.shared.manifest import Manifest
+from hybridml.shared.manifest import EDGE_ROLES, Artifact, Manifest
 from hybridml.shared.rollout import RolloutBlock, load_failed_body
 from hybridml.shared.table import Table
 
@@ -70,7 +78,6 @@ from .store import LocalStore
 from .trust import check_manifest
 
 log = logging.getLogger("hybridml.edge.sync")
-EDGE_ROLES = ("model", "table")
 MAX_ETAG = 512
 ETAG_RE = re.compile(r'(W/)?"[\x21\x23-\x7e]*"')  # RFC 9110 entity-tag: quoted visible ASCII
 # What a model that does not load or verify raises (a network failure is not one of them:
@@ -94,12 +101,20 @@ class SyncResult:
     rollout: int | None = None  # the rollout's id, or None
     companion: int | None = None  # the companion version written to the store, or None
     companion_error: dict[str, Any] | None = None  # why the named companion was not kept
+    # Bytes of the artifacts installed, by where they came from (docs/storage.md §3): a
+    # direct URL the manifest named, or the cloud's /v1/artifacts route.
+    bytes_direct: int = 0
+    bytes_cloud: int = 0
+    direct_failures: int = 0  # direct URLs that failed: those artifacts came from the cloud
+    cloud: str | None = None  # the cloud replica in use at the end of the sync
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for ``sync --json``."""
         return {"name": self.name, "changed": self.changed, "version": self.version,
                 "previous_version": self.previous_version,
                 "downloaded": list(self.downloaded), "bytes_downloaded": self.bytes_downloaded,
+                "bytes_direct": self.bytes_direct, "bytes_cloud": self.bytes_cloud,
+                "direct_failures": self.direct_failures, "cloud": self.cloud,
                 "wire_bytes": self.wire_bytes, "seconds": round(self.seconds, 3),
                 "role": self.role, "rollout": self.rollout, "companion": self.companion,
                 "companion_error": self.companion_error}
@@ -198,7 +213,7 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
     resp = client.manifest(name, etag, alias=opts.alias)
     if resp.body is None:  # 304: unsigned, so it never counts as fresh (a freeze shows)
         return SyncResult(name, False, active.version if active else None, None, (), 0,
-                          resp.wire_bytes, time.perf_counter() - t0)
+                          resp.wire_bytes, time.perf_counter() - t0, cloud=client.base_url)
     manifest = Manifest.loads(resp.body)
     if manifest.name != name:
         raise ManifestError(f"asked for {name!r}, the cloud sent a manifest for "
@@ -212,16 +227,17 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
     same = active is not None and active.content() == manifest.content()
     fetched: list[str] = []
     received = 0
+    origins = _Origins(direct_sources(manifest, opts.clock()))
     if not same:
         try:
-            received += _fetch(store, client, manifest, fetched)
+            received += _fetch(store, client, manifest, fetched, origins)
             verify_model(store, manifest)
         except LOAD_ERRORS as exc:
             if block is not None:  # the rollout's analysis counts load failures
                 exc.details.update(rollout=block.id, version=manifest.version)
             raise
         crash_point("after_verify")
-    companion, error, got = _companion(store, client, name, block, fetched)
+    companion, error, got = _companion(store, client, name, block, fetched, origins)
     received += got
     old_block = None if active is None else RolloutBlock.of(active)
     old_companion = store.companion(name)
@@ -242,28 +258,89 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
                       tuple(fetched), received, resp.wire_bytes + received,
                       time.perf_counter() - t0, None if block is None else block.role,
                       None if block is None else block.id,
-                      None if companion is None else companion.version, error)
+                      None if companion is None else companion.version, error,
+                      origins.direct, origins.cloud, origins.failures, client.base_url)
 
 
-def _fetch(store: LocalStore, client: CloudClient, manifest: Manifest, fetched: list[str]
-           ) -> int:
+@dataclass
+class _Origins:
+    """Where a sync's artifacts come from: the direct ``urls`` the manifest names (for its
+    own artifacts and its companion's), and the bytes taken from each origin."""
+
+    urls: dict[str, str]
+    direct: int = 0
+    cloud: int = 0
+    failures: int = 0
+
+
+def direct_sources(manifest: Manifest, now: float) -> dict[str, str]:
+    """The direct URLs of ``manifest`` (signed with it); none once ``sources_expire`` is
+    past: those would only answer 403."""
+    sources = dict(manifest.sources)
+    expire = manifest.raw.get("sources_expire")
+    if sources and isinstance(expire, str):
+        try:
+            if from_iso(expire) <= now:
+                log.info("the direct artifact URLs expired at %s; using the cloud", expire)
+                return {}
+        except ValueError:
+            log.warning("ignoring a malformed sources_expire %r", expire[:40])
+    return sources
+
+
+def _fetch(store: LocalStore, client: CloudClient, manifest: Manifest, fetched: list[str],
+           origins: _Origins) -> int:
     """Download the edge artifacts of ``manifest`` the store lacks (verified, committed);
     appends their roles to ``fetched``; returns the bytes received."""
     received = 0
     for art in manifest.artifacts:
         if art.role not in EDGE_ROLES or store.has_artifact(art.sha256, art.size):
             continue
-        received += client.download(art.sha256, store.part_path(art.sha256), art.size)
-        crash_point("after_download")
-        store.commit_part(art.sha256, art.size)
+        received += _fetch_one(store, client, art, origins)
         crash_point("after_commit")
         fetched.append(art.role)
         log.info("fetched %s %s (%d bytes)", art.role, art.sha256[:12], art.size)
     return received
 
 
+def _fetch_one(store: LocalStore, client: CloudClient, art: Artifact, origins: _Origins
+               ) -> int:
+    """Download and commit one artifact: from its direct URL if it has one, else (or when
+    that fails in any way) from the cloud. Returns the bytes received."""
+    part = store.part_path(art.sha256)
+    url = origins.urls.get(art.sha256)
+    if url is not None:
+        before = _size(part)
+        try:
+            got = client.download(art.sha256, part, art.size, source=url)
+            crash_point("after_download")
+            store.commit_part(art.sha256, art.size)  # size and sha256, as from the cloud
+        except HybridMLError as exc:
+            if _size(part) != before:  # bytes from a failing origin are suspect: start over
+                part.unlink(missing_ok=True)
+            origins.failures += 1
+            log.warning("direct download of %s %s failed (%s); taking it from the cloud",
+                        art.role, art.sha256[:12], exc.message)
+        else:
+            origins.direct += got
+            return got
+    got = client.download(art.sha256, part, art.size)
+    crash_point("after_download")
+    store.commit_part(art.sha256, art.size)
+    origins.cloud += got
+    return got
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
 def _companion(store: LocalStore, client: CloudClient, name: str, block: RolloutBlock | None,
-               fetched: list[str]) -> tuple[Manifest | None, dict[str, Any] | None, int]:
+               fetched: list[str], origins: _Origins
+               ) -> tuple[Manifest | None, dict[str, Any] | None, int]:
     """Fetch and verify the rollout companion ``block`` names: ``(companion, None, bytes)``,
     or ``(None, error, bytes)`` when it fails its checks (a network or disk failure raises:
     the sync is retried, and it says nothing about the model)."""
@@ -278,7 +355,7 @@ def _companion(store: LocalStore, client: CloudClient, name: str, block: Rollout
     got: list[str] = []
     received = 0
     try:
-        received = _fetch(store, client, companion, got)
+        received = _fetch(store, client, companion, got, origins)
         verify_model(store, companion)
     except LOAD_ERRORS as exc:
         log.warning("rollout %s: companion %s v%s failed its checks, serving v%s alone: %s",

@@ -3,7 +3,10 @@
 * The cloud URL is ``https://``, or ``http://`` to this machine's loopback. Plain HTTP across
   a network hands the device token and every answer to whoever sits on the path, so it needs
   ``allow_http`` (``--allow-http``, ``HYBRIDML_ALLOW_HTTP=1``): a deliberate choice for a
-  network the operator trusts.
+  network the operator trusts. Several replicas are given as one comma-separated list
+  (``--cloud URL1,URL2``, :func:`cloud_urls`), each checked by the same rule; so is a direct
+  artifact URL a manifest names (docs/storage.md §3), which gets no token but whose bytes
+  could be withheld or swapped on the path all the same.
 * ``ca_bundle`` (``--ca-bundle``, ``HYBRIDML_CA_BUNDLE``) pins the CAs: the cloud's certificate
   is checked against that PEM file only. Without it, requests' default (certifi, or
   ``$REQUESTS_CA_BUNDLE``).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import ssl
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
@@ -26,19 +30,21 @@ from hybridml.shared.settings import env_flag
 MAX_TOKEN_FILE = 4096  # a token is ~60 characters; more is not a token file
 
 
-def check_cloud_url(url: str, allow_http: bool = False) -> SplitResult:
+def check_cloud_url(url: str, allow_http: bool = False, *, what: str = "cloud URL",
+                    field: str = "cloud") -> SplitResult:
     """The parts of ``url``; :class:`ConfigError` for another scheme, no host, or ``http://``
-    to a host off this machine without ``allow_http`` (or ``HYBRIDML_ALLOW_HTTP=1``)."""
+    to a host off this machine without ``allow_http`` (or ``HYBRIDML_ALLOW_HTTP=1``).
+    ``what`` and ``field`` name the URL in the error (an artifact source, say)."""
     try:
         parts = urlsplit(url.strip())
         parts.port  # noqa: B018  # a bad port raises here, not at the first request
     except ValueError as exc:
-        raise ConfigError(f"cloud URL {url[:200]!r} is not a URL ({exc}); use "
-                          "https://HOST[:PORT]", field="cloud") from None
+        raise ConfigError(f"{what} {url[:200]!r} is not a URL ({exc}); use "
+                          "https://HOST[:PORT]", field=field) from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"cloud URL {url[:200]!r}: use https://HOST[:PORT] (or http:// to "
-                          "this machine's loopback)", field="cloud")
+        raise ConfigError(f"{what} {url[:200]!r}: use https://HOST[:PORT] (or http:// to "
+                          "this machine's loopback)", field=field)
     if scheme == "http" and not is_loopback(parts.hostname) and not (
             allow_http or env_flag("HYBRIDML_ALLOW_HTTP")):
         raise ConfigError(
@@ -46,8 +52,25 @@ def check_cloud_url(url: str, allow_http: bool = False) -> SplitResult:
             "read this device's token and could rewrite the cloud's answers and models. Use "
             f"https://{parts.netloc} (with --ca-bundle PEM if the cloud has its own CA), or "
             "pass --allow-http (HYBRIDML_ALLOW_HTTP=1) on a network you trust",
-            field="cloud")
+            field=field)
     return parts
+
+
+def cloud_urls(urls: str | Sequence[str], allow_http: bool = False) -> tuple[str, ...]:
+    """The cloud replicas in ``urls`` (a comma-separated string, or a sequence of URLs), in
+    order, without duplicates or trailing slashes; each checked by :func:`check_cloud_url`.
+    :class:`ConfigError` when none is given."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        url = str(item).strip().rstrip("/")
+        if url and url not in out:
+            check_cloud_url(url, allow_http)
+            out.append(url)
+    if not out:
+        raise ConfigError(f"no cloud URL in {str(urls)[:200]!r}: give --cloud "
+                          "https://HOST[:PORT] (several replicas: URL1,URL2)", field="cloud")
+    return tuple(out)
 
 
 def resolve_ca_bundle(ca_bundle: str | os.PathLike[str] | None) -> str | None:
@@ -157,5 +180,5 @@ def _ssl_reason(exc: BaseException) -> tuple[bool, str]:
     return False, str(exc)[:200] or type(exc).__name__
 
 
-__all__ = ["check_cloud_url", "check_token", "read_token_file", "resolve_ca_bundle",
+__all__ = ["check_cloud_url", "check_token", "cloud_urls", "read_token_file", "resolve_ca_bundle",
            "tls_failure"]

@@ -16,10 +16,12 @@ Format 1 (``"format": 1``)::
     }
 
 A served manifest adds ``release`` (which alias it answers, its sequence, issued-at and
-expiry: :mod:`hybridml.shared.release`), ``signature`` and, for a device in a rollout's
-cohort, ``rollout`` (its role and the companion model: :mod:`hybridml.shared.rollout`); all
-three are about the delivery, not the model, so :meth:`Manifest.content` leaves them out when
-a device compares versions.
+expiry: :mod:`hybridml.shared.release`), ``signature``, for a device in a rollout's cohort
+``rollout`` (its role and the companion model: :mod:`hybridml.shared.rollout`) and, when the
+cloud hands out direct artifact URLs (docs/storage.md §3), ``sources`` (``{sha256: url}`` for
+the edge artifacts of the manifest and of its companion) with ``sources_expire`` (ISO time,
+presigned URLs only); all are about the delivery, not the model, so :meth:`Manifest.content`
+leaves them out when a device compares versions.
 
 Artifact roles: ``model`` (what the edge runs: fp32 or int8, whichever passed the accuracy
 guard), ``model_fp32`` (the cloud's serving model) and ``table`` (precomputed predictions).
@@ -40,11 +42,13 @@ from .schema import InputSchema
 
 FORMAT = 1
 ROLES = ("model", "model_fp32", "table")
+EDGE_ROLES = ("model", "table")  # the artifacts a device downloads (model_fp32 is the cloud's)
 TASKS = ("binary", "multiclass", "regression")
 LINEAGES = ("retrain", "finetune")
 # About how a manifest was served, not the model: the same version signed later, or under
 # another rollout role, is the same model.
-DELIVERY_KEYS = ("release", "signature", "rollout")
+DELIVERY_KEYS = ("release", "signature", "rollout", "sources", "sources_expire")
+MAX_SOURCE_URL = 8192  # a presigned URL with a session token is ~2 KB
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -123,10 +127,17 @@ class Manifest:
         """Canonical bytes: sorted keys, no spaces (what is hashed and signed)."""
         return canonical_json(self.raw)
 
+    @property
+    def sources(self) -> Mapping[str, str]:
+        """Direct download URLs by sha256 (docs/storage.md §3); empty without any."""
+        raw = self.raw.get("sources")
+        return raw if isinstance(raw, Mapping) else {}
+
     def content(self) -> bytes:
-        """Canonical bytes of the model description alone, without ``release``, ``signature``
-        and ``rollout``: equal for two servings of the same version, whenever they were signed
-        and under whichever rollout role."""
+        """Canonical bytes of the model description alone, without the delivery keys
+        (``release``, ``signature``, ``rollout``, ``sources``): equal for two servings of the
+        same version, whenever they were signed, under whichever rollout role and whatever
+        URLs they named for the artifacts."""
         return canonical_json({k: v for k, v in self.raw.items() if k not in DELIVERY_KEYS})
 
     @property
@@ -180,6 +191,7 @@ class Manifest:
             raise ManifestError(f"the release block names {release.name!r} v{release.version} "
                                 f"but the manifest is {name!r} v{version}", field="release")
         block_of(data, name, version, cls.from_json)  # a rollout block must fit this manifest
+        check_sources(data)
         return cls(name, version, str(output["task"]),
                    tuple(classes) if isinstance(classes, list) else None,
                    artifacts, schema, dict(data))
@@ -203,6 +215,26 @@ class Manifest:
             raise ManifestError(f"manifest is not valid JSON: {str(exc)[:80]}",
                                 field="manifest") from None
         return cls.from_json(data)
+
+
+def check_sources(data: Mapping[str, Any]) -> None:
+    """:class:`ManifestError` unless ``sources`` (if any) maps sha256 hex to URL text and
+    ``sources_expire`` (if any) is text."""
+    sources = data.get("sources")
+    if sources is not None:
+        if not isinstance(sources, Mapping):
+            raise ManifestError("manifest 'sources' must be an object of sha256 -> URL",
+                                field="sources")
+        for sha, url in sources.items():
+            if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
+                raise ManifestError(f"manifest 'sources' has a key {str(sha)[:80]!r} that is "
+                                    "not a sha256", field="sources")
+            if not isinstance(url, str) or not 0 < len(url) <= MAX_SOURCE_URL:
+                raise ManifestError(f"manifest 'sources' of {sha[:12]} must be a URL of 1 to "
+                                    f"{MAX_SOURCE_URL} characters", field="sources")
+    expire = data.get("sources_expire")
+    if expire is not None and not isinstance(expire, str):
+        raise ManifestError("manifest 'sources_expire' must be an ISO time", field="sources_expire")
 
 
 def _not_json(literal: str) -> Any:
