@@ -1,14 +1,13 @@
 """Owner-only files and directories: nothing in a registry is meant for other users.
 
-A registry holds who may call the cloud (``tokens.db``), who moved which alias
-(the ``audit`` table of ``registry.db``), the signing keys and every model; other accounts on the machine have no
-business reading any of it. So its directories are created ``0700`` and its files ``0600``
+A registry holds who may call the cloud (``tokens.db``), who moved which alias (the ``audit``
+table of ``registry.db``), the signing keys and every model; other accounts on the machine have
+no business reading any of it. So its directories are created ``0700`` and its files ``0600``
 (blobs ``0400``: owner-only and read-only, as they are immutable) — with ``os.open`` /
 ``mkdir`` modes, so no file is ever readable by others, not even for the instant before a
-``chmod`` — and :func:`tighten_tree` takes group and other bits off a registry that an
-earlier release created with the umask's modes (typically ``0755``/``0644``) when it is
-opened. Owner bits are never added or removed by tightening, so a read-only blob stays
-read-only.
+``chmod`` — and :func:`tighten_tree` takes group and other bits off a registry that an earlier
+release created with the umask's modes (typically ``0755``/``0644``) when it is opened. Owner
+bits are never added or removed by tightening, so a read-only blob stays read-only.
 
 A ``chmod`` this process may not make (a registry owned by another account, opened
 read-only) is logged once and skipped: it must not stop a server from starting.
