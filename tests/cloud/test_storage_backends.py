@@ -269,3 +269,33 @@ def test_an_embedded_cloud_imports_neither_psycopg_nor_boto3(tmp_path: Path) -> 
                                           if not k.startswith("HYBRIDML_")})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("storage", ["fleet"], indirect=True)  # SQLite has no server
+def test_a_postgresql_restart_fails_requests_cleanly_then_the_cloud_reconnects(
+        iris: Path, storage: Storage, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridml.cloud.app import create_app
+    from hybridml.shared.errors import StorageUnavailableError
+
+    monkeypatch.setenv("HYBRIDML_INSECURE", "1")
+    server = request.getfixturevalue("pg_server")
+    reg = Registry(iris, storage=storage)
+    client = create_app(reg).test_client()
+    assert client.get("/v1/models/iris/manifest").status_code == 200
+    seen_within(lambda: reg.stamp() is not None)
+    server.stop()
+    try:
+        with pytest.raises(StorageUnavailableError):
+            reg.resolve("iris", "stable")
+        down = client.get("/v1/models/iris/manifest")
+        assert down.status_code == 503  # retry later: not a 500, not a wrong answer
+        assert down.get_json()["error"]["code"] == "storage_unavailable"
+        with pytest.raises(StorageUnavailableError):  # nothing half-written either
+            reg.set_alias("iris", "stable", 2)
+    finally:
+        server.start()
+    assert reg.aliases("iris")["stable"] == 1  # the same objects reconnect
+    promote(reg, "iris", "stable", 2, actor="ops")
+    assert client.get("/v1/models/iris/manifest").get_json()["version"] == 2
+    seen_within(lambda: reg.stamp() is not None, 10.0)  # the listener is back too
