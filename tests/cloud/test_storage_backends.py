@@ -13,16 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hybridml.cloud.auth import AuditLog, promote
-from hybridml.cloud.migrate import migrate
 from hybridml.cloud.registry import Registry
 from hybridml.cloud.rollouts import Rollouts
-from hybridml.cloud.signing import PASSPHRASE_ENV, KeyRing, Signer
+from hybridml.cloud.signing import KeyRing, Signer
 from hybridml.cloud.storage import Storage
 from hybridml.cloud.telemetry import TelemetryStore
 from hybridml.cloud.tokens import TokenStore
@@ -31,38 +29,6 @@ from tests.summarykit import records, summary
 
 BIN = Path(sys.executable).parent
 BOUND_S = 2.0  # what docs/storage.md §4 promises, with room for a loaded CI machine
-
-
-@pytest.fixture(params=["embedded", "fleet"])
-def storage(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Storage:
-    """The backends under test; the environment names them too, for CLI replicas."""
-    monkeypatch.setenv(PASSPHRASE_ENV, "correct horse battery staple")
-    for var in ("HYBRIDML_DB", "HYBRIDML_ARTIFACTS", "HYBRIDML_S3_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    if request.param == "embedded":
-        return Storage()
-    server = request.getfixturevalue("s3_server")
-    store = Storage(db=request.getfixturevalue("pg_url"),
-                    artifacts=request.getfixturevalue("s3_bucket"), s3_endpoint=server.endpoint)
-    monkeypatch.setenv("HYBRIDML_DB", str(store.db))
-    monkeypatch.setenv("HYBRIDML_ARTIFACTS", str(store.artifacts))
-    monkeypatch.setenv("HYBRIDML_S3_ENDPOINT", str(store.s3_endpoint))
-    return store
-
-
-@pytest.fixture
-def iris(iris_registry: Path, storage: Storage, tmp_path: Path) -> Iterator[Path]:
-    """The session's iris registry (v1, v2) on the backends under test: migrated onto the
-    fleet ones, copied for the embedded one."""
-    import shutil
-
-    root = tmp_path / "reg"
-    if storage.embedded:
-        shutil.copytree(iris_registry, root)
-    else:
-        migrate(iris_registry, storage, cache=tmp_path / "migrate-cache")
-        root.mkdir()
-    yield root
 
 
 def cli(root: Path, *args: str) -> str:
@@ -82,14 +48,14 @@ def seen_within(check: object, bound_s: float = BOUND_S) -> float:
     return time.monotonic() - start
 
 
-def test_two_trains_at_once_get_distinct_versions(iris: Path, storage: Storage) -> None:
-    base = Registry(iris, storage=storage)
+def test_two_trains_at_once_get_distinct_versions(iris_on: Path, storage: Storage) -> None:
+    base = Registry(iris_on, storage=storage)
     manifest = base.manifest("iris", 1)
     got: list[int] = []
     errors: list[BaseException] = []
 
     def register() -> None:
-        reg = Registry(iris, storage=storage)  # a connection of its own, as a replica has
+        reg = Registry(iris_on, storage=storage)  # a connection of its own, as a replica has
         try:
             got.append(reg.create_version("iris", manifest, {})["version"])
         except BaseException as exc:  # pragma: no cover - reported below
@@ -107,9 +73,9 @@ def test_two_trains_at_once_get_distinct_versions(iris: Path, storage: Storage) 
     assert [v.version for v in base.versions("iris")] == list(range(1, 11))
 
 
-def test_an_alias_move_commits_with_its_audit_record_or_not_at_all(iris: Path,
+def test_an_alias_move_commits_with_its_audit_record_or_not_at_all(iris_on: Path,
                                                                   storage: Storage) -> None:
-    reg = Registry(iris, storage=storage)
+    reg = Registry(iris_on, storage=storage)
     assert promote(reg, "iris", "stable", 2, actor="ops") == (2, 1)
     entry = AuditLog(reg).entries("iris")[-1]
     assert (entry["from"], entry["to"], entry["by"], entry["action"]) == (1, 2, "ops", "promote")
@@ -133,20 +99,20 @@ with reg.transaction(write=True) as c:
 """
 
 
-def test_a_crash_before_commit_leaves_nothing_visible(iris: Path, storage: Storage) -> None:
-    out = subprocess.run([sys.executable, "-c", CRASH, str(iris)], capture_output=True,
+def test_a_crash_before_commit_leaves_nothing_visible(iris_on: Path, storage: Storage) -> None:
+    out = subprocess.run([sys.executable, "-c", CRASH, str(iris_on)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 9, out.stderr
-    reg = Registry(iris, storage=storage)
+    reg = Registry(iris_on, storage=storage)
     assert reg.policies() == {}
     assert reg.aliases("iris")["stable"] == 1
     reg.set_policy("iris", {"schedule": "1d"})  # and the write lock is free again
     assert reg.policies() == {"iris": {"schedule": "1d"}}
 
 
-def test_telemetry_ids_count_once_whichever_replica_takes_them(iris: Path,
+def test_telemetry_ids_count_once_whichever_replica_takes_them(iris_on: Path,
                                                              storage: Storage) -> None:
-    manifest = Registry(iris, storage=storage).manifest("iris", 1)
+    manifest = Registry(iris_on, storage=storage).manifest("iris", 1)
     rows = [dict.fromkeys((f["name"] for f in manifest["schema"]), 5.0)] * 10
     hour = 3600.0
     batch = records("0a1b2c3d4e", [summary(manifest, rows, start=1.7e9 + k * hour,
@@ -154,7 +120,7 @@ def test_telemetry_ids_count_once_whichever_replica_takes_them(iris: Path,
     results: list[tuple[int, int]] = []
 
     def push() -> None:
-        store = TelemetryStore(Registry(iris, storage=storage))
+        store = TelemetryStore(Registry(iris_on, storage=storage))
         res = store.ingest_summaries("dev-1", batch)
         results.append((len(res.accepted), len(res.duplicates)))
         store.close()
@@ -166,58 +132,58 @@ def test_telemetry_ids_count_once_whichever_replica_takes_them(iris: Path,
         t.join()
     assert sum(a for a, _ in results) == 20  # each record stored by exactly one upload
     assert sum(d for _, d in results) == 60
-    store = TelemetryStore(Registry(iris, storage=storage))
+    store = TelemetryStore(Registry(iris_on, storage=storage))
     assert store.counters()[("records_accepted", "all")] == 20
     assert len(store.summaries("iris")) == 20
     again = store.ingest_summaries("dev-1", batch)  # a retry after a lost answer
     assert (len(again.accepted), len(again.duplicates)) == (0, 20)
 
 
-def test_an_alias_moved_by_another_replica_reaches_the_resolve_cache(iris: Path,
+def test_an_alias_moved_by_another_replica_reaches_the_resolve_cache(iris_on: Path,
                                                                     storage: Storage) -> None:
-    reg = Registry(iris, storage=storage)
+    reg = Registry(iris_on, storage=storage)
     assert reg.resolve_cached("iris", "stable") == 1
     seen_within(lambda: reg.stamp() is not None)  # the listener is up (PostgreSQL)
-    cli(iris, "promote", "iris", "2")
+    cli(iris_on, "promote", "iris", "2")
     lag = seen_within(lambda: reg.resolve_cached("iris", "stable") == 2)
     print(f"alias move seen after {lag * 1000:.1f} ms on {storage.describe()}")
 
 
-def test_a_token_revoked_through_another_replica_is_refused_at_once(iris: Path,
+def test_a_token_revoked_through_another_replica_is_refused_at_once(iris_on: Path,
                                                                    storage: Storage) -> None:
-    tokens = TokenStore(Registry(iris, storage=storage))
+    tokens = TokenStore(Registry(iris_on, storage=storage))
     info, token = tokens.create("device", "edge-1")
     assert tokens.authenticate(token) == info
-    cli(iris, "tokens", "revoke", info.id)
+    cli(iris_on, "tokens", "revoke", info.id)
     assert tokens.authenticate(token) is None  # read per request: no bound at all
 
 
-def test_a_new_signing_key_reaches_every_replica(iris: Path, storage: Storage) -> None:
-    reg = Registry(iris, storage=storage)
+def test_a_new_signing_key_reaches_every_replica(iris_on: Path, storage: Storage) -> None:
+    reg = Registry(iris_on, storage=storage)
     first = KeyRing(reg).init()
     signer = Signer(reg)
     assert signer.key_id == first.key_id
     seen_within(lambda: reg.stamp() is not None)
-    second = json.loads(cli(iris, "keys", "init", "--json"))["key_id"]
-    cli(iris, "keys", "use", second)
+    second = json.loads(cli(iris_on, "keys", "init", "--json"))["key_id"]
+    cli(iris_on, "keys", "use", second)
     seen_within(lambda: signer.key_id == second)
     assert signer.sign({"a": 1})["signature"]["key_id"] == second
 
 
 def test_a_rollout_step_taken_by_another_replica_reaches_the_rollout_cache(
-        iris: Path, storage: Storage) -> None:
-    reg = Registry(iris, storage=storage)
+        iris_on: Path, storage: Storage) -> None:
+    reg = Registry(iris_on, storage=storage)
     mine = Rollouts(reg)
     assert mine.running("iris") is None
     seen_within(lambda: reg.stamp() is not None)
-    cli(iris, "rollout", "start", "iris", "--candidate", "2", "--strategy", "canary", "--force")
+    cli(iris_on, "rollout", "start", "iris", "--candidate", "2", "--strategy", "canary", "--force")
     seen_within(lambda: mine.running("iris") is not None)
-    cli(iris, "rollout", "abort", "iris")
+    cli(iris_on, "rollout", "abort", "iris")
     seen_within(lambda: mine.running("iris") is None)
 
 
-def test_blobs_are_checked_on_the_way_in_and_out(iris: Path, storage: Storage) -> None:
-    reg = Registry(iris, storage=storage)
+def test_blobs_are_checked_on_the_way_in_and_out(iris_on: Path, storage: Storage) -> None:
+    reg = Registry(iris_on, storage=storage)
     sha, size = reg.put_blob(b"hello fleet")
     assert reg.has_blob(sha) and reg.blobs.size(sha) == size
     assert reg.blob_path(sha).read_bytes() == b"hello fleet"
@@ -273,14 +239,14 @@ def test_an_embedded_cloud_imports_neither_psycopg_nor_boto3(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("storage", ["fleet"], indirect=True)  # SQLite has no server
 def test_a_postgresql_restart_fails_requests_cleanly_then_the_cloud_reconnects(
-        iris: Path, storage: Storage, request: pytest.FixtureRequest,
+        iris_on: Path, storage: Storage, request: pytest.FixtureRequest,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from hybridml.cloud.app import create_app
     from hybridml.shared.errors import StorageUnavailableError
 
     monkeypatch.setenv("HYBRIDML_INSECURE", "1")
     server = request.getfixturevalue("pg_server")
-    reg = Registry(iris, storage=storage)
+    reg = Registry(iris_on, storage=storage)
     client = create_app(reg).test_client()
     assert client.get("/v1/models/iris/manifest").status_code == 200
     seen_within(lambda: reg.stamp() is not None)

@@ -1,5 +1,6 @@
-"""The telemetry store on a real registry and a real SQLite file: ingest, idempotency, drift
-summed over devices, per-device windows, performance from feedback, labelled rows."""
+"""The telemetry store on a real registry, on both backends (a SQLite file; PostgreSQL started
+by the tests): ingest, idempotency, drift summed over devices, per-device windows, performance
+from feedback, labelled rows."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from hybridml.cloud.registry import Registry
+from hybridml.cloud.storage import Storage
 from hybridml.cloud.telemetry import DB_NAME, TelemetryStore
 from hybridml.shared.clock import utc_iso
 from hybridml.shared.drift import bin_index, drift_report, merge_counts
@@ -41,9 +43,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(iris_copy: Path, clock: Clock) -> Iterator[TelemetryStore]:
-    """A telemetry store over a private iris registry, on the test's clock."""
-    s = TelemetryStore(Registry(iris_copy), clock=clock)
+def store(iris_on: Path, storage: Storage, clock: Clock) -> Iterator[TelemetryStore]:
+    """A telemetry store over a private iris registry, on the test's clock and backend."""
+    s = TelemetryStore(Registry(iris_on, storage=storage), clock=clock)
     yield s
     s.close()
 
@@ -264,6 +266,7 @@ def test_dropped_counts_are_kept_once_per_upload(
     assert counters[("dropped", "summary")] == 3 and counters[("dropped", "sample")] == 40
 
 
+@pytest.mark.parametrize("storage", ["embedded"], indirect=True)  # a SQLite file's property
 def test_the_database_is_private_and_in_wal_mode(store: TelemetryStore) -> None:
     path = store.registry.root / DB_NAME
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -271,6 +274,7 @@ def test_the_database_is_private_and_in_wal_mode(store: TelemetryStore) -> None:
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.parametrize("storage", ["embedded"], indirect=True)  # the last release's file
 def test_a_schema_1_telemetry_file_upgrades_in_place_and_keeps_its_records(
         iris_copy: Path, clock: Clock, manifest: dict[str, Any]) -> None:
     s = TelemetryStore(Registry(iris_copy), clock=clock)
