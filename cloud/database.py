@@ -61,6 +61,9 @@ class Store(Protocol):
     def stamp(self) -> int | None:
         """Changes when anything commits; None when it cannot be known."""
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one read statement, in a transaction of its own."""
+
     def schema_version(self) -> int:
         """The schema version of the store's tables."""
 
@@ -156,6 +159,11 @@ class Database:
                              "local filesystem, not a network share")
         local.conn, local.pid = conn, pid
         return conn
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one read statement, in a read transaction of its own."""
+        with self.tx(write=False) as c:
+            return c.execute(sql, params).fetchall()
 
     def schema_version(self) -> int:
         """``PRAGMA user_version``: the schema version of this file."""

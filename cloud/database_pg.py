@@ -280,6 +280,20 @@ class PgDatabase:
                 raise self._failure(exc) from exc
             raise
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of one read statement, as its own transaction (one round trip, not the
+        three of BEGIN/SELECT/COMMIT: for per-request reads such as a token check)."""
+        for attempt in (0, 1):
+            conn = self._conn(fresh=attempt == 1)
+            try:
+                return conn.execute(sql, params).fetchall()
+            except psycopg.OperationalError as exc:
+                if attempt == 1:
+                    raise self._failure(exc) from exc
+            except psycopg.Error as exc:
+                raise self._failure(exc) from exc
+        raise AssertionError("unreachable")
+
     def _begin(self, write: bool) -> PgConn:
         begin = ("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         for attempt in (0, 1):

@@ -203,8 +203,7 @@ class TokenStore:
             return None
         query = "SELECT id, name, role, created, revoked, sha256 FROM tokens WHERE id = ?"
         if self._pg is not None:
-            with self._pg.tx(write=False) as c:
-                rows = c.execute(query, (m.group(1),)).fetchall()
+            rows = self._pg.query(query, (m.group(1),))
         else:
             rows = self._read_file(query, m.group(1))
         if not rows:
