@@ -168,7 +168,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
     @app.get("/v1/models/<name>/manifest")
     def manifest(name: str) -> Response:
         ref = _ref(request)
-        served = reg.served(name, ref)
+        served = reg.served_cached(name, ref)
         # Re-signed on a fixed grid: every worker and replica serves the same bytes (and
         # ETag) within a period, and a device sees a new issued-at at least once per period.
         issued, expires = issue_window(time.time(), cfg.manifest_lifetime_s)
@@ -194,7 +194,7 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
                           ) -> Response:
         """The served version's manifest with its signed ``rollout`` block; ``ref`` stays
         ``stable``, the alias the device asked for."""
-        served = reg.served(name, place.serve)
+        served = reg.served_cached(name, place.serve)
         rollout = place.rollout
         etag = signer.etag(f"{served.etag[:40]}.{served.sequence}.{int(issued)}.stable."
                            f"{rollout.id}.{place.role}.{place.serve}.{place.companion}")

@@ -349,23 +349,33 @@ class Registry:
         the next call anywhere. A check costs one ``PRAGMA data_version`` instead of a
         transaction with a lookup. Failures are not remembered.
         """
+        return int(self._memoized("resolve", name, ref, self.resolve))
+
+    def served_cached(self, name: str, ref: Ref = "stable") -> Served:
+        """:meth:`served` from the same per-thread memo as :meth:`resolve_cached`: a device's
+        conditional sync then costs no database round trip while nothing has changed (every
+        write that changes what a reference serves also moves the stamp)."""
+        found: Served = self._memoized("served", name, ref, self.served)
+        return found
+
+    def _memoized(self, kind: str, name: str, ref: Ref, compute: Any) -> Any:
         memo = self._memo
         # Outside a transaction: the pragma is then one read transaction of its own, at a
-        # third of the cost of BEGIN/pragma/COMMIT.
+        # third of the cost of BEGIN/pragma/COMMIT (PostgreSQL: a counter, no round trip).
         data_version = self._db.stamp()
         if data_version is None:
-            return self.resolve(name, ref)  # which says what failed, as a RegistryError
+            return compute(name, ref)  # which says what failed, as a RegistryError
         stamp = (data_version, self._write_stamp)
-        cache: dict[tuple[str, type, Ref], int] | None = getattr(memo, "cache", None)
+        cache: dict[tuple[str, str, type, Ref], Any] | None = getattr(memo, "cache", None)
         if cache is None or memo.stamp != stamp or len(cache) >= _MEMO_MAX:
             cache = memo.cache = {}
             memo.stamp = stamp
         # The type is part of the key: True == 1 as a dict key, but True is no version.
-        key = (name, type(ref), ref)
-        version = cache.get(key)
-        if version is None:
-            version = cache[key] = self.resolve(name, ref)
-        return version
+        key = (kind, name, type(ref), ref)
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = compute(name, ref)
+        return value
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Return every version of ``name``, oldest first."""
