@@ -14,6 +14,7 @@ are :mod:`hybridml.edge.transport`'s.
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
+import urllib3
 
 from hybridml.shared.errors import (
     ArtifactError,
@@ -206,8 +208,16 @@ class CloudClient:
         :class:`RemoteError` for a redirect, or the transport failure."""
         url = base + path
         try:
-            resp = self._http.request(method, url, timeout=timeout, stream=True,
-                                      allow_redirects=False, verify=self._verify, **kwargs)
+            try:
+                resp = self._http.request(method, url, timeout=timeout, stream=True,
+                                          allow_redirects=False, verify=self._verify, **kwargs)
+            except requests.ConnectionError as exc:
+                if not _stale_connection(exc):
+                    raise
+                # A pooled keep-alive connection the server had just closed (its idle
+                # timeout): nothing was answered, so send once more on a fresh connection.
+                resp = self._http.request(method, url, timeout=timeout, stream=True,
+                                          allow_redirects=False, verify=self._verify, **kwargs)
         except requests.exceptions.SSLError as exc:
             raise tls_failure(exc, urlsplit(base).hostname or "", self.ca_bundle) from exc
         except requests.Timeout as exc:
@@ -562,3 +572,21 @@ def _json_safe(v: Any) -> Any:
 
 
 __all__ = ["CHUNK", "DEVICE_HEADER", "CloudClient", "ManifestResponse", "read_token_file"]
+
+
+def _stale_connection(exc: requests.ConnectionError) -> bool:
+    """True when ``exc`` is a reused connection dropped by the server before it answered
+    (not a refused, unreachable or timed-out one, which failover handles)."""
+    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.SSLError)):
+        return False
+    cause: BaseException | None = exc
+    for _ in range(8):  # requests -> urllib3 -> http.client: a few links at most
+        if cause is None or isinstance(cause, urllib3.exceptions.NewConnectionError):
+            return False
+        if isinstance(cause, (ConnectionResetError, BrokenPipeError,
+                              http.client.RemoteDisconnected)):
+            return True
+        nested = cause.args[-1] if cause.args and isinstance(cause.args[-1], BaseException) \
+            else None
+        cause = nested or cause.__cause__ or cause.__context__
+    return False
