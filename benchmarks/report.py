@@ -487,6 +487,10 @@ def write_report(results: Path = RESULTS) -> Path:
         parts.append(_rollout(d["rollout"]))
     if "interleaving" in d:
         parts.append(_interleaving(d["interleaving"]))
+    if "fleet_scale" in d:
+        from .fleet_scale_report import section
+
+        parts.append(section(d["fleet_scale"]))
     path = results / "REPORT.md"
     path.write_text("\n".join(parts))
     return path

@@ -4,10 +4,11 @@ Trains (or reuses) the workspace, runs the suites in order, writes
 ``benchmarks/results/<suite>.json`` after each one and ``REPORT.md`` with plots at the end.
 ``--quick`` runs fewer models and shorter measurements (under 3 minutes); ``--tiny`` is the
 smoke test's setting (seconds, numbers meaningless). Suites: latency (items 1-2), memory (3),
-coldstart (4), size (5), serving (6), fleet (7), small_device (8), fallback (9),
-telemetry (10: its cost on the predict path, the spool, a week offline), rollout (11: what a
-rollout's shadow costs the caller per prediction), interleaving (12: impressions interleaving
-vs A/B needs, a simulation).
+coldstart (4), size (5), serving (6), fleet (7, and 13: ``fleet_scale``, 1,000 devices against
+two replicas on PostgreSQL + SeaweedFS with faults, vs one embedded replica), small_device (8),
+fallback (9), telemetry (10: its cost on the predict path, the spool, a week offline),
+rollout (11: what a rollout's shadow costs the caller per prediction), interleaving (12:
+impressions interleaving vs A/B needs, a simulation).
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS, environment, log, save
+from .common import DEFAULT_WORKDIR, RESULTS, environment, log, save
 
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
           "fallback", "telemetry", "rollout", "interleaving")
-DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "hybridml-bench"
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,13 @@ def _pick(models: list[Any], names: Sequence[str]) -> list[Any]:
 
 
 def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bool,
-              workdir: Path) -> dict[str, Any]:
+              workdir: Path, results: Path = RESULTS) -> dict[str, Any]:
     """Run one suite and return its JSON document."""
     from . import (
         coldstart,
         fallback,
         fleet,
+        fleet_scale,
         interleaving,
         latency,
         memory,
@@ -99,8 +99,12 @@ def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bo
         return serving.run(main, connections=s.serve_connections, seconds=s.serve_seconds,
                            max_requests=s.serve_max_requests, use_wrk=use_wrk)
     if name == "fleet":
-        return fleet.run(_pick(models, ["orders_logreg"])[0], work, sizes=s.fleet_sizes,
-                         request_budget=s.fleet_budget)
+        doc = fleet.run(_pick(models, ["orders_logreg"])[0], work, sizes=s.fleet_sizes,
+                        request_budget=s.fleet_budget)
+        # Item 13 (fleet_scale.json, its own file and plot; REPORT.md section 13).
+        log("fleet: at scale, fleet vs embedded baseline")
+        fleet_scale.run(_pick(models, [fleet_scale.MODEL])[0], work, s.mode, results)
+        return doc
     if name == "small_device":
         return small_device.run(s, workdir)
     if name == "fallback":
@@ -167,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in only:
         t1 = time.perf_counter()
         log(f"suite {name} ({mode})")
-        doc = run_suite(name, models, settings, work, not args.no_wrk, args.workdir)
+        doc = run_suite(name, models, settings, work, not args.no_wrk, args.workdir,
+                        args.results)
         timings[name] = round(time.perf_counter() - t1, 1)
         save(name, {"suite": name, "mode": mode, "environment": env,
                     "settings": asdict(settings), **doc}, args.results)

@@ -1,4 +1,6 @@
-"""Real servers on loopback for the benchmarks: the cloud, the bare floor app, a byte counter.
+"""Real servers on loopback for the benchmarks: the cloud, the bare floor app, a byte counter,
+and a proxy that makes a server slow (in a process of its own, so its threads never compete
+with a load generator for the GIL).
 
 Every server runs in its own process group and is stopped by :meth:`stop` (the suites use them
 as context managers), so nothing outlives a run. Servers bind port 0 and report the address
@@ -9,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -86,6 +91,15 @@ class Server:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once, as a crash or an OOM kill would: no
+        graceful shutdown, in-flight requests cut. The fault of a replica dying."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.stop()
+
     def cpu_seconds(self) -> float:
         """CPU seconds used so far by the server and its workers."""
         return group_cpu_seconds(self.proc.pid) if self.proc else 0.0
@@ -110,15 +124,21 @@ def _read_ready(ready: Path, proc: subprocess.Popen[bytes]) -> str:
     raise RuntimeError(f"server did not listen within {READY_TIMEOUT_S:g} s")
 
 
-def cloud(registry: Path, *, dev: bool = False, workers: int = 2) -> Server:
+def cloud(registry: Path, *, dev: bool = False, workers: int = 2, extra: Sequence[str] = (),
+          env: dict[str, str] | None = None, port: int = 0, verbose: bool = True) -> Server:
     """``hybridml-cloud serve`` (gunicorn, or Flask's dev server with ``dev``), with the
-    request log on (``--verbose``: one INFO line per request, written to a file)."""
-    def command(ready: Path) -> list[str]:
-        return [str(BIN / "hybridml-cloud"), "serve", "--verbose", "--registry", str(registry),
-                "--port", "0", "--ready-file", str(ready), "--workers", str(workers),
-                *_insecure_flag(), *(["--dev"] if dev else [])]
+    request log on (``--verbose``: one INFO line per request, written to a file).
 
-    return Server(command, "/healthz")
+    ``extra`` goes on the command line (a fleet's ``--db ... --artifacts ...``), ``env`` is the
+    child's whole environment (:func:`child_env`), ``port`` a port to bind again (a replica
+    restarted where its devices expect it; 0: any free port)."""
+    def command(ready: Path) -> list[str]:
+        return [str(BIN / "hybridml-cloud"), "serve", *(["--verbose"] if verbose else []),
+                "--registry", str(registry), "--port", str(port), "--ready-file", str(ready),
+                "--workers", str(workers), *_insecure_flag(), *(["--dev"] if dev else []),
+                *extra]
+
+    return Server(command, "/healthz", env=env)
 
 
 def floor(model_path: Path, num_idx: list[int], cat_idx: list[int], workers: int = 2) -> Server:
@@ -199,6 +219,106 @@ class CountingProxy:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class DelayProxy:
+    """A TCP forwarder on loopback that holds back each response by :attr:`delay_s`: a slow
+    object store in front of a fast one. It runs in a child process, so its threads (two per
+    connection) never take the GIL from the load generator. ``delay_s`` may change at any
+    time; it applies to the next response. Bytes each way are counted (:meth:`totals`).
+
+    A response is what the server sends after the client last sent something: the first
+    chunk of it waits ``delay_s``, the rest of it flows at loopback speed.
+    """
+
+    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._delay = ctx.Value("d", delay_s)
+        self._bytes = ctx.Array("q", 3)  # up, down, responses delayed
+        ready = ctx.Queue()
+        self._proc = ctx.Process(target=_delay_proxy_main,
+                                 args=(target_port, self._delay, self._bytes, ready),
+                                 daemon=True, name="bench-delay-proxy")
+        self._proc.start()
+        self.port = int(ready.get(timeout=READY_TIMEOUT_S))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def delay_s(self) -> float:
+        """Seconds each response is held back."""
+        return float(self._delay.value)
+
+    @delay_s.setter
+    def delay_s(self, value: float) -> None:
+        self._delay.value = float(value)
+
+    def totals(self) -> dict[str, int]:
+        """Bytes client to server (up), server to client (down), and responses delayed."""
+        up, down, delayed = self._bytes[:]
+        return {"up": int(up), "down": int(down), "delayed_responses": int(delayed)}
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the proxy process used."""
+        return group_cpu_seconds(self._proc.pid) if self._proc.pid else 0.0
+
+    def close(self) -> None:
+        """Stop the proxy process."""
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join(timeout=5)
+
+    def __enter__(self) -> DelayProxy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _delay_proxy_main(target: int, delay: Any, counts: Any, ready: Any) -> None:
+    """The child process of :class:`DelayProxy`: accept, and pipe both ways per connection."""
+    if hasattr(os, "setpgid"):
+        os.setpgid(0, 0)  # a group of its own: its CPU is read apart from the parent's
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    ready.put(listener.getsockname()[1])
+    lock = threading.Lock()
+
+    def pipe(src: socket.socket, dst: socket.socket, up: bool, asked: list[bool]) -> None:
+        try:
+            while data := src.recv(65536):
+                if up:
+                    asked[0] = True
+                elif asked[0]:  # the first bytes of an answer: hold them back
+                    asked[0] = False
+                    wait = float(delay.value)
+                    if wait > 0:
+                        time.sleep(wait)
+                        with lock:
+                            counts[2] += 1
+                with lock:
+                    counts[0 if up else 1] += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    while True:
+        client, _ = listener.accept()
+        try:
+            upstream = socket.create_connection(("127.0.0.1", target), timeout=10)
+            upstream.settimeout(None)
+        except OSError:
+            client.close()
+            continue
+        asked = [False]
+        for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+            threading.Thread(target=pipe, args=(src, dst, up, asked), daemon=True).start()
 
 
 def cpu_of(server: Server) -> float:

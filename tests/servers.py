@@ -95,8 +95,9 @@ class SeaweedFS:
         args = [str(weed_binary()), "mini", f"-dir={self.dir / 'data'}",
                 "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.config={self.dir / 's3.json'}", "-s3.autoCreateBucket=false",
-                f"-s3.localSocket={self.dir / 's3.sock'}",
-                f"-filer.localSocket={self.dir / 'filer.sock'}",
+                # Unix sockets: a path has at most 107 bytes, so not under a deep test dir.
+                f"-s3.localSocket=/tmp/hml-weed-{p['s3']}-s3.sock",
+                f"-filer.localSocket=/tmp/hml-weed-{p['s3']}-filer.sock",
                 "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-master.telemetry=false",
                 # small: 64 MB volumes (one per bucket), a bound on their number

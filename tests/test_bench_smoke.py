@@ -11,17 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
           "fallback", "telemetry", "rollout", "interleaving")
 
 
+@pytest.mark.timeout(420)  # the fleet suite starts PostgreSQL, SeaweedFS and three replicas
 def test_quick_path_on_tiny_settings_writes_every_result_and_the_report(tmp_path: Path) -> None:
     results = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--tiny", "--no-wrk", "--workdir",
          str(tmp_path / "work"), "--results", str(results)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+        cwd=ROOT, capture_output=True, text=True, timeout=360, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])
     assert header["mode"] == "tiny"
@@ -40,8 +43,21 @@ def test_quick_path_on_tiny_settings_writes_every_result_and_the_report(tmp_path
     assert fallback["refused"]["cloud_failures"] == 1
     size = json.loads((results / "size.json").read_text())
     assert size["wire"]["unchanged_sync"]["changed"] is False
+    scale = json.loads((results / "fleet_scale.json").read_text())  # the fleet suite's item 13
+    assert scale["suite"] == "fleet_scale" and scale["mode"] == "tiny"
+    # The fleet fails over; the one-replica baseline has nowhere to go (a connection the
+    # server closed while idle can fail one request there), so only the fleet must be clean.
+    assert scale["fleet"]["errors_outside_faults"] == 0, scale["fleet"]["error_examples"]
+    for run in ("fleet", "baseline"):
+        integrity = scale[run]["integrity"]
+        assert integrity["records_sent"] > 0
+        assert integrity["lost"] == integrity["stored_twice"] == integrity["counted_twice"] == 0
+    assert {f["name"] for f in scale["fleet"]["faults"]} == {
+        "pg_restart", "slow_object_store", "replica_kill"}
+    assert (results / "fleet_scale.png").exists()
     report = (results / "REPORT.md").read_text()
     assert "## Targets" in report and "## 9. Fallback cost" in report
+    assert "## 13. A fleet at scale" in report
 
 
 def test_rollout_suite_on_tiny_settings_measures_every_contender(tmp_path: Path) -> None:
