@@ -55,8 +55,9 @@ class Store(Protocol):
 
     dialect: str
 
-    def tx(self, *, write: bool, notify: bool = False) -> contextlib.AbstractContextManager[Any]:
-        """One transaction (writes serialised per store)."""
+    def tx(self, *, write: bool, notify: bool = False, lock: bool = True
+           ) -> contextlib.AbstractContextManager[Any]:
+        """One transaction (writes serialised per store unless ``lock`` is False)."""
 
     def stamp(self) -> int | None:
         """Changes when anything commits; None when it cannot be known."""
@@ -184,9 +185,11 @@ class Database:
         return int(self._conn().execute("PRAGMA data_version").fetchone()[0])
 
     @contextlib.contextmanager
-    def tx(self, *, write: bool, notify: bool = False) -> Iterator[sqlite3.Connection]:
+    def tx(self, *, write: bool, notify: bool = False, lock: bool = True
+           ) -> Iterator[sqlite3.Connection]:
         """One transaction; writes take the lock up front so they never fail half-way.
-        (``notify`` is PostgreSQL's: another SQLite connection sees ``data_version`` move.)"""
+        (``notify`` and ``lock`` are PostgreSQL's: another SQLite connection sees
+        ``data_version`` move, and SQLite has one writer at a time whatever is asked.)"""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")

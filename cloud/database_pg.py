@@ -263,10 +263,11 @@ class PgDatabase:
 
     # ------------------------------------------------------------------ transactions
     @contextlib.contextmanager
-    def tx(self, *, write: bool, notify: bool = False) -> Iterator[PgConn]:
-        """One transaction; a write holds the store's lock from its first statement, and
-        with ``notify`` tells every replica's listener at COMMIT."""
-        conn = self._begin(write)
+    def tx(self, *, write: bool, notify: bool = False, lock: bool = True) -> Iterator[PgConn]:
+        """One transaction; a write holds the store's lock from its first statement (unless
+        ``lock`` is False: for writes whose keys decide alone, such as idempotent upserts),
+        and with ``notify`` tells every replica's listener at COMMIT."""
+        conn = self._begin(write, lock)
         try:
             yield conn
             if notify:
@@ -294,13 +295,13 @@ class PgDatabase:
                 raise self._failure(exc) from exc
         raise AssertionError("unreachable")
 
-    def _begin(self, write: bool) -> PgConn:
+    def _begin(self, write: bool, lock: bool = True) -> PgConn:
         begin = ("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         for attempt in (0, 1):
             conn = self._conn(fresh=attempt == 1)
             try:
                 conn.raw.execute(begin)
-                if write:
+                if write and lock:
                     conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
                 return conn
             except psycopg.OperationalError as exc:
@@ -318,6 +319,11 @@ class PgDatabase:
         raise AssertionError("unreachable")
 
     def _failure(self, exc: psycopg.Error) -> HybridMLError:
+        if isinstance(exc, (psycopg.errors.DeadlockDetected,
+                            psycopg.errors.SerializationFailure)):
+            return StorageUnavailableError(
+                f"the {self.where} rolled the transaction back ({_first_line(exc)}); nothing "
+                "was written, retry")
         if isinstance(exc, psycopg.OperationalError) and not isinstance(
                 exc, psycopg.errors.LockNotAvailable):
             return StorageUnavailableError(

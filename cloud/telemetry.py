@@ -189,11 +189,19 @@ class SqlTelemetry:
     def store(self, items: Sequence[tuple[str, Record]], dropped: Sequence[tuple[str, str,
               Mapping[str, int]]], counts: Mapping[tuple[str, str], int], received: float
               ) -> tuple[list[str], list[str]]:
-        """See :meth:`TelemetryBackend.store`; one transaction."""
+        """See :meth:`TelemetryBackend.store`; one transaction.
+
+        It needs no store-wide lock (``lock=False``: PostgreSQL runs uploads side by side;
+        SQLite serialises its writers anyway). The primary key of ``records`` decides which
+        upload stores a record — a concurrent one waits on that key and then finds it there —
+        and the counters are upserts that add, written in key order so that two uploads never
+        wait on each other in a circle. (Records go in as listed: their order is the arrival
+        order readers see; two uploads holding the same ids are a device's retries of one
+        spool batch, in one order.)"""
         accepted: list[str] = []
         duplicates: list[str] = []
         counts = dict(counts)
-        with self._db.tx(write=True) as c:
+        with self._db.tx(write=True, lock=False) as c:
             for device, r in items:
                 kind = "summary" if isinstance(r, Summary) else \
                     "feedback" if isinstance(r, Feedback) else r.kind
@@ -230,7 +238,7 @@ class SqlTelemetry:
                       ("records_duplicate", "all"): len(duplicates)}
             c.executemany("INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (name, label) "
                           "DO UPDATE SET value = counters.value + excluded.value",
-                          [(n, lab, v) for (n, lab), v in counts.items()])
+                          [(n, lab, v) for (n, lab), v in sorted(counts.items())])
         return accepted, duplicates
 
     def summaries(self, model: str, version: int | None, period: Period,
