@@ -45,10 +45,8 @@ def test_quick_path_on_tiny_settings_writes_every_result_and_the_report(tmp_path
     assert size["wire"]["unchanged_sync"]["changed"] is False
     scale = json.loads((results / "fleet_scale.json").read_text())  # the fleet suite's item 13
     assert scale["suite"] == "fleet_scale" and scale["mode"] == "tiny"
-    # The fleet fails over; the one-replica baseline has nowhere to go (a connection the
-    # server closed while idle can fail one request there), so only the fleet must be clean.
-    assert scale["fleet"]["errors_outside_faults"] == 0, scale["fleet"]["error_examples"]
-    for run in ("fleet", "baseline"):
+    for run in ("fleet", "baseline"):  # no error outside the injected faults, on either
+        assert scale[run]["errors_outside_faults"] == 0, scale[run]["error_examples"]
         integrity = scale[run]["integrity"]
         assert integrity["records_sent"] > 0
         assert integrity["lost"] == integrity["stored_twice"] == integrity["counted_twice"] == 0
