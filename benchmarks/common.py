@@ -223,19 +223,25 @@ def stop_group(proc: subprocess.Popen[bytes] | None, timeout_s: float = 3.0) -> 
     proc.wait()
 
 
-def group_cpu_seconds(pid: int) -> float:
-    """user+system CPU seconds of ``pid`` and every live process in its process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """``(pid, fields)`` of every live process: its ``/proc/<pid>/stat`` after the command
+    name (``fields[0]`` is the state, ``[1]`` the parent, ``[2]`` the process group, ``[11:15]``
+    utime, stime, cutime, cstime in clock ticks)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
+                yield int(entry), fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # fields[0] is state; pgid is field 5 of stat, i.e. index 2 after the comm.
+
+
+def group_cpu_seconds(pid: int) -> float:
+    """user+system CPU seconds of ``pid`` and every live process in its process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for _, fields in proc_stats():
         if int(fields[2]) == pid:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total

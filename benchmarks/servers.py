@@ -155,6 +155,22 @@ def floor(model_path: Path, num_idx: list[int], cat_idx: list[int], workers: int
     return Server(command, "/healthz", env=env)
 
 
+def relay(src: socket.socket, dst: socket.socket, before_each: Callable[[int], None]) -> None:
+    """Copy ``src`` to ``dst`` until either side ends, calling ``before_each(n)`` before each
+    chunk of ``n`` bytes goes on (to count it, or hold it back); then close both."""
+    try:
+        while data := src.recv(65536):
+            before_each(len(data))
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 class CountingProxy:
     """A TCP forwarder on loopback that counts the bytes each way: bytes on the wire."""
 
@@ -193,21 +209,14 @@ class CountingProxy:
                 threading.Thread(target=self._pipe, args=(src, dst, up), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._lock:
-                    if up:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+        def count(n: int) -> None:
+            with self._lock:
+                if up:
+                    self.up += n
+                else:
+                    self.down += n
+
+        relay(src, dst, count)
 
     def close(self) -> None:
         """Stop accepting."""
@@ -286,27 +295,20 @@ def _delay_proxy_main(target: int, delay: Any, counts: Any, ready: Any) -> None:
     lock = threading.Lock()
 
     def pipe(src: socket.socket, dst: socket.socket, up: bool, asked: list[bool]) -> None:
-        try:
-            while data := src.recv(65536):
-                if up:
-                    asked[0] = True
-                elif asked[0]:  # the first bytes of an answer: hold them back
-                    asked[0] = False
-                    wait = float(delay.value)
-                    if wait > 0:
-                        time.sleep(wait)
-                        with lock:
-                            counts[2] += 1
-                with lock:
-                    counts[0 if up else 1] += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+        def hold(n: int) -> None:
+            if up:
+                asked[0] = True
+            elif asked[0]:  # the first bytes of an answer: hold them back
+                asked[0] = False
+                wait = float(delay.value)
+                if wait > 0:
+                    time.sleep(wait)
+                    with lock:
+                        counts[2] += 1
+            with lock:
+                counts[0 if up else 1] += n
+
+        relay(src, dst, hold)
 
     while True:
         client, _ = listener.accept()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,15 @@ def cli(root: Path, *args: str) -> str:
     return out.stdout
 
 
+def at_once(job: Callable[[], None], n: int) -> None:
+    """Run ``job`` in ``n`` threads at once (each with connections of its own)."""
+    threads = [threading.Thread(target=job) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def seen_within(check: object, bound_s: float = BOUND_S) -> float:
     """Seconds until ``check()`` is true; fails past ``bound_s``."""
     start = time.monotonic()
@@ -63,11 +73,7 @@ def test_two_trains_at_once_get_distinct_versions(iris_on: Path, storage: Storag
         finally:
             reg.close()
 
-    threads = [threading.Thread(target=register) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(register, 8)
     assert not errors
     assert sorted(got) == list(range(3, 11))
     assert [v.version for v in base.versions("iris")] == list(range(1, 11))
@@ -125,11 +131,7 @@ def test_telemetry_ids_count_once_whichever_replica_takes_them(iris_on: Path,
         results.append((len(res.accepted), len(res.duplicates)))
         store.close()
 
-    threads = [threading.Thread(target=push) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(push, 4)
     assert sum(a for a, _ in results) == 20  # each record stored by exactly one upload
     assert sum(d for _, d in results) == 60
     store = TelemetryStore(Registry(iris_on, storage=storage))
