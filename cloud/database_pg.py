@@ -272,14 +272,31 @@ class PgDatabase:
             yield conn
             if notify:
                 conn.raw.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self.store))
-            conn.raw.execute("COMMIT")
         except BaseException as exc:
-            with contextlib.suppress(psycopg.Error):
-                if not conn.raw.closed:
-                    conn.raw.execute("ROLLBACK")
-            if isinstance(exc, psycopg.Error):
-                raise self._failure(exc) from exc
-            raise
+            failure = self._abort(conn, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        try:
+            conn.raw.execute("COMMIT")
+        except psycopg.OperationalError as exc:
+            # The server may have committed before the connection went: say so, rather
+            # than "nothing was written" (telemetry retries are idempotent; others check).
+            raise StorageUnavailableError(
+                f"the {self.where} went away during COMMIT ({_first_line(exc)}): the change "
+                "may or may not be stored; look before retrying") from exc
+        except BaseException as exc:
+            failure = self._abort(conn, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _abort(self, conn: PgConn, exc: BaseException) -> BaseException:
+        """Roll the transaction back (if the connection still can); the error to raise."""
+        with contextlib.suppress(psycopg.Error):
+            if not conn.raw.closed:
+                conn.raw.execute("ROLLBACK")
+        return self._failure(exc) if isinstance(exc, psycopg.Error) else exc
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """The rows of one read statement, as its own transaction (one round trip, not the

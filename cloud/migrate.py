@@ -37,6 +37,7 @@ TELEMETRY_TABLES = ("records", "summaries", "feedback", "events", "dropped", "co
 TOKEN_TABLES = ("tokens",)
 ID_TABLES = ("decisions", "rollouts", "rollout_events", "audit")  # identity keys to advance
 ROWID_ORDER = ("feedback", "events", "tokens")  # copied in arrival order
+COPY_CHUNK = 5000  # rows read and written at a time
 
 
 @dataclass
@@ -117,15 +118,16 @@ def _copy(src: Any, dst: Any, tables: tuple[str, ...], report: Report) -> None:
             order = " ORDER BY rowid" if table in ROWID_ORDER else ""
             cur = s.execute(f"SELECT * FROM {table}{order}")
             columns = [c[0] for c in cur.description]
-            rows = cur.fetchall()
-            if rows:
-                marks = ", ".join("?" for _ in columns)
-                names = ", ".join(f'"{c}"' for c in columns)  # "end" is a reserved word
-                d.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
+            names = ", ".join(f'"{c}"' for c in columns)  # "end" is a reserved word
+            insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)})"
+            copied = 0
+            while rows := cur.fetchmany(COPY_CHUNK):  # a big telemetry table never whole
+                d.executemany(insert, rows)
+                copied += len(rows)
             if table in ID_TABLES and dst.dialect == "postgresql":
                 d.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                           f"COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)")
-            report.rows[table] = len(rows)
+            report.rows[table] = copied
 
 
 def _copy_keys(src: Registry, dst: Registry) -> int:
