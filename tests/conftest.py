@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +15,7 @@ import pytest
 import requests
 
 # Fixtures of the real PostgreSQL and SeaweedFS servers (session-wide; see tests/servers.py).
-from tests.servers import pg_server, pg_url, s3_bucket, s3_server  # noqa: F401
+from tests.servers import pg_server, pg_url, s3_bucket, s3_server, stop_group  # noqa: F401
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 30.0
@@ -77,13 +75,7 @@ class CloudServer:
 
     def stop(self) -> None:
         """Stop gunicorn and its workers."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.proc = None
 
     def start(self, *extra: str) -> CloudServer:

