@@ -37,7 +37,10 @@ pytestmark = pytest.mark.skipif(not (PROC / "net" / "tcp").exists(),
 REQUEST_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 2.0
 SLACK_S = 3.0  # how late past a deadline a close may be seen on a busy 2-core machine
-FAST_MS = 100.0
+# A request that a held thread made wait would wait for that client's deadline (2 s); one
+# answered in under half of it was not held. This is a behaviour bound, not a latency target
+# (latency lives in the benchmarks): a loaded CI machine can take 100+ ms for /healthz.
+FAST_MS = REQUEST_TIMEOUT_S * 1000 / 2
 PREDICT = "/v1/models/iris/predict"
 BODY = json.dumps({"inputs": [IRIS_ROW]}).encode()
 BLOB_BYTES = 8 * 1024 * 1024
@@ -74,6 +77,9 @@ def cloud(iris_registry: Path, tmp_path_factory: pytest.TempPathFactory
         # machine a request can wait over the default second for a thread, and a 503 for
         # that would fail a test about something else (shedding has its own tests).
         env.setenv("HYBRIDML_MAX_QUEUE_MS", "60000")
+        # Nor by depth: a test's hundreds of connections can still be counted in a worker's
+        # queue while the next test starts, and a 503 for that is not what it checks.
+        env.setenv("HYBRIDML_MAX_PENDING", "100000")
         server = start_cloud(root)
     try:
         warm_every_worker(server)

@@ -197,8 +197,12 @@ def test_a_bad_canary_is_aborted_at_its_first_step_and_the_fleet_returns_to_stab
 
 
 def test_a_good_canary_reaches_every_device_and_becomes_stable(site: Site) -> None:
+    # The latency check compares real timings of 60 runtimes sharing a loaded CI machine with
+    # the cloud (and another test worker): a 50 ms floor keeps this test about promotion; the
+    # latency gate itself is tested on recorded telemetry (tests/cloud/test_rollout_canary.py).
     site.rollouts().start(NAME, "canary", candidate=3, actor="test",
-                          config={"steps": [10, 50, 100], "dwell_s": DAY})
+                          config={"steps": [10, 50, 100], "dwell_s": DAY,
+                                  "latency_floor_ms": 50.0})
     days = drive(site.fleet, site.look, site.traffic(4), days=8)
     print("good canary:\n" + _timeline(days))
     actions = [d.action for d in days]
