@@ -28,6 +28,7 @@ from .models import FAMILIES
 from .monitor import add_parser as add_monitor
 from .policy import MODES
 from .progress import StepProgress
+from .quality import CALIBRATIONS, CLASS_WEIGHTS, IMBALANCE_SHARE, PRIMARIES, QualityOptions
 from .registry import Registry
 from .rollout_cli import add_parser as add_rollout
 from .storage import ARTIFACTS_ENV, DB_ENV, S3_ENDPOINT_ENV, URLS_ENV, Storage
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gate the new version against REF (default: stable) before it is "
                    "registered; the report lands in its manifest, and 'rollout start' needs no "
                    "--force for a blessed version")
+    _quality_flags(t)
     t.set_defaults(func=cmd_train)
 
     pc = sub.add_parser("precompute", parents=[common],
@@ -246,6 +248,41 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True) if args.json else text)
 
 
+def _quality_flags(t: argparse.ArgumentParser) -> None:
+    """``train``'s model-quality flags (docs/quality.md), read by :func:`_quality`."""
+    q = t.add_argument_group("model quality (docs/quality.md)")
+    q.add_argument("--class-weight", default="auto", choices=CLASS_WEIGHTS,
+                   help="weigh classes: balanced, none, or auto (default: balanced when the "
+                   f"smallest class is under {IMBALANCE_SHARE * 100:.0f}%% of the rows)")
+    q.add_argument("--threshold", default=None, metavar="auto|P",
+                   help="binary tasks: the decision threshold on the positive class's "
+                   "probability, tuned on the validation split (auto) or given (e.g. 0.3); "
+                   "default: auto when the classes are imbalanced")
+    q.add_argument("--primary", default=None, choices=PRIMARIES,
+                   help="the classifier's primary metric (default: balanced_accuracy for "
+                   "binary tasks, accuracy for multiclass)")
+    q.add_argument("--calibrate", default="none", choices=CALIBRATIONS,
+                   help="calibrate the probabilities (auto: isotonic with 1,000+ rows, else "
+                   "sigmoid)")
+    q.add_argument("--sensitive", action="append", default=[], metavar="COL",
+                   help="report group metrics for COL (repeatable or comma-separated)")
+    q.add_argument("--sensitive-only", action="append", default=[], metavar="COL",
+                   help="like --sensitive, and keep COL out of the model's inputs")
+    q.add_argument("--max-parity-gap", type=float, default=None, metavar="D",
+                   help="refuse the version when a demographic parity difference exceeds D")
+    q.add_argument("--no-explainer", dest="explainer", action="store_false",
+                   help="do not add the device explainer artifact")
+
+
+def _quality(args: argparse.Namespace) -> QualityOptions:
+    """The :class:`QualityOptions` asked for by ``train``'s flags."""
+    return QualityOptions.from_flags(
+        class_weight=args.class_weight, threshold=args.threshold, primary=args.primary,
+        calibrate=args.calibrate, sensitive=_split_list(args.sensitive),
+        sensitive_only=_split_list(args.sensitive_only), max_parity_gap=args.max_parity_gap,
+        explainer=args.explainer)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``train``: the whole pipeline; prints the version, metrics and quantization table."""
     from .quantize import QuantizationReport
@@ -265,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             tolerance=args.tolerance, params=_params(args.param),
             finetune_from=args.finetune_from, mode=args.mode,
             categorical=_split_list(args.categorical), numeric=_split_list(args.numeric),
-            drop=_split_list(args.drop), progress=progress, gate=gate)
+            drop=_split_list(args.drop), quality=_quality(args), progress=progress, gate=gate)
     finally:
         progress.close()
     m = result.manifest

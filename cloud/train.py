@@ -29,6 +29,7 @@ from .labelled import Labelled, from_dataset, holdout_ref, store_holdout
 from .models import build_pipeline, combine, family
 from .policy import MODES
 from .profile import version_profile
+from .quality import QualityOptions
 from .quantize import quantize
 from .registry import Registry
 
@@ -65,7 +66,8 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
           params: Mapping[str, Any] | None = None, finetune_from: str | None = None,
           mode: str | ModeChoice = "finetune", categorical: Sequence[str] = (),
           numeric: Sequence[str] = (), drop: Sequence[str] = (),
-          progress: Progress | None = None, gate: Gate | None = None) -> TrainResult:
+          quality: QualityOptions | None = None, progress: Progress | None = None,
+          gate: Gate | None = None) -> TrainResult:
     """Train, export, quantize and register a new version of ``name``.
 
     Exactly one of ``data`` (a CSV, with ``target``) or ``dataset`` (a bundled scikit-learn
@@ -77,11 +79,14 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     ``manifest["training"]["mode"]`` (a caller that chose already passes its ``ModeChoice``).
     ``gate``, when given, is called with the shipped model, the finished manifest and the
     training rows before registration; what it returns is ``manifest["gate"]``
-    (:func:`hybridml.cloud.gate.gate_hook`).
+    (:func:`hybridml.cloud.gate.gate_hook`). ``quality`` asks for class weights, a decision
+    threshold, calibration, fairness reports and the device explainer (docs/quality.md); it is
+    recorded in ``manifest["training"]["quality"]``.
     """
     if isinstance(mode, str) and mode not in MODES:
         raise ConfigError(f"mode {mode!r}: use one of {', '.join(MODES)}", field="mode")
     say = progress or (lambda _msg: None)
+    quality = quality or QualityOptions()
     timings: dict[str, float] = {}
     lap = _Clock()
     ds = _load(data, dataset, target, task, categorical, numeric, drop)
@@ -167,6 +172,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
                      "rows": len(ds), "dropped_rows": ds.dropped_rows, "split": sp.to_json()},
     }
     manifest["training"]["mode"] = choice.to_json()
+    manifest["training"]["quality"] = quality.to_json()
     if tuned is not None:
         manifest["training"]["finetune"] = tuned.record
     if gate is not None:
