@@ -30,8 +30,11 @@ demo-loop: $(VENV)/.cloud-installed
 demo-rollout: $(VENV)/.cloud-installed
 	$(PY) -m hybridml.cloud.demo_rollout $(ARGS)
 
+# Tests run on every logical CPU (pytest-xdist), a test module per worker (its fixtures once);
+# JOBS=0 runs them in this process, ARGS adds pytest options (ARGS="-k sync" ...).
+JOBS ?= logical
 test: $(VENV)/.dev-installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile $(ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check cloud edge shared hybridml_pkg tests benchmarks
