@@ -1,5 +1,14 @@
 """Our skl2onnx converters for HistGradientBoostingClassifier and HistGradientBoostingRegressor.
 
+:func:`register_converters` registers them, and the exact ``CalibratedClassifierCV`` converter
+of :mod:`hybridml.cloud.calibrated_onnx`, for every scikit-learn model of the process: a user's
+own ``skl2onnx.convert_sklearn`` calls get them too. They are written to be correct there as
+well, not only inside our pipelines: the classifier honours skl2onnx's ``raw_scores`` option
+(below), so the meta-estimators that ask for decision values (``CalibratedClassifierCV``,
+``StackingClassifier(stack_method="decision_function")``, ``OneVsRestClassifier``) get them.
+(Binary ``decision_function`` stacking still fails to run, for every family: skl2onnx's
+stacking converter stacks both ``[-s, s]`` columns where scikit-learn stacks one.)
+
 Why: with skl2onnx 1.20 and onnx 1.23 the stock converter fails with ``Unable to create node
 'TreeEnsembleClassifier'``. Its attribute lists mix Python and numpy scalars (ids as
 ``np.uint32``/``np.int64`` next to ``0``); the fatal one is ``nodes_missing_value_tracks_true``:
@@ -31,6 +40,14 @@ While we own the converter we also make it exact, which the stock one is not:
   ``[1 - sigmoid(s), sigmoid(s)]``, as ``predict_proba`` does. Multiclass models have ``K``
   trees per iteration; tree ``k`` of iteration ``i`` gets id ``i*K + k``, scores class ``k``,
   and ``SOFTMAX`` matches scikit-learn's multinomial loss.
+* **Raw scores.** With skl2onnx's ``raw_scores`` option the probabilities output carries
+  ``decision_function`` instead (``post_transform=NONE``): multiclass ``[N, K]`` raw scores;
+  binary ``[-s, s]``, so column 1 is scikit-learn's 1-D ``decision_function`` (the column
+  skl2onnx's calibrator and ours read). Without the option declared, skl2onnx silently fed
+  probabilities to calibrators fitted on decision values (probabilities off by up to 0.83).
+* **Class labels.** Integer, bool and whole-number float labels (``classes_ = [0., 1.]``)
+  are written as ``classlabels_int64s`` (as the stock converter does; as strings, onnxruntime
+  refused the model); strings as strings; other floats raise :class:`ExportError`.
 * **Regression.** The raw score is the prediction for identity-link losses (squared error,
   absolute error, quantile); log-link losses (poisson, gamma) get an ``Exp`` node after it.
 
@@ -58,9 +75,17 @@ from skl2onnx.common.tree_ensemble import (
     get_default_tree_regressor_attribute_pairs,
 )
 from skl2onnx.proto import onnx_proto
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
 from hybridml.shared.errors import ExportError
+
+from .calibrated_onnx import (
+    CALIBRATED_ALIAS,
+    CALIBRATED_OPTIONS,
+    convert_calibrated_classifier,
+    int_labels,
+)
 
 log = logging.getLogger("hybridml.cloud.converters")
 
@@ -78,7 +103,8 @@ _registered = False
 
 
 def register_converters() -> None:
-    """Make skl2onnx convert HistGradientBoosting* with our converters. Safe to call again."""
+    """Make skl2onnx convert HistGradientBoosting* and CalibratedClassifierCV with our
+    converters, process-wide. Safe to call again."""
     global _registered
     if _registered:
         return
@@ -87,6 +113,7 @@ def register_converters() -> None:
         "zipmap": [True, False, "columns"],
         "nocl": [True, False],
         "output_class_labels": [False, True],
+        "raw_scores": [True, False],
     }
     update_registered_converter(
         HistGradientBoostingClassifier, CLASSIFIER_ALIAS,
@@ -95,6 +122,9 @@ def register_converters() -> None:
     update_registered_converter(
         HistGradientBoostingRegressor, REGRESSOR_ALIAS,
         calculate_linear_regressor_output_shapes, convert_hgb_regressor)
+    update_registered_converter(
+        CalibratedClassifierCV, CALIBRATED_ALIAS, calculate_linear_classifier_output_shapes,
+        convert_calibrated_classifier, options=CALIBRATED_OPTIONS)
     _registered = True
     log.debug("registered HistGradientBoosting converters %s, %s",
               CLASSIFIER_ALIAS, REGRESSOR_ALIAS)
@@ -109,11 +139,14 @@ def convert_hgb_classifier(scope: Any, operator: Any, container: Any) -> None:
                           "use loss='log_loss'", field="loss")
     attrs: dict[str, Any] = get_default_tree_classifier_attribute_pairs()
     classes = np.asarray(op.classes_)
-    if classes.dtype.kind in "biu":
-        attrs["classlabels_int64s"] = [int(c) for c in classes]
+    if classes.dtype.kind in "biuf":
+        attrs["classlabels_int64s"] = [int(c) for c in int_labels(classes)]
     else:
         attrs["classlabels_strings"] = [str(c) for c in classes]
-    attrs["post_transform"] = "LOGISTIC" if loss == "HalfBinomialLoss" else "SOFTMAX"
+    raw = bool(container.get_options(op, dict(raw_scores=False))["raw_scores"])
+    # Raw scores: decision_function values (binary [-s, s]; see the module docstring).
+    attrs["post_transform"] = ("NONE" if raw else
+                               "LOGISTIC" if loss == "HalfBinomialLoss" else "SOFTMAX")
     _add_trees(op, attrs, is_classifier=True)
     container.add_node(
         "TreeEnsembleClassifier", _tree_input(scope, operator, container),
