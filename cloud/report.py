@@ -5,19 +5,20 @@
 time and traffic by source, each a plot and a table. It opens from a mail attachment or an
 artifact store as well as from disk. Every text from devices (names, sources) is escaped.
 
-matplotlib is imported here only, with the Agg backend (no display needed).
+matplotlib is imported only when a page is drawn, with the Agg backend (no display
+needed), by :mod:`hybridml.cloud.htmlpage`, which the model card's page shares.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 from hybridml.shared.files import atomic_write
+
+from .htmlpage import figure, img, png, table
 
 COLORS = {"ok": "#4c9a2a", "warn": "#e0a100", "alert": "#c62828", "insufficient": "#9e9e9e"}
 WARN, ALERT = 0.1, 0.25  # the PSI lines drawn (hybridml.shared.drift.Thresholds' defaults)
@@ -46,63 +47,30 @@ def render(result: dict[str, Any]) -> str:
         f"{result['rows']:,} rows from {len(result['devices'])} devices</p>",
         f"<h2>Verdict: <span class='{'alert' if d['verdict'] != 'stable' else ''}'>"
         f"{e(d['verdict'])}</span></h2><p>{e(d['rule'])}</p>",
-        "<h2>Drift per feature</h2>", _img(_drift_plot(result)),
-        _table(["feature", "kind", "rows", "psi", "status"],
-               [[f["name"], f["kind"], f["rows"], f.get("psi"), f["status"]]
-                for f in result["features"]]),
+        "<h2>Drift per feature</h2>", img(_drift_plot(result)),
+        table(["feature", "kind", "rows", "psi", "status"],
+              [[f["name"], f["kind"], f["rows"], f.get("psi"), f["status"]]
+               for f in result["features"]]),
         f"<p>Dataset drift: <b>{'yes' if result['dataset_drift'] else 'no'}</b></p>",
         "<h2>Performance over time</h2>",
-        _img(_performance_plot(result)) if result["performance"] else "<p>No feedback yet.</p>",
-        _table(["version", "start", "labels", "metric", "value", "estimate"],
-               [[p["version"], p["start"], p["labels"], p["metric"], p["value"],
-                 p["estimate"]] for p in result["performance"]]),
+        img(_performance_plot(result)) if result["performance"] else "<p>No feedback yet.</p>",
+        table(["version", "start", "labels", "metric", "value", "estimate"],
+              [[p["version"], p["start"], p["labels"], p["metric"], p["value"],
+                p["estimate"]] for p in result["performance"]]),
         "<h2>Traffic by source</h2>",
-        _img(_traffic_plot(result)) if result["traffic"] else "<p>No traffic.</p>",
+        img(_traffic_plot(result)) if result["traffic"] else "<p>No traffic.</p>",
         "<h2>Devices</h2>",
-        _table(["device", "last seen", "rows", "in period", "dataset drift", "alerts"],
-               [[x["device"], x["last_seen"], x["rows"], x["period_rows"], x["dataset_drift"],
-                 ", ".join(x["alerts"])] for x in result["devices"]]),
+        table(["device", "last seen", "rows", "in period", "dataset drift", "alerts"],
+              [[x["device"], x["last_seen"], x["rows"], x["period_rows"], x["dataset_drift"],
+                ", ".join(x["alerts"])] for x in result["devices"]]),
         "</body></html>",
     ]
     return "\n".join(parts)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        text = "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-        return html.escape(text)
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(png: bytes) -> str:
-    return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-
-
-def _figure(height: float) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(9, height))
-
-
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def _drift_plot(result: dict[str, Any]) -> bytes:
     feats = result["features"]
-    fig, ax = _figure(0.4 * len(feats) + 1.5)
+    fig, ax = figure(0.4 * len(feats) + 1.5)
     names = [f["name"] for f in feats]
     ax.barh(names, [f.get("psi") or 0.0 for f in feats],
             color=[COLORS.get(f["status"], "#9e9e9e") for f in feats])
@@ -110,11 +78,11 @@ def _drift_plot(result: dict[str, Any]) -> bytes:
         ax.axvline(x, color="#555", linestyle=style, linewidth=1)
     ax.invert_yaxis()
     ax.set_xlabel("PSI against the training profile (dotted: warn, dashed: alert)")
-    return _png(fig)
+    return png(fig)
 
 
 def _performance_plot(result: dict[str, Any]) -> bytes:
-    fig, ax = _figure(3.5)
+    fig, ax = figure(3.5)
     for v in sorted({p["version"] for p in result["performance"]}):
         for estimate, style in ((False, "-o"), (True, "--x")):
             pts = [p for p in result["performance"] if p["version"] == v
@@ -129,13 +97,13 @@ def _performance_plot(result: dict[str, Any]) -> bytes:
     ax.set_ylabel(ref["metric"])
     ax.legend(fontsize="small")
     ax.tick_params(axis="x", rotation=30)
-    return _png(fig)
+    return png(fig)
 
 
 def _traffic_plot(result: dict[str, Any]) -> bytes:
     slots = result["traffic"]
     sources = sorted({s for slot in slots for s in slot["by_source"]})
-    fig, ax = _figure(3.5)
+    fig, ax = figure(3.5)
     labels = [slot["start"][5:16].replace("T", " ") for slot in slots]
     bottom = [0] * len(slots)
     for src in sources:
@@ -146,4 +114,4 @@ def _traffic_plot(result: dict[str, Any]) -> bytes:
     if sources:
         ax.legend(fontsize="small")
     ax.tick_params(axis="x", rotation=45, labelsize="small")
-    return _png(fig)
+    return png(fig)
