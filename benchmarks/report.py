@@ -349,6 +349,27 @@ def _interleaving(d: Doc) -> str:
               "impressions through the real code.\n")
 
 
+def _explain(d: Doc) -> str:
+    rows = []
+    for f in d.get("families", []):
+        single, batch = f.get("single_us") or {}, f.get("batch_us_per_row") or {}
+        rows.append([f["family"], f.get("method") or "none (cloud: shap)", f.get("space") or "–",
+                     (single.get("explain") or {}).get("median"),
+                     (single.get("explain") or {}).get("p99"),
+                     (single.get("predict") or {}).get("median"), batch.get("explain"),
+                     batch.get("predict"), f.get("explainer_bytes")])
+    return ("## 14. Explanations on the device\n\n"
+            + _table(["family", "method", "space", "explain 1 row µs (median)", "p99",
+                      "predict 1 row µs", f"explain µs/row (batch {d.get('batch')})",
+                      "predict µs/row (batch)", "explainer bytes"], rows)
+            + "\n\n`rt.explain` from the version's explainer artifact (numpy only: exact linear "
+              "contributions, or path-dependent TreeSHAP over every leaf of every tree) beside "
+              "`rt.predict` on the same rows of the orders data (`late`); default model sizes "
+              "(100 trees, unlimited depth for the forest), so the forest is the costly one. "
+              "The MLP has no device explainer: `POST /v1/models/<name>/explain` explains it "
+              "with shap's KernelExplainer.\n")
+
+
 def _small(d: Doc) -> str:
     from . import small_device
 
@@ -487,6 +508,8 @@ def write_report(results: Path = RESULTS) -> Path:
         parts.append(_rollout(d["rollout"]))
     if "interleaving" in d:
         parts.append(_interleaving(d["interleaving"]))
+    if "explain" in d:
+        parts.append(_explain(d["explain"]))
     if "fleet_scale" in d:
         from .fleet_scale_report import section
 

@@ -8,7 +8,8 @@ coldstart (4), size (5), serving (6), fleet (7, and 13: ``fleet_scale``, 1,000 d
 two replicas on PostgreSQL + SeaweedFS with faults, vs one embedded replica), small_device (8),
 fallback (9), telemetry (10: its cost on the predict path, the spool, a week offline),
 rollout (11: what a rollout's shadow costs the caller per prediction), interleaving (12:
-impressions interleaving vs A/B needs, a simulation).
+impressions interleaving vs A/B needs, a simulation), explain (14: the device explainer's
+µs per row per family, beside predict).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from .common import DEFAULT_WORKDIR, RESULTS, environment, log, save
 
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
-          "fallback", "telemetry", "rollout", "interleaving")
+          "fallback", "telemetry", "rollout", "interleaving", "explain")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,12 @@ def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bo
             picked, work, single_calls={"full": 512, "quick": 128}.get(s.mode, 16),
             blocks=40 if full else 6 if s.mode == "quick" else 2,
             batch_calls=5 if full else 2, batch_blocks=20 if full else 2)}
+    if name == "explain":  # issue 14: the device explainer's cost per family
+        from . import explain
+
+        return {"suite": "explain", **explain.run(
+            _pick(models, ["orders_hgb"])[0].registry.parent / "data" / "orders.csv", work,
+            s.mode)}
     if name == "interleaving":
         # As ``python -m benchmarks.interleaving`` (its full and --quick settings); tiny: seconds.
         calibration, reps = {"full": (200_000, 500), "quick": (20_000, 200)}.get(

@@ -12,6 +12,8 @@
     GET  /v1/artifacts/<sha256>                   immutable bytes; Range; gzip when accepted
     POST /v1/models/<name>/predict                {"inputs": [{col: v}, ...] | [[...], ...]}
                                                   -> predictions, probabilities, model_version
+    POST /v1/models/<name>/explain                the same body (at most 50 rows); ?method=
+                                                  device -> attributions per column (shap)
     POST /v1/telemetry                            {"records": [...], "dropped": {...}?}
     POST /v1/models/<name>/feedback               {"records": [...]}
                                                   -> accepted, duplicates, refused (ids)
@@ -60,6 +62,7 @@ from hybridml.shared.text import printable
 
 from . import auth, prom
 from .config import ServeConfig
+from .explain_api import Explanations
 from .ingest import parse_upload
 from .online import UNIT_HEADER, CloudShadow, Online
 from .predictors import ModelCache
@@ -276,6 +279,16 @@ def create_app(registry: str | os.PathLike[str] | Registry | None = None,
             online.shadow.submit(route.shadow, predictor, rows, batch, out)
         if route.arm is not None:
             answer["arm"] = route.arm
+        return Response(_ENCODER.encode(answer) + "\n", mimetype="application/json")
+
+    explanations = Explanations(reg, models)  # shap, imported on the first call
+
+    @app.post("/v1/models/<name>/explain")
+    def explain(name: str) -> Response:  # docs/quality.md §3; body as /predict's
+        body = _json_body(request)
+        ref = _check_ref(body["version"], "version") if "version" in body else _ref(request)
+        answer = explanations.answer(name, reg.resolve_cached(name, ref), body.get("inputs"),
+                                     request.args.get("method"))
         return Response(_ENCODER.encode(answer) + "\n", mimetype="application/json")
 
     # Monitoring (docs/monitoring.md §5): spool uploads and feedback into the telemetry store.

@@ -70,8 +70,8 @@ from .tokens import TokenStore
 log = logging.getLogger("hybridml.cloud.auth")
 
 OPEN_ENDPOINTS = frozenset({"healthz", "static"})
-DEVICE_ENDPOINTS = frozenset({"list_models", "manifest", "artifact", "predict", "telemetry",
-                              "feedback"})
+DEVICE_ENDPOINTS = frozenset({"list_models", "manifest", "artifact", "predict", "explain",
+                              "telemetry", "feedback"})
 # Open to callers on this machine (a Prometheus beside the server), admin tokens otherwise.
 LOOPBACK_ENDPOINTS = frozenset({"metrics"})
 INSECURE_ENV = "HYBRIDML_INSECURE"

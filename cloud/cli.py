@@ -125,8 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="column holding each row's request count (default: 'count' if present)")
     pc.set_defaults(func=cmd_precompute)
 
+    cd = sub.add_parser("card", parents=[common], help="a version's model card: data, metrics "
+                        "with intervals, threshold, calibration, features, fairness, rollouts")
+    cd.add_argument("name")
+    cd.add_argument("--version", default="stable", help="version or alias (default: stable)")
+    cd.add_argument("--html", default=None, metavar="FILE",
+                    help="also write the card as one self-contained HTML page")
+    cd.add_argument("--seed", type=int, default=0, help="bootstrap and shuffle seed (default 0)")
+    cd.set_defaults(func=cmd_card)
+
     m = sub.add_parser("models", parents=[common], help="list models, or one model's versions")
     m.add_argument("name", nargs="?", help="show every version of this model")
+    m.add_argument("--version", default=None, metavar="V",
+                   help="with NAME: show that version (number or alias) and its fairness "
+                   "group table")
     m.set_defaults(func=cmd_models)
 
     pr = sub.add_parser("promote", parents=[common], help="point an alias at a version")
@@ -253,9 +265,11 @@ def _quality_flags(t: argparse.ArgumentParser) -> None:
     q = t.add_argument_group("model quality (docs/quality.md)")
     q.add_argument("--class-weight", default="auto", choices=CLASS_WEIGHTS,
                    help="weigh classes: balanced, none, or auto (default: balanced when the "
-                   f"smallest class is under {IMBALANCE_SHARE * 100:.0f}%% of the rows)")
+                   f"smallest class is under {IMBALANCE_SHARE * 100:.0f}%% of the rows for a "
+                   f"binary task, under {IMBALANCE_SHARE * 100:.0f}%% x 2/K for K classes, "
+                   "i.e. under 40%% of its balanced share)")
     q.add_argument("--threshold", default=None, metavar="auto|P",
-                   help="binary tasks: the decision threshold on the positive class's "
+                   help="binary tasks: the decision threshold on the positive (minority) class's "
                    "probability, tuned on the validation split (auto) or given (e.g. 0.3); "
                    "default: auto when the classes are imbalanced")
     q.add_argument("--primary", default=None, choices=PRIMARIES,
@@ -274,18 +288,24 @@ def _quality_flags(t: argparse.ArgumentParser) -> None:
                    help="do not add the device explainer artifact")
 
 
-def _quality(args: argparse.Namespace) -> QualityOptions:
-    """The :class:`QualityOptions` asked for by ``train``'s flags."""
-    return QualityOptions.from_flags(
+def _quality(args: argparse.Namespace) -> QualityOptions | None:
+    """The :class:`QualityOptions` asked for by ``train``'s flags; None (the line's own, as
+    its parent recorded them) for ``--finetune-from`` without any of them."""
+    asked = QualityOptions.from_flags(
         class_weight=args.class_weight, threshold=args.threshold, primary=args.primary,
         calibrate=args.calibrate, sensitive=_split_list(args.sensitive),
         sensitive_only=_split_list(args.sensitive_only), max_parity_gap=args.max_parity_gap,
         explainer=args.explainer)
+    return None if args.finetune_from and asked == QualityOptions() else asked
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``train``: the whole pipeline; prints the version, metrics and quantization table."""
+    from .calibration import describe as calibration_line
+    from .imbalance import summary as imbalance_summary
+    from .metrics import auc_text, positive_of
     from .quantize import QuantizationReport
+    from .threshold import Decision
     from .train import train
 
     reg = _registry(args)
@@ -311,12 +331,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"registered {m['name']} v{m['version']} ({m['model']['family']}, {m['output']['task']}"
         f", lineage {m['lineage']}" + (f" from v{m['parent']}" if m.get("parent") else "") + ")",
         f"test {primary}: sklearn {m['metrics']['sklearn_test'][primary]}  "
-        f"edge {m['metrics']['edge_test'][primary]}",
+        f"edge {m['metrics']['edge_test'][primary]}"
+        + (f"  ({auc})" if (auc := auc_text(m["metrics"]["edge_test"], positive_of(m)))
+           else ""),
+        *([s] if (s := imbalance_summary(m["training"].get("imbalance"))) else []),
         QuantizationReport.from_json(m["quantization"]).to_table(),
         *([f"gate: {gate_summary(m['gate'])}"] if isinstance(m.get("gate"), dict) else []),
+        *([d.describe()] if (d := Decision.from_manifest(m)) else []),
+        *([calibration_line(m["calibration"])] if isinstance(m.get("calibration"), dict) else []),
         "artifacts:",
         *[f"  {a['role']:<11} {a['sha256'][:16]}  {a['size']:>10,} B" for a in m["artifacts"]],
     ]
+    if isinstance(m.get("fairness"), dict):
+        from .fairness import table as fairness_table
+
+        lines += ["fairness on the test split:", fairness_table(m["fairness"])]
     _emit(args, result.to_json(), "\n".join(lines))
     return 0
 
@@ -349,18 +378,42 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    """``card``: a version's model card as text (or JSON), and optionally as an HTML page."""
+    from .card import build, text
+
+    card = build(_registry(args), args.name, args.version, seed=args.seed)
+    if args.html:
+        from .card_html import write_html
+
+        write_html(card, args.html)
+    _emit(args, card, text(card).rstrip() + (f"\n\nwritten: {args.html}" if args.html else ""))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """``models``: a table of models, or of one model's versions."""
     reg = _registry(args)
     if args.name:
+        from .fairness import table as fairness_table
+        from .fairness import worst_gap
+
         versions = describe(reg, args.name)
+        if args.version is not None:
+            chosen = reg.resolve(args.name, args.version)
+            versions = [v for v in versions if v["version"] == chosen]
         rows = [[v["name"], str(v["version"]), v["label"], ",".join(v["aliases"]) or "-",
                  v["task"], _metric(v["metrics"]), gate_summary(v["gate"]),
-                 f"{v['model_size']:,}", _lineage(v), v["created"]] for v in versions]
-        _emit(args, versions,
-              format_table(["name", "version", "label", "aliases", "task", "test metric",
-                            "gate (candidate/active)", "model bytes", "lineage", "created"],
-                           rows))
+                 worst_gap(v.get("fairness")), f"{v['model_size']:,}", _lineage(v),
+                 v["created"]] for v in versions]
+        text = format_table(["name", "version", "label", "aliases", "task", "test metric",
+                             "gate (candidate/active)", "parity gap", "model bytes",
+                             "lineage", "created"], rows)
+        if args.version is not None:
+            fair = versions[0].get("fairness")
+            text += "\n\n" + (fairness_table(fair) if isinstance(fair, dict) else
+                               "no fairness report: train with --sensitive COL")
+        _emit(args, versions[0] if args.version is not None else versions, text)
         return 0
     models = reg.models()
     rows = []

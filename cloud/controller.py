@@ -205,6 +205,7 @@ class Controller:
     def candidate(self, name: str, policy: Policy, now: float) -> dict[str, Any]:
         """Train, gate, register and perhaps promote a candidate; returns the outcome."""
         from .auth import promote
+        from .fairness import retrain_options
         from .gate import gate_hook
         from .train import train
 
@@ -228,6 +229,7 @@ class Controller:
                        target=str(parent.manifest["training"]["target"]), task=parent.task,
                        seed=seed, finetune_from=f"{name}:{active}", mode=choice,
                        categorical=kinds["categorical"], numeric=kinds["numeric"],
+                       quality=retrain_options(parent.quality, parent.schema.names),
                        gate=gate_hook(reg, name, against=active, recent=new))
         version = int(result.manifest["version"])
         gate = result.manifest["gate"]

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class Dataset:
     classes: list[Any] | None
     sha256: str
     dropped_rows: int = 0
+    # Raw text per kept row of columns asked for with ``extras`` (the fairness report's
+    # sensitive columns), whether or not they are features.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -86,12 +89,13 @@ def is_missing(text: str) -> bool:
 
 def load_csv(path: str | os.PathLike[str], target: str, *, task: str | None = None,
              categorical: Sequence[str] = (), numeric: Sequence[str] = (),
-             drop: Sequence[str] = ()) -> Dataset:
+             drop: Sequence[str] = (), extras: Sequence[str] = ()) -> Dataset:
     """Read, validate and type a CSV with a header row.
 
     Columns whose values are all numbers (or missing) are numeric, others categorical;
     ``categorical``/``numeric`` force a kind, ``drop`` ignores columns. Rows with a missing
-    target are dropped (and counted).
+    target are dropped (and counted). ``extras`` columns are also kept as raw text per row in
+    :attr:`Dataset.extras`, dropped from the features or not.
     """
     p = Path(path)
     if not p.is_file():
@@ -118,6 +122,10 @@ def load_csv(path: str | os.PathLike[str], target: str, *, task: str | None = No
     if target not in header:
         raise DataError(f"the target column {target!r} is not in {p}; its columns are "
                         f"{', '.join(header)}", field=target)
+    for name in extras:  # first: a --sensitive-only column is also in drop
+        if name not in header:
+            raise DataError(f"sensitive column {name!r} is not in {p}; its columns are "
+                            f"{', '.join(header)}", field=name)
     for name in (*categorical, *numeric, *drop):
         if name not in header:
             raise DataError(f"column {name!r} (from --categorical/--numeric/--drop) is not in "
@@ -127,7 +135,7 @@ def load_csv(path: str | os.PathLike[str], target: str, *, task: str | None = No
     if not feats:
         raise DataError(f"{p} has no feature columns besides the target {target!r}")
     return _build(str(p), target, columns, feats, task, set(categorical), set(numeric),
-                  hashlib.sha256(raw).hexdigest())
+                  hashlib.sha256(raw).hexdigest(), extras)
 
 
 def load_builtin(name: str, *, task: str | None = None) -> Dataset:
@@ -295,7 +303,7 @@ def _encode_target(target: str, y_text: list[str], task: str) -> tuple[np.ndarra
 
 def _build(source: str, target: str, columns: dict[str, list[str]], feats: list[str],
            task: str | None, forced_cat: set[str], forced_num: set[str],
-           sha256: str) -> Dataset:
+           sha256: str, extras: Sequence[str] = ()) -> Dataset:
     if task is not None and task not in TASKS:
         raise DataError(f"unknown task {task!r}; use one of {', '.join(TASKS)}", field="task")
     y_text = columns[target]
@@ -330,5 +338,6 @@ def _build(source: str, target: str, columns: dict[str, list[str]], feats: list[
     # Schema order: the CSV's column order; the num/cat blocks keep that relative order.
     ordered = [n for n in feats]
     schema = fit_schema(ordered, kinds, num, cat)
+    raw = {n: np.array([columns[n][i].strip() for i in idx], dtype=object) for n in extras}
     return Dataset(source, target, task, schema, num, cat, y,
-                   classes if task != "regression" else None, sha256, dropped)
+                   classes if task != "regression" else None, sha256, dropped, raw)

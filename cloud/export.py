@@ -10,9 +10,12 @@ off); regressors ``variable`` (float32 ``[N, 1]``).
 :func:`check_parity` runs scikit-learn and onnxruntime on the same rows and refuses the export
 (:class:`ParityError`) when they disagree:
 
-* classification: a row *differs* when the labels differ or any probability differs by more
-  than ``tolerance`` (default :data:`PROB_TOLERANCE`); the gate fails when the share of rows
-  that agree is below ``min_agreement``;
+* classification: a row *differs* when any probability differs by more than ``tolerance``
+  (default :data:`PROB_TOLERANCE`), or when the labels differ and the decision is not a tie
+  within it (a *tie*: the top two classes' probabilities within ``tolerance`` of each other,
+  or, with a decision threshold, the positive class's probability within ``tolerance`` of it;
+  float32 may break a tie either way, so it counts as agreement and is reported as ``ties``);
+  the gate fails when the share of rows that agree is below ``min_agreement``;
 * regression: a row differs when ``|sklearn - onnx|`` exceeds ``tolerance``; the gate fails on
   any such row. The default is ``REG_RTOL * max(1, max|prediction|)``: float32 keeps ~7 digits,
   so a relative 1e-4 leaves room for ~800 float32 rounding steps (tree sums, matrix products)
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,8 @@ from hybridml.shared.errors import DataError, ExportError, ParityError, SchemaEr
 from hybridml.shared.manifest import TASKS
 from hybridml.shared.schema import CAT_INPUT, NUM_INPUT, InputSchema
 
+from . import calibration
+from . import threshold as decision_threshold
 from .converters import register_converters
 from .models import FAMILIES, combine
 
@@ -115,7 +120,9 @@ class ParityReport:
 
     ``agreement`` is the share of rows whose outputs agree (label and probabilities within
     ``tolerance``, or value within ``tolerance``); ``label_agreement`` and ``max_prob_diff``
-    are set for classifiers, ``max_abs_diff`` for regressors.
+    are set for classifiers, ``max_abs_diff`` for regressors. ``ties`` counts the rows whose
+    labels differ on a decision tied within ``tolerance`` (they agree); ``threshold`` is the
+    decision threshold scikit-learn's labels were taken at (None: argmax).
     """
 
     task: str
@@ -128,6 +135,8 @@ class ParityReport:
     tolerance: float
     min_agreement: float
     passed: bool
+    ties: int = 0
+    threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON form stored in manifests."""
@@ -136,15 +145,20 @@ class ParityReport:
 
 def check_parity(pipeline: Pipeline, model: bytes, schema: InputSchema, task: str,
                  num: np.ndarray, cat: np.ndarray, *, min_agreement: float = 0.999,
-                 tolerance: float | None = None) -> ParityReport:
+                 tolerance: float | None = None, threshold: float | None = None,
+                 positive: int = 1) -> ParityReport:
     """Compare ``pipeline`` (scikit-learn) with ``model`` (onnxruntime) on the same rows.
 
     ``num``/``cat`` are the encoded blocks (float32 NaN-for-missing, strings ``""``-for-missing)
     in schema order. ``tolerance`` bounds each row's largest probability difference
     (classifiers, default :data:`PROB_TOLERANCE`) or absolute difference (regressors, default
-    ``REG_RTOL * max(1, max|prediction|)``). Returns the report when the gate passes; raises
-    :class:`ParityError` saying how many rows differ, with the worst row by column name and
-    both outputs, when not.
+    ``REG_RTOL * max(1, max|prediction|)``). ``threshold`` (binary classifiers) takes
+    scikit-learn's labels with :func:`hybridml.cloud.threshold.apply`, the rule the exported
+    graph carries (:func:`hybridml.cloud.threshold.add_threshold`), on the probability of the
+    class index ``positive`` (``manifest["metrics"]["positive"]``; 1 for versions from before
+    the minority rule). Returns the report when
+    the gate passes; raises :class:`ParityError` saying how many rows differ, with the worst
+    row by column name and both outputs, when not.
     """
     fam = family_of(_estimator(pipeline))
     _check_task(_estimator(pipeline), task, fam)
@@ -168,8 +182,9 @@ def check_parity(pipeline: Pipeline, model: bytes, schema: InputSchema, task: st
             raise _parity_error(report, fam, schema, num32, cat_s, r,
                                 f"sklearn {sk_val[r]:.7g}, onnx {ox_val[r]:.7g}")
     else:
-        sk_lab = np.asarray(pipeline.predict(x)).reshape(-1)
         sk_p = np.asarray(pipeline.predict_proba(x), dtype=np.float64)
+        sk_lab = np.asarray(pipeline.predict(x)).reshape(-1) if threshold is None else \
+            decision_threshold.apply(sk_p, threshold, positive)
         ox_lab = np.asarray(onnx_out.labels).reshape(-1)
         ox_p = np.asarray(onnx_out.probabilities, dtype=np.float64)
         if ox_p.shape != sk_p.shape:
@@ -179,9 +194,15 @@ def check_parity(pipeline: Pipeline, model: bytes, schema: InputSchema, task: st
         tol = PROB_TOLERANCE if tolerance is None else tolerance
         pdiff = np.abs(sk_p - ox_p).max(axis=1)
         lab_ok = sk_lab.astype(np.int64) == ox_lab
-        bad = ~lab_ok | ~(pdiff <= tol)
-        report = _report(task, n, bad, tol, min_agreement, float(lab_ok.mean()),
-                         float(np.max(pdiff)), None)
+        p_ok = pdiff <= tol
+        tie = ~lab_ok & p_ok & _tied(sk_p, ox_lab, tol, threshold, positive)
+        bad = ~(lab_ok | tie) | ~p_ok
+        report = replace(_report(task, n, bad, tol, min_agreement, float(lab_ok.mean()),
+                                 float(np.max(pdiff)), None),
+                         ties=int(tie.sum()), threshold=threshold)
+        if report.ties:
+            log.info("parity: %d of %d rows differ only on a decision tied within %.3g",
+                     report.ties, n, tol)
         if not report.passed:
             # Show a label flip if there is one, else the largest probability difference.
             score = np.where(bad, np.nan_to_num(pdiff, nan=np.inf) + (~lab_ok) * 2.0, -1.0)
@@ -193,8 +214,22 @@ def check_parity(pipeline: Pipeline, model: bytes, schema: InputSchema, task: st
     return report
 
 
+def _tied(sk_p: np.ndarray, ox_lab: np.ndarray, tol: float, threshold: float | None,
+          positive: int = 1) -> np.ndarray:
+    """Rows whose decision is a tie within ``tol``: the positive class's (index ``positive``)
+    probability that close to the threshold, or (argmax) the ONNX label's scikit-learn
+    probability that close to the top one, i.e. the top two classes tied."""
+    if threshold is not None:
+        return np.asarray(np.abs(sk_p[:, positive] - threshold) <= tol)
+    picked = np.take_along_axis(sk_p, np.clip(ox_lab, 0, sk_p.shape[1] - 1)[:, None], 1)[:, 0]
+    in_range = (ox_lab >= 0) & (ox_lab < sk_p.shape[1])
+    return np.asarray(in_range & (sk_p.max(axis=1) - picked <= tol))
+
+
 def family_of(estimator: Any) -> str:
-    """The family name of ``estimator`` (``"logreg"``, ``"hgb"`` ...) or its class name."""
+    """The family name of ``estimator`` (``"logreg"``, ``"hgb"`` ...) or its class name; a
+    calibrated estimator reports the family it calibrates."""
+    estimator = calibration.inner(estimator)
     for fam in FAMILIES.values():
         if type(estimator) in (fam.classifier, fam.regressor):
             return fam.name

@@ -33,10 +33,12 @@ from sklearn.pipeline import Pipeline
 from hybridml.shared.errors import ConfigError, DataError, HybridMLError
 from hybridml.shared.schema import NUMERIC, InputSchema
 
+from . import calibration
 from .data import Dataset, Split, fit_schema
 from .lineage import base_of
 from .models import combine, family
 from .policy import MODES
+from .quality import QualityOptions
 from .registry import Registry
 
 FINETUNE_EPOCHS = 5
@@ -96,6 +98,12 @@ class Parent:
         return str(self.manifest["output"]["task"])
 
     @property
+    def quality(self) -> QualityOptions:
+        """The quality options the parent was trained with (a retrain of its line asks for
+        the same; the defaults for a version from before they were recorded)."""
+        return QualityOptions.from_json(self.manifest.get("training", {}).get("quality"))
+
+    @property
     def classes(self) -> list[Any] | None:
         """The parent's class names (None for regression)."""
         return self.manifest["output"].get("classes") if self.task != "regression" else None
@@ -132,6 +140,8 @@ def obstacle(parent: Parent, *, features: Sequence[tuple[str, str]], task: str,
         return ConfigError(f"{ref} is a {parent.family} model, which cannot be fine-tuned (no "
                            "partial_fit or warm_start); fine-tune an mlp, sgd, gb, hgb or rf "
                            "model, or retrain from scratch", field="finetune_from")
+    if (calibrated := calibration.finetune_obstacle(parent.manifest, ref)) is not None:
+        return calibrated
     known = {str(c) for c in parent.classes or ()}
     seen = {str(c) for c in classes or ()}
     # Rows holding only some of a multiclass parent's classes read as binary: that is fine.

@@ -130,7 +130,7 @@ def evaluate(registry: Registry, name: str, candidate: bytes | os.PathLike[str],
     ``margin`` overrides the default in the task's unit (points as a fraction, e.g. 0.005, or
     relative, e.g. 0.01)."""
     task = str(manifest["output"]["task"])
-    metric, m = metrics.PRIMARY[task], Margin.for_task(task, margin)
+    metric, m = metrics.primary_of(manifest), Margin.for_task(task, margin)
     skipped = Comparison(0, None, None, True, "no active version")
     if against is None:
         return GateReport(None, metric, m, skipped, skipped, True,
@@ -141,13 +141,15 @@ def evaluate(registry: Registry, name: str, candidate: bytes | os.PathLike[str],
         return GateReport(against, metric, m, refused, refused, False,
                           f"v{against} is {active_manifest['output']['task']}, the candidate "
                           f"is {task}: they cannot be compared")
+    # The line's versions compare on the active version's primary metric (its --primary).
+    metric = metrics.primary_of(active_manifest)
     active_model = registry.blob_path(_model_sha(active_manifest))
     models = ((candidate, manifest), (active_model, active_manifest))
     held = holdout(registry, name, against)
-    on_holdout = (_compare(models, held, trained, m, required=True)
+    on_holdout = (_compare(models, held, trained, m, metric, required=True)
                   if held is not None and len(held) else
                   Comparison(0, None, None, False, f"the holdout of v{against} is unavailable"))
-    on_recent = _compare(models, recent or Labelled(), trained, m, required=False)
+    on_recent = _compare(models, recent or Labelled(), trained, m, metric, required=False)
     slices = (("holdout", on_holdout), ("recent", on_recent))
     failed = [_why(k, c, m, against) for k, c in slices if not c.passed]
     judged = " and ".join(f"the {k} rows" for k, c in slices if c.rows)
@@ -171,7 +173,7 @@ def gate_hook(registry: Registry, name: str, *, against: int | None,
 def score(model: bytes | os.PathLike[str], manifest: Mapping[str, Any], rows: Labelled
           ) -> float:
     """The primary metric of one shipped model on the labelled rows its schema accepts."""
-    values, kept, _ = _scores(((model, manifest),), rows)
+    values, kept, _ = _scores(((model, manifest),), rows, metrics.primary_of(manifest))
     if not kept:
         raise DataError("none of the labelled rows can be encoded for this model",
                         field="rows")
@@ -187,7 +189,7 @@ def _model_sha(manifest: Mapping[str, Any]) -> str:
 
 
 def _compare(models: tuple[Model, Model], rows: Labelled, trained: Labelled | None,
-             margin: Margin, *, required: bool) -> Comparison:
+             margin: Margin, metric: str, *, required: bool) -> Comparison:
     """Compare on the rows the candidate did not train on; with none left, a ``required``
     slice fails and another passes (the verdict then rests on the other slice)."""
     unseen = rows.minus(trained) if trained is not None and len(rows) else rows
@@ -198,15 +200,16 @@ def _compare(models: tuple[Model, Model], rows: Labelled, trained: Labelled | No
             note = ("no recent labelled rows" if not seen else note) + \
                 ": judged on the holdout alone"
         return Comparison(0, None, None, not required, note, trained=seen)
-    (cand, active), kept, refused = _scores(models, unseen)
+    (cand, active), kept, refused = _scores(models, unseen, metric)
     if not kept:
         return Comparison(0, None, None, False, "every row was refused", refused, seen)
     return Comparison(kept, cand, active, margin.allows(cand, active), refused=refused,
                       trained=seen)
 
 
-def _scores(models: tuple[Model, ...], rows: Labelled) -> tuple[list[float], int, int]:
-    """Each model's primary metric on the rows every model's schema accepts."""
+def _scores(models: tuple[Model, ...], rows: Labelled, metric: str
+            ) -> tuple[list[float], int, int]:
+    """Each model's ``metric`` on the rows every model's schema accepts."""
     schemas = [InputSchema.from_json(m["schema"]) for _, m in models]
     good = set(range(len(rows)))
     for schema in schemas:
@@ -214,6 +217,8 @@ def _scores(models: tuple[Model, ...], rows: Labelled) -> tuple[list[float], int
     keep = sorted(good)
     task = str(models[0][1]["output"]["task"])
     truth = [rows.labels[i] for i in keep]
+    # A binary F1 is of one class for every model: the line's (the last model's) positive.
+    line_positive = metrics.positive_of(models[-1][1])
     out: list[float] = []
     if not keep:
         return [0.0] * len(models), 0, len(rows)
@@ -221,6 +226,7 @@ def _scores(models: tuple[Model, ...], rows: Labelled) -> tuple[list[float], int
         batch = schema.encode([_by_name(rows.rows[i], schema) for i in keep])
         res = ModelSession(model if isinstance(model, bytes) else os.fspath(model), schema,
                            task).run(batch)
+        positive = 1
         if task == "regression":
             assert res.values is not None
             y = np.asarray(truth, dtype=np.float64)
@@ -228,9 +234,12 @@ def _scores(models: tuple[Model, ...], rows: Labelled) -> tuple[list[float], int
         else:
             assert res.labels is not None
             names = [str(c) for c in manifest["output"]["classes"]]
-            y, pred = _class_indices([str(t) for t in truth],
-                                     [names[int(i)] for i in res.labels])
-        out.append(metrics.primary(task, y, pred))
+            answers = [names[int(i)] for i in res.labels]
+            y, pred = _class_indices([str(t) for t in truth], answers)
+            seen = sorted({str(t) for t in truth} | set(answers))  # _class_indices' order
+            # No row is or is answered the positive class: an index no row has (F1 0).
+            positive = seen.index(line_positive) if line_positive in seen else len(seen)
+        out.append(metrics.primary(task, y, pred, metric, positive))
     return out, len(keep), len(rows) - len(keep)
 
 

@@ -87,7 +87,8 @@ def base_of(versions: Sequence[VersionLike], version: int) -> int:
 
 def describe(registry: Registry, name: str) -> list[dict[str, Any]]:
     """Every version of ``name`` (oldest first) as ``VersionInfo.to_json()`` plus its
-    ``label``, its gate report (``gate``, None when it was not gated) and, for a fine-tune,
+    ``label``, its gate report (``gate``, None when it was not gated), its fairness report
+    (``fairness``, None without ``--sensitive``) and, for a fine-tune,
     how it continued (``finetune``: ``partial_fit``, ``boosting_rounds``, ``added_trees``)."""
     versions = registry.versions(name)
     labels = display_labels(versions)
@@ -96,6 +97,7 @@ def describe(registry: Registry, name: str) -> list[dict[str, Any]]:
         manifest = registry.manifest(name, v.version)
         tuned = manifest.get("training", {}).get("finetune")
         out.append({**v.to_json(), "label": labels[v.version], "gate": manifest.get("gate"),
+                    "fairness": manifest.get("fairness"),
                     "finetune": tuned.get("method") if isinstance(tuned, Mapping) else None})
     return out
 

@@ -11,6 +11,8 @@ HTML page with plots (``--report``, :mod:`hybridml.cloud.report`).
 * ``devices`` — each device's last upload, rows, versions, and its own drift in the period;
 * ``performance`` — realised metric per version and window from feedback, estimates marked;
 * ``traffic`` — rows by source per window (the page plots it);
+* ``fairness`` — the version's group metrics per sensitive column from labelled feedback in
+  the period (:mod:`hybridml.cloud.fairness_feedback`); None without a training report;
 * ``diagnosis`` — data drift or concept drift, by this rule:
 
   - **data drift**: the fleet's inputs drifted (``dataset_drift``).
@@ -38,6 +40,7 @@ from hybridml.shared.clock import parse_duration, utc_iso
 from hybridml.shared.text import format_table
 
 from . import fleet, metrics
+from .fairness_feedback import feedback_fairness
 from .ingest import parse_time
 from .performance import MIN_LABELS
 from .registry import Registry
@@ -91,6 +94,7 @@ def monitor(store: TelemetryStore, model: str, *, version: int | None = None,
         "labelled": {"rows": store.labelled_count(model),
                      "sha256": store.labelled_sha256(model)},
         "reference": {"metric": primary, "value": reference},
+        "fairness": feedback_fairness(store, model, facts.version, start, end),
         "diagnosis": diagnose(drift, [p for p in performance if p["version"] == facts.version],
                               primary, reference),
     }
@@ -154,6 +158,9 @@ def table(result: dict[str, Any]) -> str:
             [[f"v{p['version']}", p["start"], str(p["labels"]),
               p["metric"] + (" (estimate)" if p["estimate"] else ""), _num(p["value"])]
              for p in result["performance"]], align="llrlr"), ""]
+    fair = result.get("fairness")
+    if fair:
+        lines += [_fairness_text(fair), ""]
     d = result["diagnosis"]
     ref = result["reference"]
     lines.append(f"verdict: {d['verdict']}  (held-out {ref['metric']} {_num(ref['value'])}; "
@@ -195,6 +202,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         if args.report:
             print(f"report: {result['report']}")
     return 0
+
+
+def _fairness_text(block: dict[str, Any]) -> str:
+    from .fairness import table as fairness_table
+
+    lines = [f"fairness from feedback: {block['rows']:,} labelled rows "
+             f"({block['device_answers']:,} judged on the device's answer, the rest on the "
+             "version's model)"]
+    if block.get("by_column"):
+        lines.append(fairness_table(block))
+    lines += [f"{col}: not reported: {why}" for col, why in block["unavailable"].items()]
+    return "\n".join(lines)
 
 
 def _num(value: Any) -> str:

@@ -17,16 +17,38 @@ from hybridml.shared.errors import ConfigError
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 CALIBRATIONS = ("none", "sigmoid", "isotonic", "auto")
 PRIMARIES = ("balanced_accuracy", "f1", "accuracy")
-# Under this share of the training rows, the smallest class makes a task imbalanced.
+# Under this share of the training rows, the smallest class makes a binary task imbalanced;
+# a task of K classes uses IMBALANCE_SHARE * 2 / K (see imbalance_limit).
 IMBALANCE_SHARE = 0.20
+
+
+def imbalance_limit(n_classes: int) -> float:
+    """The share of the training rows under which the smallest of ``n_classes`` classes makes
+    the task imbalanced: ``IMBALANCE_SHARE * 2 / K``, i.e. under 40% of a class's balanced
+    share ``1 / K`` (binary: 20%; 10 classes: 4%). Raises :class:`ConfigError` for fewer than
+    two classes."""
+    if n_classes < 2:
+        raise ConfigError(f"{n_classes} class(es): imbalance is defined for two or more "
+                          "classes; check the target column", field="classes")
+    return IMBALANCE_SHARE * 2.0 / n_classes
+
+
+def is_imbalanced(counts: Sequence[int] | Any) -> bool:
+    """The one definition of an imbalanced task from its training rows per class
+    (``counts``, every class, zero counts included): the smallest class's share is under
+    :func:`imbalance_limit` of the number of classes."""
+    values = [int(n) for n in counts]
+    total = sum(values)
+    return bool(total) and min(values) / total < imbalance_limit(len(values))
 
 
 @dataclass(frozen=True)
 class QualityOptions:
     """The quality settings of one training run; the defaults are what ``train`` does unasked.
 
-    * ``class_weight``: ``auto`` (balanced when the smallest class is under
-      :data:`IMBALANCE_SHARE` of the training rows), ``balanced`` or ``none``.
+    * ``class_weight``: ``auto`` (balanced when the task is imbalanced,
+      :func:`is_imbalanced`: the smallest class under 20% of the training rows for a binary
+      task, under 20% x 2/K for K classes), ``balanced`` or ``none``.
     * ``threshold``: for binary tasks, ``"auto"`` (tuned on the validation split for the
       primary metric), a probability in (0, 1), or None (``auto`` when the task is imbalanced,
       else the plain argmax).

@@ -21,7 +21,7 @@ from hybridml.edge.session import ModelSession
 from hybridml.shared.errors import ConfigError, NotFoundError
 from hybridml.shared.schema import NUMERIC, EncodedBatch, InputSchema
 
-from . import metrics
+from . import calibration, explainers, fairness, imbalance, metrics
 from .data import Dataset, fit_schema, load_builtin, load_csv, split
 from .export import check_parity, export_onnx
 from .finetune import ModeChoice, Parent, choose_mode, continue_training
@@ -32,6 +32,9 @@ from .profile import version_profile
 from .quality import QualityOptions
 from .quantize import quantize
 from .registry import Registry
+from .threshold import add_threshold
+from .threshold import decide as decide_threshold
+from .threshold import labels as threshold_labels
 
 log = logging.getLogger("hybridml.cloud.train")
 
@@ -57,6 +60,8 @@ class TrainResult:
             "parent": m.get("parent"), "lineage": m.get("lineage"),
             "metrics": m["metrics"], "quantization": m["quantization"],
             "artifacts": m["artifacts"], "seconds": self.seconds,
+            "fairness": m.get("fairness"),
+            "calibration": m.get("calibration"),
         }
 
 
@@ -86,16 +91,21 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     if isinstance(mode, str) and mode not in MODES:
         raise ConfigError(f"mode {mode!r}: use one of {', '.join(MODES)}", field="mode")
     say = progress or (lambda _msg: None)
-    quality = quality or QualityOptions()
+    asked, quality = quality, quality or QualityOptions()
     timings: dict[str, float] = {}
     lap = _Clock()
-    ds = _load(data, dataset, target, task, categorical, numeric, drop)
+    fairness.check_request(quality, target)
+    ds = _load(data, dataset, target, task, categorical, numeric,
+               (*drop, *quality.sensitive_only), quality.sensitive)
+    sensitive = fairness.sensitive_values(ds, quality)
     sp = split(ds, seed)
     timings["load"] = lap()
     say(f"loaded {len(ds)} rows from {ds.source} ({ds.task}); split {sp.to_json()}")
 
     parent_version: int | None = None
     lineage, holdout, tuned = "retrain", None, None
+    line_positive: str | None = None  # the positive class the parent recorded
+    balance: dict[str, Any] | None = None
     choice = ModeChoice("retrain", "retrain", "trained from scratch")
     if finetune_from:
         parent = Parent.load(registry, finetune_from)
@@ -106,13 +116,18 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
         if isinstance(mode, ModeChoice):
             choice = mode
         parent_version, model = parent.version, parent.family
+        quality = asked or parent.quality  # a retrain of the line asks for the same things
+        line_positive = (parent.manifest.get("metrics") or {}).get("positive")
         if choice.mode == "finetune":
             tuned = continue_training(registry, parent, ds, sp, say)
             pipe, schema, lineage = tuned.pipe, tuned.schema, "finetune"
+            balance = imbalance.finetune_record(pipe, ds.task, ds.take(sp.train)[2],
+                                                ds.classes, quality.class_weight)
             holdout = holdout_ref(registry, parent.name, parent.version)
         else:
             say(f"retraining {finetune_from}'s line from scratch: {choice.reason}")
             params = {**parent.retrain_params(registry), **(params or {})}
+    calibrated = calibration.finetuned(quality.calibrate)
     if tuned is None:
         fam = family(model)
         kinds = [f.kind for f in ds.schema.features]
@@ -120,18 +135,36 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
         schema = fit_schema(ds.schema.names, kinds, xn, xc)
         pipe = build_pipeline(fam.name, ds.task, schema.n_numeric, schema.n_categorical, seed,
                               params)
+        calibrated = calibration.calibrate(pipe, quality.calibrate, ds.task, fam.name, y, say)
+        balancing = imbalance.prepare(pipe, fam.name, ds.task, y, ds.classes,
+                                      quality.class_weight, seed, say)
         say(f"fitting {fam.name} on {len(y)} rows")
-        pipe.fit(combine(xn, xc), y)
+        balancing.fit(pipe, combine(xn, xc), y)
+        balance = balancing.record
         if parent_version is None:
             parent_version = _latest(registry, name)
     timings["fit"] = lap()
+    positive = _positive(ds, ds.take(sp.train)[2], line_positive)
+    decision = decide_threshold(quality, ds.task, ds.classes, ds.take(sp.train)[2],
+                                metrics.primary_name(ds.task, quality.primary),
+                                lambda: _validation_proba(pipe, ds, sp.validation), positive)
+    if decision is not None:
+        say(decision.describe())
 
     test_num, test_cat, y_test = ds.take(sp.test)
-    skl_metrics = metrics.scores(ds.task, y_test, pipe.predict(combine(test_num, test_cat)))
-    say(f"fitted; test {metrics.PRIMARY[ds.task]} = {skl_metrics[metrics.PRIMARY[ds.task]]}")
+    test_x = combine(test_num, test_cat)
+    skl_proba = pipe.predict_proba(test_x) if ds.task != "regression" else None
+    skl_metrics = metrics.scores(ds.task, y_test, threshold_labels(pipe, test_x, decision),
+                                 skl_proba, ds.classes, positive)
+    primary = metrics.primary_name(ds.task, quality.primary)
+    say(f"fitted; test {primary} = {skl_metrics[primary]}")
 
     fp32 = export_onnx(pipe, schema, ds.task)
-    parity = check_parity(pipe, fp32, schema, ds.task, test_num, test_cat)
+    if decision is not None:  # the label every route reads is the thresholded one
+        fp32 = add_threshold(fp32, decision.threshold, decision.index)
+    parity = check_parity(pipe, fp32, schema, ds.task, test_num, test_cat,
+                          threshold=decision.threshold if decision else None,
+                          positive=positive)
     timings["export"] = lap()
     say(f"exported to ONNX ({len(fp32)} bytes); parity passed")
 
@@ -150,7 +183,8 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     fp32_sha, fp32_size = registry.put_blob(fp32)
     model_sha, model_size = registry.put_blob(shipped)
     sk_sha, sk_size = registry.put_blob(sk_bytes)
-    onnx_metrics = metrics.scores(ds.task, y_test, _predict(shipped, schema, ds.task, test_batch))
+    onnx_metrics = metrics.scores(ds.task, y_test, *_predict(shipped, schema, ds.task, test_batch),
+                                  ds.classes, positive)
     manifest: dict[str, Any] = {
         "artifacts": [
             {"role": "model", "sha256": model_sha, "size": model_size,
@@ -163,7 +197,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
                    "outputs": ["variable"] if ds.task == "regression"
                    else ["label", "probabilities"]},
         "model": {"family": model, "variant": variant},
-        "metrics": {"primary": metrics.PRIMARY[ds.task], "sklearn_test": skl_metrics,
+        "metrics": {"primary": primary, "sklearn_test": skl_metrics,
                     "edge_test": onnx_metrics, "parity": parity.to_json()},
         "quantization": qreport.to_json(),
         "golden": golden,
@@ -171,15 +205,33 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
         "training": {"source": ds.source, "target": ds.target, "data_sha256": ds.sha256,
                      "rows": len(ds), "dropped_rows": ds.dropped_rows, "split": sp.to_json()},
     }
+    if ds.task == "binary" and ds.classes:  # docs/quality.md §1: the minority class
+        manifest["metrics"]["positive"] = ds.classes[positive]
     manifest["training"]["mode"] = choice.to_json()
     manifest["training"]["quality"] = quality.to_json()
+    if ds.task != "regression":  # docs/quality.md §2: the shipped model's probabilities
+        manifest["calibration"] = calibration.record(
+            calibrated, y_test, _predict(shipped, schema, ds.task, test_batch)[1], pipe, test_x,
+            positive)
+        say(calibration.describe(manifest["calibration"]))
+    if balance is not None:
+        manifest["training"]["imbalance"] = balance
+    if decision is not None:
+        manifest["decision"] = decision.to_json()
     if tuned is not None:
         manifest["training"]["finetune"] = tuned.record
+    if sensitive:  # FairnessError over --max-parity-gap: nothing is registered
+        manifest["fairness"] = fairness.assess(
+            shipped, schema, ds.task, test_batch, y_test,
+            {c: v[sp.test] for c, v in sensitive.items()}, quality,
+            manifest["metrics"]["primary"], ds.classes, positive)
     if gate is not None:
         manifest["gate"] = dict(gate(shipped, manifest, from_dataset(ds, sp.train)))
     metadata = {"params": _params(pipe), "family": model, "sklearn_sha256": sk_sha,
                 "sklearn_size": sk_size, "seconds": timings,
                 "holdout": holdout or store_holdout(registry, ds, sp.test, seed)}
+    if quality.explainer:  # the device explainer artifact (docs/quality.md §3)
+        explainers.attach(registry, pipe, schema, ds.task, ds.classes, manifest, metadata)
     stored = registry.create_version(name, manifest, metadata, parent=parent_version,
                                      lineage=lineage)
     timings["register"] = lap()
@@ -203,7 +255,7 @@ class _Clock:
 
 def _load(data: str | os.PathLike[str] | None, dataset: str | None, target: str | None,
           task: str | None, categorical: Sequence[str], numeric: Sequence[str],
-          drop: Sequence[str]) -> Dataset:
+          drop: Sequence[str], extras: Sequence[str] = ()) -> Dataset:
     if (data is None) == (dataset is None):
         raise ConfigError("pass exactly one of --data CSV (with --target) or --dataset NAME",
                           field="data")
@@ -212,7 +264,7 @@ def _load(data: str | os.PathLike[str] | None, dataset: str | None, target: str 
             raise ConfigError("--data needs --target COLUMN naming the column to predict",
                               field="target")
         return load_csv(data, target, task=task, categorical=categorical, numeric=numeric,
-                        drop=drop)
+                        drop=drop, extras=extras)
     return load_builtin(str(dataset), task=task)
 
 
@@ -223,9 +275,34 @@ def _latest(registry: Registry, name: str) -> int | None:
         return None
 
 
-def _predict(model: bytes, schema: InputSchema, task: str, batch: EncodedBatch) -> np.ndarray:
+def _positive(ds: Dataset, y_train: np.ndarray, line: str | None) -> int:
+    """The positive class's index of a binary task (1, unused, otherwise): the parent's
+    recorded positive class when it is one of the classes (a line keeps its positive class),
+    else the minority of the training rows (:func:`hybridml.cloud.metrics.positive_index`)."""
+    if ds.task != "binary" or not ds.classes or len(ds.classes) != 2:
+        return 1
+    names = [str(c) for c in ds.classes]
+    if line is not None and str(line) in names:
+        return names.index(str(line))
+    return metrics.positive_index(np.bincount(np.asarray(y_train, dtype=np.int64),
+                                              minlength=2)[:2])
+
+
+def _validation_proba(pipe: Pipeline, ds: Dataset, rows: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The validation rows' class indices and the fitted pipeline's probabilities."""
+    num, cat, y = ds.take(rows)
+    return y, pipe.predict_proba(combine(num, cat))
+
+
+def _predict(model: bytes, schema: InputSchema, task: str, batch: EncodedBatch
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The shipped model's answers on ``batch``: values or labels, and the probabilities."""
     out = ModelSession(model, schema, task).run(batch)
-    return out.values if out.values is not None else out.labels  # type: ignore[return-value]
+    if out.values is not None:
+        return out.values, None
+    assert out.labels is not None
+    return out.labels, out.probabilities
 
 
 def _json_value(v: Any) -> Any:
@@ -268,7 +345,7 @@ def _golden(model: bytes, schema: InputSchema, task: str, num: np.ndarray,
 
 
 def _params(pipe: Pipeline) -> dict[str, Any]:
-    est = pipe.steps[-1][1]
+    est = calibration.inner(pipe.steps[-1][1])  # the family's own parameters, for retrains
     out: dict[str, Any] = {}
     for k, v in est.get_params(deep=False).items():
         if isinstance(v, (int, float, str, bool)) or v is None:

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--timeout-ms", type=float, default=None,
                     help="how long to wait for the cloud (default 250)")
     pr.add_argument("--no-fallback", action="store_true", help="never ask the cloud")
+    pr.add_argument("--explain", action="store_true",
+                    help="print each row's attributions per column from the version's device "
+                         "explainer (docs/quality.md §3)")
     pr.set_defaults(func=cmd_predict)
 
     st = sub.add_parser("status", parents=[common, stale_flag],
@@ -221,6 +224,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                      client=_client(args) if args.cloud else None)
     text = _read_input(args.input)
     rows = read_rows(text)
+    if args.explain:  # attributions from the device explainer (hybridml.edge.explain)
+        from hybridml.edge.explain import explanation_text
+
+        answers = rt.explain(rows)
+        print("\n".join(json.dumps(a) for a in answers) if args.json
+              else explanation_text(answers))
+        return 0
     if isinstance(rows, dict):  # CSV: text columns, typed by the model's schema
         preds = rt.predict_text(rows, errors=args.errors)
     else:

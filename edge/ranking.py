@@ -2,7 +2,7 @@
 docs/rollouts.md).
 
 :meth:`Ranker.rank` scores items (rows, through the same schema rules as ``predict``) with the
-served model: the positive class's probability (binary: the second of ``classes``), the top
+served model: the positive class's probability (binary: the manifest's positive class), the top
 class's probability (multiclass), or the regression value. Items are ranked by score, highest
 first, ties by input order. On a device in an ``interleave`` rollout the companion (the
 candidate, team ``B``) ranks the same items and the shown list is a team-draft interleaving
@@ -89,9 +89,9 @@ def scores(task: str, labels: np.ndarray | None, probabilities: np.ndarray | Non
            values: np.ndarray | None, classes: Sequence[Any] = (), positive: Any = None
            ) -> np.ndarray:
     """Each row's ranking score (float64; NaN where the model gave none): the probability
-    of the class ``positive`` (by name, among ``classes``) when given; else binary the
-    second class's (scikit-learn's positive class), multiclass the top probability,
-    regression the value."""
+    of the class ``positive`` (by name, among ``classes``: callers pass the manifest's
+    positive class of a binary model, :attr:`Manifest.positive`, unless asked for another);
+    else binary the second class's, multiclass the top probability, regression the value."""
     if task == "regression":
         assert values is not None
         return np.asarray(values, dtype=np.float64)
@@ -155,7 +155,7 @@ class Ranker:
             raise InferenceError(f"the model v{v.version} failed to score {len(items)} "
                                  "item(s); nothing to rank")
         served = scores(v.manifest.task, inf.labels, inf.probabilities, inf.values,
-                        v.classes, positive)
+                        v.classes, v.manifest.positive if positive is None else positive)
         ranked_a = order(served)
         key = None
         ranked_b = None
@@ -254,7 +254,8 @@ class Ranker:
         except InferenceError:
             return None  # the served ranking alone: no impression, nothing credited
         return order(scores(companion.manifest.task, out.labels, out.probabilities,
-                            out.values, companion.classes, positive))
+                            out.values, companion.classes,
+                            companion.manifest.positive if positive is None else positive))
 
     def _keep(self, items: list[Any], indices: list[int], teams: list[str],
               score: list[float], key: tuple[int, int, int] | None) -> Ranking:

@@ -396,7 +396,7 @@ class EdgeRuntime:
     # ---------------------------------------------------------------------------- ranking
     def rank(self, items: Sequence[Row], k: int = 10, *, positive: Any = None) -> Ranking:
         """Rank ``items`` (rows, by the rules of :meth:`predict`) by the served model's score
-        — the probability of class ``positive`` (default: a binary model's second class, a
+        — the probability of class ``positive`` (default: a binary model's positive class, a
         multiclass model's top class), or a regression's value — and return the top ``k``; in
         an ``interleave`` rollout, a team-draft interleaving of the served and the candidate
         model's rankings (:mod:`hybridml.edge.ranking`)."""
@@ -411,6 +411,14 @@ class EdgeRuntime:
     def predict_one(self, row: Row) -> Prediction:
         """Predict a single row."""
         return self.predict([row])[0]
+
+    def explain(self, rows: Iterable[Row] | Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+        """Attributions per raw column for typed rows (or text columns by name, as
+        :meth:`predict_text` takes them) from the loaded version's device explainer
+        (:mod:`hybridml.edge.explain`); :class:`NoModelError` when it has none."""
+        from .explain import explain_version
+
+        return explain_version(self._require(), self.store.artifact_path, rows)
 
     # ----------------------------------------------------------------------------- monitoring
     @property

@@ -53,7 +53,7 @@ from typing import Any
 
 from hybridml.shared.errors import IntegrityError, ManifestError, NoModelError
 from hybridml.shared.files import atomic_write, crash_point, file_sha256, fsync_dir
-from hybridml.shared.manifest import SHA256_RE, Manifest, check_name
+from hybridml.shared.manifest import EDGE_ROLES, SHA256_RE, Manifest, check_name
 
 log = logging.getLogger("hybridml.edge.store")
 JOURNAL = "rollback.json"
@@ -214,7 +214,7 @@ class LocalStore:
             raise NoModelError(f"model {name!r} has no previous version to roll back to",
                                name=name)
         for a in prev.artifacts:
-            if a.role in ("model", "table") and not self.has_artifact(a.sha256, a.size):
+            if a.role in EDGE_ROLES and not self.has_artifact(a.sha256, a.size):
                 raise NoModelError(f"previous version v{prev.version} of {name!r} is missing "
                                    f"artifact {a.sha256[:12]}; run sync instead", name=name)
         # Swapping takes two pointer writes; a crash between them would leave one version in

@@ -13,7 +13,8 @@ the cloud said.
     ├── TrainingError                  training          500
     │   ├── ExportError                export            500
     │   │   └── ParityError            parity            500
-    │   └── QuantizationError          quantization      500
+    │   ├── QuantizationError          quantization      500
+    │   └── FairnessError              fairness_gate     422   (a parity gap over --max-parity-gap)
     ├── RegistryError                  registry          500
     │   ├── NotFoundError              not_found         404
     │   ├── ConflictError              conflict          409
@@ -145,6 +146,14 @@ class QuantizationError(TrainingError):
     """Building or evaluating a quantized candidate failed."""
 
     code = "quantization"
+
+
+class FairnessError(TrainingError):
+    """A trained version's demographic parity difference exceeds ``--max-parity-gap``; the
+    message gives the numbers per column and group. Nothing is registered."""
+
+    code = "fairness_gate"
+    status = 422
 
 
 class RegistryError(HybridMLError):

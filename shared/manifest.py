@@ -24,7 +24,8 @@ presigned URLs only); all are about the delivery, not the model, so :meth:`Manif
 leaves them out when a device compares versions.
 
 Artifact roles: ``model`` (what the edge runs: fp32 or int8, whichever passed the accuracy
-guard), ``model_fp32`` (the cloud's serving model) and ``table`` (precomputed predictions).
+guard), ``model_fp32`` (the cloud's serving model), ``table`` (precomputed predictions) and
+``explainer`` (the device explainer, docs/quality.md §3).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from .rollout import block_of
 from .schema import InputSchema
 
 FORMAT = 1
-ROLES = ("model", "model_fp32", "table")
-EDGE_ROLES = ("model", "table")  # the artifacts a device downloads (model_fp32 is the cloud's)
+ROLES = ("model", "model_fp32", "table", "explainer")
+# The artifacts a device downloads (model_fp32 is the cloud's); table and explainer are optional.
+EDGE_ROLES = ("model", "table", "explainer")
 TASKS = ("binary", "multiclass", "regression")
 LINEAGES = ("retrain", "finetune")
 # About how a manifest was served, not the model: the same version signed later, or under
@@ -97,6 +99,20 @@ class Artifact:
                    data.get("variant"))
 
 
+def positive_class(raw: Mapping[str, Any]) -> str | None:
+    """The positive class of a binary manifest: ``metrics.positive`` (the class with fewer
+    training rows, docs/quality.md §1), or ``classes[1]`` for a version from before that
+    rule; None for other tasks. The one reading of it, for the cloud and the edge."""
+    output = raw.get("output")
+    output = output if isinstance(output, Mapping) else {}
+    classes = output.get("classes") or []
+    if output.get("task") != "binary" or len(classes) != 2:
+        return None
+    metrics = raw.get("metrics")
+    recorded = metrics.get("positive") if isinstance(metrics, Mapping) else None
+    return str(classes[1]) if recorded is None else str(recorded)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A parsed, validated manifest. ``raw`` keeps every field, known or not."""
@@ -112,6 +128,11 @@ class Manifest:
     def artifact(self, role: str) -> Artifact | None:
         """Return the artifact with ``role``, or None."""
         return next((a for a in self.artifacts if a.role == role), None)
+
+    @property
+    def positive(self) -> str | None:
+        """A binary model's positive class (:func:`positive_class`); None for other tasks."""
+        return positive_class(self.raw)
 
     @property
     def golden(self) -> Mapping[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
-          "fallback", "telemetry", "rollout", "interleaving")
+          "fallback", "telemetry", "rollout", "interleaving", "explain")
 
 
 def run_tiny(tmp_path: Path, *only: str, timeout: int = 360) -> Path:

@@ -35,6 +35,13 @@ differences, each asserted below where it applies:
   these models ship fp32, so the predictions are compared.
 * **Training learns the ranges and categories**, so it only parses: its numbers and
   categories must equal what the edge feeds the model for the same text.
+
+A binary version with a decision threshold (``manifest["decision"]``) carries it in its graph:
+:func:`test_every_route_applies_the_decision_threshold_alike` sends an imbalanced model's rows
+nearest the threshold through the edge's batch path, the single-row fast path, the precomputed
+table and the cloud's ``/predict``, and each label must be ``threshold.apply`` of the
+probabilities. Its positive class is "fraud", the minority, which sorts first: index 0, so the
+graph's rule is the one for a positive class that is not ``classes[1]``.
 """
 
 from __future__ import annotations
@@ -59,15 +66,18 @@ from hypothesis import strategies as st
 from hybridml.cloud.data import load_csv
 from hybridml.cloud.precompute import precompute
 from hybridml.cloud.registry import Registry
+from hybridml.cloud.threshold import apply as apply_threshold
 from hybridml.cloud.train import train
 from hybridml.edge import cli as edge_cli
 from hybridml.edge.loaded import TableCost
 from hybridml.edge.runtime import EdgeRuntime, Prediction
+from hybridml.edge.session import ModelSession
 from hybridml.edge.store import LocalStore
 from hybridml.shared.cells import MISSING_TOKENS
 from hybridml.shared.errors import InputError
 from hybridml.shared.schema import NUMERIC, InputSchema
 from hybridml.shared.table import Table
+from tests.cloud.imbalanced import fraud_csv
 from tests.conftest import write_orders_csv
 from tests.edgekit import ThreadCloud, install
 from tests.integration.conftest import LATE_FEATURES, attach_table, frequent_rows
@@ -530,3 +540,99 @@ def check_training_data(world: World, name: str, rows: list[Any], text_ref: Outc
     assert np.array_equal(ds.num.view(np.uint32)[~nan], edge.num.view(np.uint32)[~nan]), \
         "training numbers differ from the edge's, bit for bit"
     assert ds.cat.tolist() == edge.cat.tolist(), "training categories differ"
+
+
+# ------------------------------------------------------------- the decision threshold
+@dataclass
+class Thresholded:
+    """An imbalanced binary model with a tuned threshold, and the rows sent through it."""
+
+    root: Path
+    plain: EdgeRuntime  # no table: the local model (batch and single-row fast path)
+    tabled: EdgeRuntime  # the same version with a precomputed table of ``rows``
+    cloud: ThreadCloud
+    manifest: dict[str, Any]
+    rows: list[dict[str, Any]]
+    probabilities: np.ndarray  # raw onnxruntime on the shipped model, float32
+
+
+@pytest.fixture(scope="module")
+def thresholded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Thresholded]:
+    """fraud (~3% positive, string labels; logreg: ships fp32, so the cloud and the edge run
+    the same graph) with its threshold tuned; the rows: the 25 whose positive probability is
+    nearest the threshold, on both sides, and 15 others."""
+    root = tmp_path_factory.mktemp("threshold")
+    reg = Registry(root / "reg")
+    data = fraud_csv(root / "fraud.csv", rows=2000, seed=1)
+    train(reg, "fraud", data=data, target="label", model="logreg")
+    manifest = reg.manifest("fraud")
+    schema = InputSchema.from_json(manifest["schema"])
+    with open(data, newline="") as fh:
+        every = [{n: (r[n] if f.kind != NUMERIC else float(r[n]))
+                  for n, f in zip(schema.names, schema.features)} for r in csv.DictReader(fh)]
+    model = next(a for a in manifest["artifacts"] if a["role"] == "model")
+    session = ModelSession(reg.blob_path(model["sha256"]).read_bytes(), schema, "binary")
+    positive = manifest["output"]["classes"].index(manifest["metrics"]["positive"])
+    p_pos = session.run(schema.encode(every)).probabilities[:, positive]  # type: ignore[index]
+    near = np.argsort(np.abs(p_pos - manifest["decision"]["threshold"]))[:25]
+    rows = [every[i] for i in (*near, *range(15))]
+    plain = LocalStore(root / "plain")
+    install(reg, "fraud", plain)
+    log = root / "fraud_log.csv"
+    with open(log, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=schema.names)
+        w.writeheader()
+        w.writerows(rows)
+    attach_table(reg, "fraud", log, top=len(rows))
+    manifest = reg.manifest("fraud")
+    tabled = LocalStore(root / "tabled")
+    install(reg, "fraud", tabled)
+    reg.close()
+    cloud = ThreadCloud(root / "reg")
+    probs = session.run(schema.encode(rows)).probabilities
+    assert probs is not None
+    yield Thresholded(root, EdgeRuntime(plain, "fraud"), EdgeRuntime(tabled, "fraud"), cloud,
+                      manifest, rows, probs)
+    cloud.close()
+
+
+def test_every_route_applies_the_decision_threshold_alike(thresholded: Thresholded) -> None:
+    w = thresholded
+    decision, classes = w.manifest["decision"], w.manifest["output"]["classes"]
+    t = decision["threshold"]
+    # The positive class is the minority, "fraud", which sorts first: index 0, not classes[1].
+    assert decision["source"] == "auto" and decision["positive"] == "fraud"
+    assert w.manifest["metrics"]["positive"] == "fraud" and classes.index("fraud") == 0
+    p_pos = w.probabilities[:, 0]
+    assert (p_pos[:25] >= np.float32(t)).any() and (p_pos[:25] < np.float32(t)).any(), \
+        "the rows straddle the threshold"
+    assert float(np.abs(p_pos - t).min()) < 0.01
+    expected = [classes[i] for i in apply_threshold(w.probabilities, t, 0)]
+    assert all((e == "fraud") == (p >= np.float32(t)) for e, p in zip(expected, p_pos)), \
+        "fraud exactly where P(fraud) reaches the threshold"
+    assert expected != [classes[i] for i in w.probabilities.argmax(axis=1)], \
+        "the threshold changes some answers"
+
+    batch = w.plain.predict(w.rows)
+    one = [w.plain.predict([r])[0] for r in w.rows]
+    table = w.tabled.predict(w.rows)
+    assert {p.source for p in table} == {"precomputed"}, "the table answers these rows"
+    resp = requests.post(f"{w.cloud.url}/v1/models/fraud/predict",
+                         data=json.dumps({"inputs": w.rows}),
+                         headers={"Content-Type": "application/json",
+                                  "Authorization": f"Bearer {w.cloud.token}"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    routes = {"edge batch": [p.prediction for p in batch],
+              "single-row fast path": [p.prediction for p in one],
+              "precomputed table": [p.prediction for p in table],
+              "cloud /predict": body["predictions"]}
+    for route, labels in routes.items():
+        assert labels == expected, route
+    # Each route's probabilities are the ones the rule was applied to.
+    for route, probs in (("edge batch", [p.probabilities for p in batch]),
+                         ("single-row fast path", [p.probabilities for p in one]),
+                         ("precomputed table", [p.probabilities for p in table]),
+                         ("cloud /predict", body["probabilities"])):
+        got = np.array([[q[c] for c in classes] for q in probs])
+        assert np.abs(got - w.probabilities).max() <= 1e-6, route

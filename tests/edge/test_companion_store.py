@@ -23,7 +23,7 @@ from hybridml.edge.store import LocalStore
 from hybridml.edge.sync import SyncOptions, sync
 from hybridml.shared.errors import IntegrityError, ManifestError
 from hybridml.shared.files import CRASH_ENV
-from hybridml.shared.manifest import Manifest
+from hybridml.shared.manifest import EDGE_ROLES, Manifest
 from tests.edge.test_shadow import block_for, make_store, registry, spooled
 from tests.edgekit import ThreadCloud
 
@@ -127,7 +127,7 @@ def _fresh(tmp_path: Path) -> LocalStore:
 
 
 def _shas(m: Manifest) -> Iterable[str]:
-    return [a.sha256 for a in m.artifacts if a.role in ("model", "table")]
+    return [a.sha256 for a in m.artifacts if a.role in EDGE_ROLES]
 
 
 def test_sync_fetches_the_companion_then_activates(registry: Path, tmp_path: Path) -> None:

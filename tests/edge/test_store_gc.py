@@ -22,6 +22,7 @@ from hybridml.cloud.train import train
 from hybridml.edge.runtime import EdgeRuntime
 from hybridml.edge.store import PART_MAX_AGE_S, LocalStore
 from hybridml.shared.files import CRASH_ENV
+from hybridml.shared.manifest import EDGE_ROLES
 from tests.conftest import BIN
 from tests.edgekit import ThreadCloud, install
 
@@ -74,7 +75,7 @@ def test_syncing_six_new_versions_leaves_only_two_versions_files(
         result = rt.sync()
         assert result.changed and result.version == v
         manifest = store.require_active("iris")
-        shas[v] = {a.sha256 for a in manifest.artifacts if a.role in ("model", "table")}
+        shas[v] = {a.sha256 for a in manifest.artifacts if a.role in EDGE_ROLES}
         assert rt.predict([ROW])[0].model_version == v
         assert kept_files(store) == set().union(*(shas[k] for k in (v - 1, v) if k in shas))
     assert len(shas) == VERSIONS and len(set().union(*shas.values())) > 2

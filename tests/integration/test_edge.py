@@ -32,7 +32,7 @@ def test_sync_downloads_verifies_and_activates(cloud: CloudServer, tmp_path: Pat
     assert rt.version is None
     result = rt.sync()
     assert result.changed and result.version == 1
-    assert set(result.downloaded) == {"model", "table"}
+    assert set(result.downloaded) == {"model", "table", "explainer"}
     assert rt.version == 1 and rt.table is not None
     store = LocalStore(tmp_path / "store")
     assert store.active("late").version == 1  # type: ignore[union-attr]
