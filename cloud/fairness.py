@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from hybridml.edge.session import ModelSession
 from hybridml.shared.cells import MISSING_TOKENS
 from hybridml.shared.errors import ConfigError, FairnessError
 from hybridml.shared.schema import EncodedBatch, InputSchema
@@ -175,6 +174,11 @@ def assess(shipped: bytes, schema: InputSchema, task: str, batch: EncodedBatch,
     test rows (``batch``, ``y``; ``values`` are the sensitive columns of those rows;
     ``positive``: a binary task's positive class index). Raises :class:`FairnessError` when a
     demographic parity difference exceeds ``quality.max_parity_gap``."""
+    # onnxruntime is imported here, not with the module: `monitor` (and so the CLI that
+    # gunicorn's master imports) loads this module, and onnxruntime must not be loaded
+    # before the workers fork (tests/cloud/test_serve.py).
+    from hybridml.edge.session import ModelSession
+
     out = ModelSession(shipped, schema, task).run(batch)
     pred = out.values if out.values is not None else out.labels
     assert pred is not None

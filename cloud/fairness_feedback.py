@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from hybridml.edge.session import ModelSession
 from hybridml.shared.schema import InputSchema
 
 from . import metrics
@@ -88,6 +87,8 @@ def _scored(rows: list[FeedbackRow], version: int, task: str, classes: Any,
     need = [r for r, a in zip(rows, answered) if not a]
     model_answers: list[Any] = []
     if need:
+        from hybridml.edge.session import ModelSession  # not at import: see fairness.py
+
         out = ModelSession(shipped, schema, task).run(
             schema.encode([r.features or {} for r in need]))
         got = out.values if out.values is not None else out.labels

@@ -33,7 +33,8 @@ def test_healthz_and_model_list(cloud: CloudServer) -> None:
 def test_manifest_has_etag_and_answers_304_when_unchanged(cloud: CloudServer) -> None:
     r = requests.get(cloud.url + "/v1/models/late/manifest", timeout=5)
     assert r.status_code == 200 and r.headers["ETag"]
-    assert {a["role"] for a in r.json()["artifacts"]} == {"model", "model_fp32", "table"}
+    assert {a["role"] for a in r.json()["artifacts"]} == {"model", "model_fp32", "table",
+                                                           "explainer"}
     again = requests.get(cloud.url + "/v1/models/late/manifest", timeout=5,
                          headers={"If-None-Match": r.headers["ETag"]})
     assert again.status_code == 304 and again.content == b""
