@@ -508,12 +508,12 @@ def write_report(results: Path = RESULTS) -> Path:
         parts.append(_rollout(d["rollout"]))
     if "interleaving" in d:
         parts.append(_interleaving(d["interleaving"]))
-    if "explain" in d:
-        parts.append(_explain(d["explain"]))
     if "fleet_scale" in d:
         from .fleet_scale_report import section
 
         parts.append(section(d["fleet_scale"]))
+    if "explain" in d:
+        parts.append(_explain(d["explain"]))
     path = results / "REPORT.md"
     path.write_text("\n".join(parts))
     return path

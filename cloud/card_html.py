@@ -14,17 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hybridml.shared.files import atomic_write
-
 from .card import NOT_RECORDED, fairness_gaps, fairness_rows, metric_rows
-from .htmlpage import STYLE, figure, img, plain, png, table
+from .htmlpage import STYLE, figure, img, plain, png, table, write
 
 
 def write_html(card: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write the page of ``card`` to ``path`` (atomically); return the path."""
-    out = Path(path)
-    atomic_write(out, render(card).encode("utf-8"))
-    return out
+    return write(render(card), path)
 
 
 def render(card: Mapping[str, Any]) -> str:

@@ -12,13 +12,24 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from hybridml.shared.files import atomic_write
 
 STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
          "padding:3px 8px;text-align:left}.alert{color:#c62828;font-weight:bold}"
          ".muted{color:#777}img{max-width:100%}</style>")
+
+
+def write(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write the page ``text`` to ``path`` atomically (UTF-8); return the path."""
+    out = Path(path)
+    atomic_write(out, text.encode("utf-8"))
+    return out
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

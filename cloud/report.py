@@ -16,9 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hybridml.shared.files import atomic_write
-
-from .htmlpage import figure, img, png, table
+from .htmlpage import figure, img, png, table, write
 
 COLORS = {"ok": "#4c9a2a", "warn": "#e0a100", "alert": "#c62828", "insufficient": "#9e9e9e"}
 WARN, ALERT = 0.1, 0.25  # the PSI lines drawn (hybridml.shared.drift.Thresholds' defaults)
@@ -26,9 +24,7 @@ WARN, ALERT = 0.1, 0.25  # the PSI lines drawn (hybridml.shared.drift.Thresholds
 
 def write_report(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write the page for ``result`` to ``path`` (atomically); return the path."""
-    out = Path(path)
-    atomic_write(out, render(result).encode("utf-8"))
-    return out
+    return write(render(result), path)
 
 
 def render(result: dict[str, Any]) -> str:

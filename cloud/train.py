@@ -183,8 +183,9 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     fp32_sha, fp32_size = registry.put_blob(fp32)
     model_sha, model_size = registry.put_blob(shipped)
     sk_sha, sk_size = registry.put_blob(sk_bytes)
-    onnx_metrics = metrics.scores(ds.task, y_test, *_predict(shipped, schema, ds.task, test_batch),
-                                  ds.classes, positive)
+    shipped_out, shipped_proba = _predict(shipped, schema, ds.task, test_batch)
+    onnx_metrics = metrics.scores(ds.task, y_test, shipped_out, shipped_proba, ds.classes,
+                                  positive)
     manifest: dict[str, Any] = {
         "artifacts": [
             {"role": "model", "sha256": model_sha, "size": model_size,
@@ -211,8 +212,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     manifest["training"]["quality"] = quality.to_json()
     if ds.task != "regression":  # docs/quality.md §2: the shipped model's probabilities
         manifest["calibration"] = calibration.record(
-            calibrated, y_test, _predict(shipped, schema, ds.task, test_batch)[1], pipe, test_x,
-            positive)
+            calibrated, y_test, shipped_proba, pipe, test_x, positive)
         say(calibration.describe(manifest["calibration"]))
     if balance is not None:
         manifest["training"]["imbalance"] = balance
