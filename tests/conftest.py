@@ -17,6 +17,20 @@ import requests
 # Fixtures of the real PostgreSQL and SeaweedFS servers (session-wide; see tests/servers.py).
 from tests.servers import pg_server, pg_url, s3_bucket, s3_server, stop_group  # noqa: F401
 
+# The modules that take a minute or more (benchmark smoke runs, the demos, server fleets) run
+# first: `make test` hands whole modules to its workers in collection order, and a long module
+# collected last would leave the other workers idle while it finishes alone.
+LONG_MODULES = ("test_bench_fleet_smoke.py", "test_demos.py", "test_bench_smoke.py",
+                "test_failover.py", "test_fleet_rollouts.py", "test_fleet_backends.py",
+                "test_parity_ties.py", "test_precompute.py", "test_storage_backends.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long modules first, in :data:`LONG_MODULES` order; the rest keep theirs."""
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 30.0
 
