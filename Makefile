@@ -30,11 +30,12 @@ demo-loop: $(VENV)/.cloud-installed
 demo-rollout: $(VENV)/.cloud-installed
 	$(PY) -m hybridml.cloud.demo_rollout $(ARGS)
 
-# Tests run on every logical CPU (pytest-xdist), a test module per worker (its fixtures once);
+# Tests run on every logical CPU (pytest-xdist), a test module per worker (its fixtures once),
+# in collection order (tests/conftest.py puts the minute-long modules first);
 # JOBS=0 runs them in this process, ARGS adds pytest options (ARGS="-k sync" ...).
 JOBS ?= logical
 test: $(VENV)/.dev-installed
-	$(PY) -m pytest -q -n $(JOBS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check cloud edge shared hybridml_pkg tests benchmarks
