@@ -51,7 +51,7 @@ def build(registry: Registry, name: str, ref: Ref = "stable", *, seed: int = 0,
         note = "the holdout of this version is unavailable"
     else:
         try:
-            stats = holdout_stats(registry.blob_path(_model_sha(manifest)), manifest, held,
+            stats = holdout_stats(registry.model_path(manifest), manifest, held,
                                   seed=seed, resamples=resamples)
         except HybridMLError as exc:  # e.g. every row refused: the card still shows the rest
             note = exc.message
@@ -163,10 +163,6 @@ def text(card: Mapping[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------- internals
-def _model_sha(manifest: Mapping[str, Any]) -> str:
-    return str(next(a["sha256"] for a in manifest["artifacts"] if a["role"] == "model"))
-
-
 def _outcome(state: str, event: Mapping[str, Any], evidence: Mapping[str, Any]) -> str:
     if state == "running":
         return "running"

@@ -67,8 +67,7 @@ def _positive(manifest: Mapping[str, Any]) -> int:
 
 
 def _shipped(store: TelemetryStore, manifest: Mapping[str, Any]) -> bytes:
-    model = next(a for a in manifest["artifacts"] if a["role"] == "model")
-    return store.registry.blob_path(model["sha256"]).read_bytes()
+    return store.registry.model_path(manifest).read_bytes()
 
 
 def _scored(rows: list[FeedbackRow], version: int, task: str, classes: Any,

@@ -143,7 +143,7 @@ def evaluate(registry: Registry, name: str, candidate: bytes | os.PathLike[str],
                           f"is {task}: they cannot be compared")
     # The line's versions compare on the active version's primary metric (its --primary).
     metric = metrics.primary_of(active_manifest)
-    active_model = registry.blob_path(_model_sha(active_manifest))
+    active_model = registry.model_path(active_manifest)
     models = ((candidate, manifest), (active_model, active_manifest))
     held = holdout(registry, name, against)
     on_holdout = (_compare(models, held, trained, m, metric, required=True)
@@ -182,10 +182,6 @@ def score(model: bytes | os.PathLike[str], manifest: Mapping[str, Any], rows: La
 
 # -------------------------------------------------------------------------------- internals
 Model = tuple[bytes | os.PathLike[str], Mapping[str, Any]]
-
-
-def _model_sha(manifest: Mapping[str, Any]) -> str:
-    return str(next(a["sha256"] for a in manifest["artifacts"] if a["role"] == "model"))
 
 
 def _compare(models: tuple[Model, Model], rows: Labelled, trained: Labelled | None,

@@ -258,6 +258,14 @@ class Registry:
         """Return the file of blob ``sha256``; NotFoundError if malformed or absent."""
         return self.blobs.path(sha256)
 
+    def model_path(self, manifest: Mapping[str, Any]) -> Path:
+        """Return the file of a version's shipped model (its ``model`` artifact)."""
+        art = next((a for a in manifest["artifacts"] if a["role"] == "model"), None)
+        if art is None:
+            raise NotFoundError(f"{manifest.get('name')} v{manifest.get('version')} has no "
+                                "model artifact; re-register the version", field="artifacts")
+        return self.blob_path(str(art["sha256"]))
+
     def has_blob(self, sha256: str) -> bool:
         """Return True if blob ``sha256`` is stored (False for malformed names)."""
         return self.blobs.has(sha256)

@@ -99,6 +99,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
                (*drop, *quality.sensitive_only), quality.sensitive)
     sensitive = fairness.sensitive_values(ds, quality)
     sp = split(ds, seed)
+    train_num, train_cat, y_train = ds.take(sp.train)
     timings["load"] = lap()
     say(f"loaded {len(ds)} rows from {ds.source} ({ds.task}); split {sp.to_json()}")
 
@@ -121,7 +122,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
         if choice.mode == "finetune":
             tuned = continue_training(registry, parent, ds, sp, say)
             pipe, schema, lineage = tuned.pipe, tuned.schema, "finetune"
-            balance = imbalance.finetune_record(pipe, ds.task, ds.take(sp.train)[2],
+            balance = imbalance.finetune_record(pipe, ds.task, y_train,
                                                 ds.classes, quality.class_weight)
             holdout = holdout_ref(registry, parent.name, parent.version)
         else:
@@ -131,21 +132,20 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     if tuned is None:
         fam = family(model)
         kinds = [f.kind for f in ds.schema.features]
-        xn, xc, y = ds.take(sp.train)
-        schema = fit_schema(ds.schema.names, kinds, xn, xc)
+        schema = fit_schema(ds.schema.names, kinds, train_num, train_cat)
         pipe = build_pipeline(fam.name, ds.task, schema.n_numeric, schema.n_categorical, seed,
                               params)
-        calibrated = calibration.calibrate(pipe, quality.calibrate, ds.task, fam.name, y, say)
-        balancing = imbalance.prepare(pipe, fam.name, ds.task, y, ds.classes,
+        calibrated = calibration.calibrate(pipe, quality.calibrate, ds.task, fam.name, y_train, say)
+        balancing = imbalance.prepare(pipe, fam.name, ds.task, y_train, ds.classes,
                                       quality.class_weight, seed, say)
-        say(f"fitting {fam.name} on {len(y)} rows")
-        balancing.fit(pipe, combine(xn, xc), y)
+        say(f"fitting {fam.name} on {len(y_train)} rows")
+        balancing.fit(pipe, combine(train_num, train_cat), y_train)
         balance = balancing.record
         if parent_version is None:
             parent_version = _latest(registry, name)
     timings["fit"] = lap()
-    positive = _positive(ds, ds.take(sp.train)[2], line_positive)
-    decision = decide_threshold(quality, ds.task, ds.classes, ds.take(sp.train)[2],
+    positive = _positive(ds, y_train, line_positive)
+    decision = decide_threshold(quality, ds.task, ds.classes, y_train,
                                 metrics.primary_name(ds.task, quality.primary),
                                 lambda: _validation_proba(pipe, ds, sp.validation), positive)
     if decision is not None:
@@ -168,7 +168,6 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     timings["export"] = lap()
     say(f"exported to ONNX ({len(fp32)} bytes); parity passed")
 
-    train_num, train_cat, _ = ds.take(sp.train)
     calib = schema.encode_blocks(train_num[:512], train_cat[:512])
     test_batch = schema.encode_blocks(test_num, test_cat)
     variant, shipped, qreport = quantize(fp32, schema, ds.task, calibration=calib,
