@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 
-.PHONY: demo demo-loop demo-rollout test lint typecheck bench bench-quick clean
+.PHONY: demo demo-loop demo-rollout test test-arm64 lint typecheck bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ demo-rollout: $(VENV)/.cloud-installed
 JOBS ?= logical
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder $(ARGS)
+
+# The edge on emulated Raspberry Pi CPUs (Pi 4: Cortex-A72, Pi 5: Cortex-A76) at both ends of
+# the supported numpy/onnxruntime ranges, against a native cloud on loopback (tests/arm64).
+# Needs qemu-user-static (installed here with apt-get when run as root) and Debian's and
+# PyPI's package registries; the arm64 root and wheels are cached in $(ARM64_CACHE).
+ARM64_CACHE ?= $(HOME)/.cache/hybridml/arm64
+test-arm64: $(VENV)/.dev-installed
+	@command -v qemu-aarch64-static >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null; } || \
+		{ echo "test-arm64: needs qemu-user-static (as root: apt-get install qemu-user-static)"; exit 1; }
+	HYBRIDML_ARM64_CACHE=$(ARM64_CACHE) $(PY) -m tests.arm64.rootfs
+	HYBRIDML_ARM64_CACHE=$(ARM64_CACHE) $(PY) -m pytest -q -p no:cacheprovider -m arm64 tests/arm64 $(ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check cloud edge shared hybridml_pkg tests benchmarks
