@@ -73,7 +73,7 @@ class Device:
         files = sorted(p.name for p in self.rt.store.artifacts.iterdir())
         return {"artifacts": files}
 
-    def feedback(self, id: str, label: Any) -> dict[str, Any]:  # noqa: A002 - the wire name
+    def feedback(self, id: str, label: Any) -> dict[str, Any]:
         return {"id": self.rt.feedback(id, label)}
 
     def push(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,11 @@ from packaging.version import Version
 
 from tests.arm64 import rootfs
 from tests.arm64.matrix import KNOWN_BAD, LOWEST
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest needs tomli below 3.11
+    import tomli as tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
