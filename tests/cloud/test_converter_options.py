@@ -63,8 +63,13 @@ def _run(model: object, x: np.ndarray, **options: object) -> list[np.ndarray]:
 
 def _assert_same(model: Any, x: np.ndarray) -> None:
     label, proba = _run(model, x)
-    np.testing.assert_allclose(proba, model.predict_proba(x), atol=TOL)
-    np.testing.assert_array_equal(label, model.predict(x))
+    want = model.predict_proba(x)
+    np.testing.assert_allclose(proba, want, atol=TOL)
+    # A row whose two top classes tie (isotonic plateaus give exact 0.5s) may go either way
+    # in float32: the parity gate's tie rule. Every other label must be equal.
+    top2 = np.sort(want, axis=1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 1e-6
+    np.testing.assert_array_equal(label[decided], model.predict(x)[decided])
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
@@ -109,7 +114,7 @@ def test_calibrated_hgb_feeds_decision_values_to_the_calibrator(task: str, metho
 
 @pytest.mark.parametrize("est", [
     LogisticRegression(max_iter=1000), GradientBoostingClassifier(n_estimators=10),
-    MLPClassifier((8,), max_iter=200, random_state=0), SGDClassifier(loss="log_loss"),
+    MLPClassifier((8,), max_iter=200, random_state=0), SGDClassifier(loss="log_loss", random_state=0),
     RandomForestClassifier(n_estimators=10, random_state=0),
 ], ids=["logreg", "gb", "mlp", "sgd", "rf"])
 def test_isotonic_calibration_interpolates_like_sklearn(est: object) -> None:
