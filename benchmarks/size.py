@@ -1,6 +1,6 @@
 """Item 5: model size (pickle, joblib, ONNX fp32, int8) and bytes on the wire for syncs.
 
-Sizes come from the registry (the bytes the kit stores) and the quantization report (each
+Sizes come from the registry (the bytes the kit stores) and the compression report (each
 candidate's size, including int8 variants that were not shipped). The wire is measured with a
 counting TCP proxy between a real edge and a real cloud on loopback: the first sync, a sync
 when nothing changed (304), and the sync of one model update (gzip transfer when it pays).
@@ -28,8 +28,10 @@ def sizes(models: list[Model], work: Path) -> list[dict[str, Any]]:
         if not jl.exists():
             work.mkdir(parents=True, exist_ok=True)
             joblib.dump(pickle.loads(m.sklearn_path.read_bytes()), jl)
-        q = {c["variant"]: c for c in m.manifest["quantization"]["candidates"]}
-        fp32 = (m.artifact("model_fp32") or m.artifact("model") or {}).get("size")
+        report = m.manifest.get("compression") or m.manifest["quantization"]
+        q = {c["variant"]: c for c in report["candidates"]}
+        # The exported graph's size: a refitted winner (pruned, distilled) replaces model_fp32.
+        fp32 = q.get("fp32", {}).get("size") or (m.artifact("model_fp32") or {}).get("size")
         int8 = {v: (q[v]["size"] if q.get(v, {}).get("status") in ("chosen", "accepted",
                                                                   "rejected") else None)
                 for v in ("int8_dynamic", "int8_static")}

@@ -1,4 +1,4 @@
-"""The cloud side: training, export, quantization, registry, precompute and the HTTP API.
+"""The cloud side: training, export, compression, registry, precompute and the HTTP API.
 
 ``from hybridml.cloud import Registry, train`` (needs the ``cloud`` extra). Each name is
 imported with its module on first use, so ``import hybridml.cloud`` (every CLI command,
@@ -12,6 +12,7 @@ from hybridml.shared.lazy import export_lazily
 if TYPE_CHECKING:
     from .app import create_app
     from .auth import promote, rollback
+    from .compress import CompressionReport
     from .controller import Controller
     from .lineage import display_label
     from .policy import Policy
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 export_lazily(__name__, {
     "app": ("create_app",),
     "auth": ("promote", "rollback"),
+    "compress": ("CompressionReport",),
     "controller": ("Controller",),
     "lineage": ("display_label",),
     "policy": ("Policy",),
@@ -37,6 +39,7 @@ export_lazily(__name__, {
 })
 
 __all__ = [
+    "CompressionReport",
     "Controller",
     "KeyRing",
     "ModelSummary",

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tolerance", type=float, default=None,
                    help="largest metric drop a quantized model may have (accuracy points as a "
                    "fraction, e.g. 0.005; relative for RMSE, e.g. 0.01)")
+    t.add_argument("--compress", choices=["off", "auto", "aggressive"], default="auto",
+                   help="compression guard: auto (default) tries cheap smaller candidates and, "
+                   "for models over 1 MB, refitted ones (pruned forest, distilled); "
+                   "aggressive always does both; off ships the exported graph")
     t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="estimator parameter, value parsed as JSON (repeatable)")
     t.add_argument("--finetune-from", metavar="NAME:VERSION",
@@ -300,11 +304,11 @@ def _quality(args: argparse.Namespace) -> QualityOptions | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``train``: the whole pipeline; prints the version, metrics and quantization table."""
+    """``train``: the whole pipeline; prints the version, metrics and compression table."""
     from .calibration import describe as calibration_line
+    from .compress import report_of
     from .imbalance import summary as imbalance_summary
     from .metrics import auc_text, positive_of
-    from .quantize import QuantizationReport
     from .threshold import Decision
     from .train import train
 
@@ -322,20 +326,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             tolerance=args.tolerance, params=_params(args.param),
             finetune_from=args.finetune_from, mode=args.mode,
             categorical=_split_list(args.categorical), numeric=_split_list(args.numeric),
-            drop=_split_list(args.drop), quality=_quality(args), progress=progress, gate=gate)
+            drop=_split_list(args.drop), quality=_quality(args), progress=progress, gate=gate,
+            compression=args.compress)
     finally:
         progress.close()
     m = result.manifest
     primary = m["metrics"]["primary"]
     lines = [
-        f"registered {m['name']} v{m['version']} ({m['model']['family']}, {m['output']['task']}"
+        f"registered {m['name']} v{m['version']} ({m['model']['family']}"
+        + (f" {m['model']['variant']} from {m['model']['compressed_from']}"
+           if m["model"].get("compressed_from") else "") + f", {m['output']['task']}"
         f", lineage {m['lineage']}" + (f" from v{m['parent']}" if m.get("parent") else "") + ")",
         f"test {primary}: sklearn {m['metrics']['sklearn_test'][primary]}  "
         f"edge {m['metrics']['edge_test'][primary]}"
         + (f"  ({auc})" if (auc := auc_text(m["metrics"]["edge_test"], positive_of(m)))
            else ""),
         *([s] if (s := imbalance_summary(m["training"].get("imbalance"))) else []),
-        QuantizationReport.from_json(m["quantization"]).to_table(),
+        report_of(m).to_table(),
         *([f"gate: {gate_summary(m['gate'])}"] if isinstance(m.get("gate"), dict) else []),
         *([d.describe()] if (d := Decision.from_manifest(m)) else []),
         *([calibration_line(m["calibration"])] if isinstance(m.get("calibration"), dict) else []),

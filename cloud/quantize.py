@@ -85,13 +85,17 @@ class Candidate:
     drop: float | None = None
     latency_us: float | None = None
     settings: str = ""
+    rss_kb: float | None = None  # peak RSS a process gains loading it and running one row
+    requires_onnxruntime: str | None = None  # None: every onnxruntime the edge supports
+
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-safe mapping (non-finite floats become ``None``)."""
         return {"variant": self.variant, "status": self.status, "reason": self.reason,
                 "size": self.size, "metric_value": _finite(self.metric_value),
                 "drop": _finite(self.drop), "latency_us": _finite(self.latency_us),
-                "settings": self.settings}
+                "settings": self.settings, "rss_kb": _finite(self.rss_kb),
+                "requires_onnxruntime": self.requires_onnxruntime}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Candidate:
@@ -100,7 +104,8 @@ class Candidate:
         return cls(str(data["variant"]), str(data["status"]), str(data.get("reason", "")),
                    None if size is None else int(size), _opt_float(data.get("metric_value")),
                    _opt_float(data.get("drop")), _opt_float(data.get("latency_us")),
-                   str(data.get("settings", "")))
+                   str(data.get("settings", "")), _opt_float(data.get("rss_kb")),
+                   data.get("requires_onnxruntime"))
 
 
 @dataclass(frozen=True)
@@ -138,16 +143,20 @@ class QuantizationReport:
                 f"not a quantization report ({type(exc).__name__}: {exc}); expected the "
                 "object QuantizationReport.to_json() writes", field="quantization") from exc
 
-    def to_table(self) -> str:
+    def to_table(self, title: str = "quantization") -> str:
         """Return a fixed-width text table of the candidates, for the CLI."""
         unit = "relative rise" if self.metric == "rmse" else "absolute drop"
+        rss = any(c.rss_kb is not None for c in self.candidates)
         rows = [(c.variant, c.status, "-" if c.size is None else f"{c.size:,}",
                  _fmt(c.metric_value, ".4f"), _fmt_drop(self.metric, c.drop),
-                 _fmt(c.latency_us, ".1f"), c.reason) for c in self.candidates]
-        lines = [f"quantization ({self.metric}, tolerance {_fmt_tol(self.metric, self.tolerance)}"
+                 _fmt(c.latency_us, ".1f"), *([_fmt(c.rss_kb, ",.0f")] if rss else []),
+                 c.reason) for c in self.candidates]
+        head = ["variant", "status", "size B", self.metric, "drop", "latency µs",
+                *(["RSS KB"] if rss else []), "reason"]
+        lines = [f"{title} ({self.metric}, tolerance {_fmt_tol(self.metric, self.tolerance)}"
                  f" {unit}; chosen {self.chosen})",
-                 format_table(["variant", "status", "size B", self.metric, "drop", "latency µs",
-                               "reason"], rows, align="llrrrrl", indent="  ", rule=False)]
+                 format_table(head, rows, align="llrrrr" + ("r" if rss else "") + "l",
+                              indent="  ", rule=False)]
         if self.preprocess:
             lines.append(f"  pre-processing: {self.preprocess}")
         return "\n".join(lines)
@@ -163,11 +172,30 @@ def quantize(fp32: bytes, schema: InputSchema, task: str, *, calibration: Encode
     relative for RMSE (default 0.01). 0 rejects any drop. Raises :class:`ConfigError` for an
     unknown task, variant or a bad tolerance, and :class:`DataError` for an unusable test split.
     """
-    metric, tol = _check_args(task, variants, tolerance, test, y_test)
+    metric, tol = check_args(task, variants, tolerance, test, y_test)
     y_true = np.asarray(y_test)
-    base = _measure("fp32", fp32, schema, task, test, y_true)
-    built: dict[str, bytes] = {"fp32": fp32}
-    measured = [base]
+    base = measure("fp32", fp32, schema, task, test, y_true)
+    measured, built, preprocess = int8_candidates(fp32, schema, task, calibration=calibration,
+                                                  test=test, y_true=y_true, variants=variants)
+    built["fp32"] = fp32
+    measured.insert(0, base)
+    report = decide(metric, tol, base, measured, preprocess)
+    log.info("quantization: chose %s (%d bytes of %d fp32) by %s", report.chosen,
+             len(built[report.chosen]), len(fp32), metric)
+    return report.chosen, built[report.chosen], report
+
+
+def int8_candidates(fp32: bytes, schema: InputSchema, task: str, *, calibration: EncodedBatch,
+                    test: EncodedBatch, y_true: np.ndarray,
+                    variants: Sequence[str] = ("int8_dynamic", "int8_static"),
+                    ) -> tuple[list[Candidate], dict[str, bytes], str]:
+    """Build and measure the int8 variants of ``fp32`` (not fp32 itself).
+
+    Returns the candidates (``accepted`` ones await :func:`decide`), the bytes of those built,
+    and what pre-processing did.
+    """
+    built: dict[str, bytes] = {}
+    measured: list[Candidate] = []
     wanted = [v for v in dict.fromkeys(variants) if v != "fp32"]
     model = onnx.load_from_string(fp32)
     preprocess = "not run: no int8 variant requested" if not wanted else ""
@@ -183,12 +211,9 @@ def quantize(fp32: bytes, schema: InputSchema, task: str, *, calibration: Encode
                 data, cand = _build(variant, src, Path(tmp), fp32, calibration, schema)
                 if data is not None:
                     built[variant] = data
-                    cand = _measure(variant, data, schema, task, test, y_true)
+                    cand = measure(variant, data, schema, task, test, y_true)
                 measured.append(cand)
-    report = decide(metric, tol, base, measured, preprocess)
-    log.info("quantization: chose %s (%d bytes of %d fp32) by %s", report.chosen,
-             len(built[report.chosen]), len(fp32), metric)
-    return report.chosen, built[report.chosen], report
+    return measured, built, preprocess
 
 
 def decide(metric: str, tolerance: float, base: Candidate, measured: Sequence[Candidate],
@@ -204,7 +229,7 @@ def decide(metric: str, tolerance: float, base: Candidate, measured: Sequence[Ca
         if c.status != "accepted" or c is base:  # fp32 is the yardstick, never rejected
             out.append(c)
             continue
-        drop = _drop(metric, base.metric_value, c.metric_value)
+        drop = metric_drop(metric, base.metric_value, c.metric_value)
         if drop is None or not math.isfinite(drop):
             c = replace(c, drop=drop, status="rejected", reason=f"{metric} cannot be compared: "
                         f"{c.metric_value} vs fp32 {base.metric_value}")
@@ -226,8 +251,9 @@ def decide(metric: str, tolerance: float, base: Candidate, measured: Sequence[Ca
 
 
 # ------------------------------------------------------------------------------ measuring
-def _check_args(task: str, variants: Sequence[str], tolerance: float | None,
-                test: EncodedBatch, y_test: np.ndarray) -> tuple[str, float]:
+def check_args(task: str, variants: Sequence[str], tolerance: float | None,
+               test: EncodedBatch, y_test: np.ndarray) -> tuple[str, float]:
+    """Validate the guard's arguments; return the task's metric and the tolerance to apply."""
     if task not in metrics.PRIMARY:
         raise ConfigError(f"unknown task {task!r}; use one of {', '.join(metrics.PRIMARY)}",
                           field="task")
@@ -249,9 +275,10 @@ def _check_args(task: str, variants: Sequence[str], tolerance: float | None,
     return metric, tol
 
 
-def _measure(variant: str, data: bytes, schema: InputSchema, task: str, test: EncodedBatch,
-             y_true: np.ndarray) -> Candidate:
+def measure(variant: str, data: bytes, schema: InputSchema, task: str, test: EncodedBatch,
+            y_true: np.ndarray, settings: str | None = None) -> Candidate:
     """Score and time one candidate; returns it ``accepted`` (the guard decides later)."""
+    settings = _SETTINGS.get(variant, "") if settings is None else settings
     try:
         sess = ModelSession(data, schema, task)
         out = sess.run(test)
@@ -262,17 +289,18 @@ def _measure(variant: str, data: bytes, schema: InputSchema, task: str, test: En
             raise QuantizationError(f"the fp32 model cannot be run on the test rows: {exc}",
                                     field="fp32") from exc
         log.warning("candidate %s does not run: %s", variant, exc)
-        return Candidate(variant, "failed", f"cannot run: {_short(exc)}", size=len(data),
-                         settings=_SETTINGS[variant])
+        return Candidate(variant, "failed", f"cannot run: {short_error(exc)}", size=len(data),
+                         settings=settings)
     pred = out.values if task == "regression" else out.labels
-    value = _score(task, y_true, np.asarray(pred))
+    value = score(task, y_true, np.asarray(pred))
     return Candidate(variant, "accepted", "baseline" if variant == "fp32" else "",
                      size=len(data), metric_value=value,
                      drop=0.0 if variant == "fp32" else None,
-                     latency_us=_latency_us(sess, test.take([0])), settings=_SETTINGS[variant])
+                     latency_us=_latency_us(sess, test.take([0])), settings=settings)
 
 
-def _score(task: str, y_true: np.ndarray, pred: np.ndarray) -> float:
+def score(task: str, y_true: np.ndarray, pred: np.ndarray) -> float:
+    """The task's primary metric of ``pred`` against ``y_true``."""
     name = metrics.PRIMARY[task]
     fn = {"accuracy": metrics.accuracy, "balanced_accuracy": metrics.balanced_accuracy,
           "rmse": metrics.rmse}[name]
@@ -291,7 +319,8 @@ def _latency_us(sess: ModelSession, row: EncodedBatch) -> float:
     return statistics.median(times) / 1000.0
 
 
-def _drop(metric: str, base: float | None, value: float | None) -> float | None:
+def metric_drop(metric: str, base: float | None, value: float | None) -> float | None:
+    """How much worse ``value`` is than ``base``: absolute for accuracies, relative for RMSE."""
     if base is None or value is None or not math.isfinite(value):
         return None
     if metric != "rmse":
@@ -337,13 +366,13 @@ def _prepare(model: onnx.ModelProto, tmp: Path,
         src, status = pre, "quant_pre_process"
     except Exception as exc:
         log.warning("quant_pre_process failed, quantizing the exported graph as is: %s", exc)
-        src, status = raw, f"quant_pre_process failed ({_short(exc)}); used the raw graph"
+        src, status = raw, f"quant_pre_process failed ({short_error(exc)}); used the raw graph"
     typed = tmp / "typed.onnx"
     try:
         onnx.save(_annotate_types(onnx.load(str(src)), feeds), str(typed))
     except Exception as exc:  # the builders still work, static just quantizes fewer tensors
         log.warning("could not probe tensor types: %s", exc)
-        return src, status + f"; type probe failed ({_short(exc)})"
+        return src, status + f"; type probe failed ({short_error(exc)})"
     return typed, status
 
 
@@ -403,7 +432,7 @@ def _build(variant: str, src: Path, tmp: Path, fp32: bytes, calibration: Encoded
         data = out.read_bytes()
     except Exception as exc:
         log.warning("building %s failed: %s", variant, exc)
-        return None, Candidate(variant, "failed", _short(exc), settings=settings)
+        return None, Candidate(variant, "failed", short_error(exc), settings=settings)
     if data == fp32 or len(data) >= len(fp32):
         return None, Candidate(variant, "not_applicable", f"quantized model is not smaller than "
                                f"fp32 ({len(data):,} >= {len(fp32):,} bytes)", size=len(data),
@@ -463,7 +492,8 @@ class _FeedReader(CalibrationDataReader):
 
 
 # -------------------------------------------------------------------------------- helpers
-def _short(exc: BaseException, limit: int = 300) -> str:
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters (for report reasons)."""
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -1,4 +1,4 @@
-"""Training: data -> fitted pipeline -> ONNX (parity-gated) -> quantized -> registered version.
+"""Training: data -> fitted pipeline -> ONNX (parity-gated) -> compressed -> registered version.
 
 :func:`train` is the whole pipeline behind ``hybridml-cloud train``. Nothing becomes visible in
 the registry until every step has passed: the version row is written last, in one transaction.
@@ -22,6 +22,8 @@ from hybridml.shared.errors import ConfigError, NotFoundError
 from hybridml.shared.schema import NUMERIC, EncodedBatch, InputSchema
 
 from . import calibration, explainers, fairness, imbalance, metrics
+from .compress import compress
+from .compress_refit import Refit, exporter
 from .data import Dataset, fit_schema, load_builtin, load_csv, split
 from .export import check_parity, export_onnx
 from .finetune import ModeChoice, Parent, choose_mode, continue_training
@@ -30,7 +32,6 @@ from .models import build_pipeline, combine, family
 from .policy import MODES
 from .profile import version_profile
 from .quality import QualityOptions
-from .quantize import quantize
 from .registry import Registry
 from .threshold import add_threshold
 from .threshold import decide as decide_threshold
@@ -59,6 +60,7 @@ class TrainResult:
             "name": m["name"], "version": m["version"], "task": m["output"]["task"],
             "parent": m.get("parent"), "lineage": m.get("lineage"),
             "metrics": m["metrics"], "quantization": m["quantization"],
+            "compression": m.get("compression"),
             "artifacts": m["artifacts"], "seconds": self.seconds,
             "fairness": m.get("fairness"),
             "calibration": m.get("calibration"),
@@ -72,8 +74,8 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
           mode: str | ModeChoice = "finetune", categorical: Sequence[str] = (),
           numeric: Sequence[str] = (), drop: Sequence[str] = (),
           quality: QualityOptions | None = None, progress: Progress | None = None,
-          gate: Gate | None = None) -> TrainResult:
-    """Train, export, quantize and register a new version of ``name``.
+          gate: Gate | None = None, compression: str = "auto") -> TrainResult:
+    """Train, export, compress and register a new version of ``name``.
 
     Exactly one of ``data`` (a CSV, with ``target``) or ``dataset`` (a bundled scikit-learn
     dataset) is required. ``finetune_from="eta:1"`` names the version the new one follows, and
@@ -86,7 +88,8 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
     training rows before registration; what it returns is ``manifest["gate"]``
     (:func:`hybridml.cloud.gate.gate_hook`). ``quality`` asks for class weights, a decision
     threshold, calibration, fairness reports and the device explainer (docs/quality.md); it is
-    recorded in ``manifest["training"]["quality"]``.
+    recorded in ``manifest["training"]["quality"]``. ``compression`` is the compression
+    guard's mode (``off``, ``auto``, ``aggressive``: :mod:`hybridml.cloud.compress`).
     """
     if isinstance(mode, str) and mode not in MODES:
         raise ConfigError(f"mode {mode!r}: use one of {', '.join(MODES)}", field="mode")
@@ -153,9 +156,7 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
 
     test_num, test_cat, y_test = ds.take(sp.test)
     test_x = combine(test_num, test_cat)
-    skl_proba = pipe.predict_proba(test_x) if ds.task != "regression" else None
-    skl_metrics = metrics.scores(ds.task, y_test, threshold_labels(pipe, test_x, decision),
-                                 skl_proba, ds.classes, positive)
+    skl_metrics = _sklearn_scores(pipe, ds, test_x, y_test, decision, positive)
     primary = metrics.primary_name(ds.task, quality.primary)
     say(f"fitted; test {primary} = {skl_metrics[primary]}")
 
@@ -170,10 +171,24 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
 
     calib = schema.encode_blocks(train_num[:512], train_cat[:512])
     test_batch = schema.encode_blocks(test_num, test_cat)
-    variant, shipped, qreport = quantize(fp32, schema, ds.task, calibration=calib,
-                                         test=test_batch, y_test=y_test, tolerance=tolerance)
+    val_num, val_cat, y_val = ds.take(sp.validation)
+    refit = None if decision is not None else Refit(  # a threshold belongs to its model
+        pipe, combine(train_num, train_cat), y_train, combine(val_num, val_cat), y_val,
+        exporter(schema, ds.task, test_num, test_cat, decision, positive), seed)
+    packed = compress(fp32, schema, ds.task, calibration=calib, test=test_batch, y_test=y_test,
+                      tolerance=tolerance, mode=compression, refit=refit)
+    variant, shipped, qreport = packed.variant, packed.data, packed.report
+    compressed_from = None
+    if packed.pipeline is not None and packed.fp32 is not None:
+        # A refitted model ships (pruned, distilled): it is the version's model from now on,
+        # on the cloud too (model_fp32, the pickle, explanations, retrains).
+        pipe, compressed_from, model = packed.pipeline, model, packed.family or model
+        fp32 = packed.fp32
+        skl_metrics = _sklearn_scores(pipe, ds, test_x, y_test, decision, positive)
+        parity = check_parity(pipe, fp32, schema, ds.task, test_num, test_cat,
+                              positive=positive)
     timings["quantize"] = lap()
-    say(f"quantization: shipping {variant} ({len(shipped)} bytes)")
+    say(f"compression: shipping {variant} ({len(shipped)} bytes)")
     profile = version_profile(shipped, schema, ds, sp, seed)
     timings["profile"] = lap()
 
@@ -196,10 +211,12 @@ def train(registry: Registry, name: str, *, data: str | os.PathLike[str] | None 
         "output": {"task": ds.task, "classes": ds.classes,
                    "outputs": ["variable"] if ds.task == "regression"
                    else ["label", "probabilities"]},
-        "model": {"family": model, "variant": variant},
+        "model": {"family": model, "variant": variant,
+                  **({"compressed_from": compressed_from} if compressed_from else {})},
         "metrics": {"primary": primary, "sklearn_test": skl_metrics,
                     "edge_test": onnx_metrics, "parity": parity.to_json()},
-        "quantization": qreport.to_json(),
+        "quantization": qreport.to_json(),  # kept for readers of older manifests
+        "compression": qreport.to_json(),
         "golden": golden,
         "profile": profile,
         "training": {"source": ds.source, "target": ds.target, "data_sha256": ds.sha256,
@@ -341,6 +358,14 @@ def _golden(model: bytes, schema: InputSchema, task: str, num: np.ndarray,
         golden["labels"] = [int(v) for v in out.labels]
         golden["probabilities"] = [[round(float(p), 7) for p in ps] for ps in out.probabilities]
     return golden
+
+
+def _sklearn_scores(pipe: Pipeline, ds: Dataset, test_x: np.ndarray, y_test: np.ndarray,
+                    decision: Any, positive: int) -> dict[str, Any]:
+    """The fitted pipeline's metrics on the test rows (the decision threshold applied)."""
+    proba = pipe.predict_proba(test_x) if ds.task != "regression" else None
+    return metrics.scores(ds.task, y_test, threshold_labels(pipe, test_x, decision), proba,
+                          ds.classes, positive)
 
 
 def _params(pipe: Pipeline) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def test_registry_comes_from_the_environment(tmp_path: Path,
                  "--quiet"]) == 0
     assert (tmp_path / "envreg" / "registry.db").exists()
     out = capsys.readouterr().out
-    assert "registered iris v1" in out and "quantization" in out
+    assert "registered iris v1" in out and "compression" in out
 
 
 def test_models_table_and_promote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
