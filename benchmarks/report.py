@@ -371,12 +371,13 @@ def _explain(d: Doc) -> str:
 
 
 def _small(d: Doc) -> str:
-    from . import small_device
+    from . import budget, small_device
 
     lat = _latency(d["latency"], "8. Small-device profile: latency on one core, one thread "
                                  "(µs)").replace("## 2.", "### 8b.")
     mem = _memory(d["memory"]).replace("## 3.", "### 8c.")
-    return (f"{lat}\n{mem}\nPinned: {d.get('pinned')}; cores {d.get('cores')}.\n\n"
+    fits = f"\n{budget.report(d['budget'])}" if d.get("budget") else ""
+    return (f"{lat}\n{mem}{fits}\nPinned: {d.get('pinned')}; cores {d.get('cores')}.\n\n"
             f"### Running on a real Raspberry Pi\n\n{small_device.PI_HOWTO}\n")
 
 
@@ -514,6 +515,10 @@ def write_report(results: Path = RESULTS) -> Path:
         parts.append(section(d["fleet_scale"]))
     if "explain" in d:
         parts.append(_explain(d["explain"]))
+    if "sdcard" in d:  # issue 15 item 6
+        from .sdcard import section as sdcard_section
+
+        parts.append(sdcard_section(d["sdcard"]))
     path = results / "REPORT.md"
     path.write_text("\n".join(parts))
     return path

@@ -27,7 +27,7 @@ from typing import Any
 from .common import DEFAULT_WORKDIR, RESULTS, environment, log, save
 
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
-          "fallback", "telemetry", "rollout", "interleaving", "explain")
+          "fallback", "telemetry", "rollout", "interleaving", "explain", "sdcard")
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,10 @@ def run_suite(name: str, models: list[Any], s: Settings, work: Path, use_wrk: bo
         return {"suite": "explain", **explain.run(
             _pick(models, ["orders_hgb"])[0].registry.parent / "data" / "orders.csv", work,
             s.mode)}
+    if name == "sdcard":  # issue 15 item 6: bytes written in a simulated day
+        from . import sdcard
+
+        return sdcard.run(main, work, s.mode)
     if name == "interleaving":
         # As ``python -m benchmarks.interleaving`` (its full and --quick settings); tiny: seconds.
         calibration, reps = {"full": (200_000, 500), "quick": (20_000, 200)}.get(

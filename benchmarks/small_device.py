@@ -1,4 +1,5 @@
-"""Item 8: the small-device profile — latency and memory pinned to one core, one thread.
+"""Item 8: the small-device profile — latency and memory pinned to one core, one thread,
+and peak RSS per model family against the 256 MB device budget (:mod:`benchmarks.budget`).
 
 Our stand-in for a Raspberry Pi: the latency suite (single row and batch) and the memory suite
 run again in a child process started with ``taskset -c 0`` (its probes inherit the affinity),
@@ -56,7 +57,7 @@ def run(settings: Any, workdir: Path) -> dict[str, Any]:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import os
 
-    from . import latency, memory
+    from . import budget, latency, memory
     from .workspace import Workspace, model_specs
 
     s = spec["settings"]
@@ -69,8 +70,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     orders = [m for m in models if m.spec.dataset == "orders"] or models[:1]
     mem = memory.run(orders, ws.root / "scratch", repeats=s["mem_repeats"], table_rows=0,
                      table_model=None)
+    fits = budget.run(models, ws.root / "scratch", repeats=s["mem_repeats"],
+                      rows=min(s["table_rows"], 300_000))
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"cores": affinity, "latency": lat, "memory": mem}
+    return {"cores": affinity, "latency": lat, "memory": mem, "budget": fits}
 
 
 if __name__ == "__main__":

@@ -14,10 +14,17 @@ Given a spool, it then uploads the spooled telemetry and feedback (:func:`hybrid
 push`) after each sync; a push the cloud cannot take (unreachable, 5xx) backs off like a failed
 sync. Given ``flush`` (an in-process runtime's :meth:`~hybridml.edge.runtime.EdgeRuntime.
 flush`), it flushes the counters before each push and once more when it stops (SIGTERM).
+
+SIGTERM (systemd's stop) and SIGINT stop the loop at its next safe point: a wait between cycles
+ends at once; a download in progress is abandoned between two blocks, its ``.part`` kept for the
+next start to resume (:attr:`SyncOptions.cancel`), and nothing is activated; a sync past its
+downloads finishes (activation is a few atomic renames); the push is skipped (the spool keeps
+its records). ``hybridml-edge agent`` then exits 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -87,6 +94,8 @@ class Agent:
         self.last_push: PushResult | None = None
         self.cycles = 0
         self._stop = threading.Event()
+        # SIGTERM abandons a download between two blocks (its .part stays for the resume)
+        self.options = dataclasses.replace(self.options, cancel=self._stop)
 
     def stop(self) -> None:
         """Ask the loop to end after the current step."""
@@ -98,6 +107,9 @@ class Agent:
         try:
             result = sync(self.store, self.client, self.name, self.options)
         except HybridMLError as exc:
+            if self._stop.is_set() and exc.details.get("stopped"):
+                log.warning("stopping mid-sync of %s: %s", self.name, exc.message)
+                return 0.0  # no push: the spool keeps its records for the next start
             self.failures += 1
             log.warning("sync of %s failed (%d in a row): %s", self.name, self.failures,
                         exc.message)
@@ -115,6 +127,8 @@ class Agent:
                 log.warning("activated %s v%s", self.name, result.version)
             if self.on_result:
                 self.on_result(result)
+        if self._stop.is_set():
+            return 0.0  # stopping: the spool keeps its records for the next start
         self._push()
         self._check_freshness()
         return self.settings.next_delay(max(self.failures, self.push_failures), self.rng)
@@ -166,7 +180,7 @@ class Agent:
         """Loop until stopped or ``max_cycles`` syncs; returns the number of cycles run."""
         if install_signals and threading.current_thread() is threading.main_thread():
             def _handler(signum: int, _frame: FrameType | None) -> None:
-                log.warning("signal %d: stopping after this step", signum)
+                log.warning("signal %d: stopping at the next safe point", signum)
                 self.stop()
 
             signal.signal(signal.SIGTERM, _handler)

@@ -8,9 +8,7 @@ Exit codes: 0 ok, 2 bad input or failure.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -19,23 +17,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from hybridml.shared import jsontext
 from hybridml.shared.drift import Profile, drift_report, merge_counts
-from hybridml.shared.errors import ConfigError, HybridMLError, InputError
+from hybridml.shared.errors import ConfigError, HybridMLError
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.rollout import RolloutBlock
 from hybridml.shared.settings import env_flag
-from hybridml.shared.text import format_table
 
-from . import freshness
+from . import batch, doctor, freshness, service
 from .agent import Agent, AgentSettings
+from .budget import budget_mb
 from .client import CloudClient, read_token_file
 from .fallback import FallbackPolicy
 from .freshness import FreshnessSettings
 from .push import PushResult, push
-from .runtime import EdgeRuntime, Prediction
+from .runtime import EdgeRuntime
 from .spool import SPOOL_FILE, Spool
 from .store import LocalStore
 from .sync import SyncOptions, SyncResult, health_of, sync
@@ -94,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(unsafe off a trusted network; $HYBRIDML_ALLOW_UNSIGNED)")
     trust_flag.add_argument("--alias", default="stable",
                             help="the alias this device follows (default: stable)")
+    trust_flag.add_argument("--memory-budget-mb", type=float, default=None, metavar="MB",
+                            help="refuse a version estimated to need more memory than this, "
+                            "before downloading it ($HYBRIDML_MEMORY_BUDGET_MB)")
     stale_flag = argparse.ArgumentParser(add_help=False)
     stale_flag.add_argument("--stale-after", type=float, default=None, metavar="SECONDS",
                             help="call a model stale after this long without a newer signed "
@@ -118,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--explain", action="store_true",
                     help="print each row's attributions per column from the version's device "
                          "explainer (docs/quality.md §3)")
+    pr.add_argument("--chunk-rows", type=int, default=batch.DEFAULT_CHUNK_ROWS, metavar="N",
+                    help="read, predict and write N rows at a time; memory stays flat "
+                    f"whatever the input's size (default {batch.DEFAULT_CHUNK_ROWS})")
     pr.set_defaults(func=cmd_predict)
 
     st = sub.add_parser("status", parents=[common, stale_flag],
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--interval", type=float, default=300.0, help="seconds between syncs")
     ag.add_argument("--max-cycles", type=int, default=None, help="stop after N syncs")
     ag.set_defaults(func=cmd_agent)
+    service.add_commands(sub)  # service print|install (hybridml.edge.service)
+    doctor.add_command(sub)  # doctor (hybridml.edge.doctor)
     return p
 
 
@@ -167,7 +170,8 @@ def _freshness(args: argparse.Namespace) -> FreshnessSettings:
 
 def _sync_options(args: argparse.Namespace) -> SyncOptions:
     return SyncOptions(alias=args.alias, allow_unsigned=args.allow_unsigned,
-                       freshness=_freshness(args))
+                       freshness=_freshness(args),
+                       memory_budget_mb=budget_mb(args.memory_budget_mb))
 
 
 class _RefuseToken(argparse.Action):
@@ -222,31 +226,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     policy = dataclasses.replace(FallbackPolicy.from_env(), **changes)
     rt = EdgeRuntime(args.store, args.name, policy=policy,
                      client=_client(args) if args.cloud else None)
-    text = _read_input(args.input)
-    rows = read_rows(text)
     if args.explain:  # attributions from the device explainer (hybridml.edge.explain)
         from hybridml.edge.explain import explanation_text
 
-        answers = rt.explain(rows)
+        answers = rt.explain(batch.explain_input(args.input))  # capped, read whole
         print("\n".join(json.dumps(a) for a in answers) if args.json
               else explanation_text(answers))
         return 0
-    if isinstance(rows, dict):  # CSV: text columns, typed by the model's schema
-        preds = rt.predict_text(rows, errors=args.errors)
-    else:
-        preds = rt.predict(rows, errors=args.errors)
-    out = sys.stdout
-    if args.json:
-        for p in preds:
-            out.write(json.dumps(dict(p.to_json(), prediction=_short(p.prediction))) + "\n")
-    else:
-        out.write(_table(preds) + "\n")
-    out.flush()
+    # Streamed: read, predict and write --chunk-rows rows at a time (docs/device.md §3).
+    done = batch.score(rt, args.input, sys.stdout, errors=args.errors, as_json=args.json,
+                       chunk_rows=args.chunk_rows)
     _flush_telemetry(rt)
-    if args.cloud and rt.last_cloud_error and any(p.degraded for p in preds):
+    if args.cloud and rt.last_cloud_error and done.degraded:
         print(f"note: the cloud did not answer ({rt.last_cloud_error}); answered locally and "
               "marked those rows degraded", file=sys.stderr)
-    return 2 if any(p.error for p in preds) else 0
+    return 2 if done.errors else 0
 
 
 def _rollout_entry(store: LocalStore, active: Manifest) -> dict[str, Any] | None:
@@ -383,7 +377,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     agent = Agent(store, client, args.name, AgentSettings(interval=args.interval),
                   options=_sync_options(args), spool=spool, on_result=spool_health)
-    cycles = agent.run(max_cycles=args.max_cycles)
+    try:
+        cycles = agent.run(max_cycles=args.max_cycles)  # SIGTERM: see hybridml.edge.agent
+    finally:
+        spool.close()  # every record is committed; this checkpoints SQLite's WAL
+        client.close()
     log.info("agent stopped after %d cycles", cycles)
     return 0
 
@@ -495,92 +493,3 @@ def _signature_text(sig: dict[str, Any]) -> str:
                                       " (this device trusts no key)"),
             "untrusted": f"signed by key {key}, which this device no longer trusts",
             "invalid": f"INVALID signature by key {key}"}.get(sig.get("state", ""), "unknown")
-
-
-# -------------------------------------------------------------------------------- input
-def _read_input(path: str) -> str:
-    """The input as text. Bytes are decoded here, not by a text stream: its newline
-    translation would rewrite a "\r" inside a quoted CSV cell."""
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as fh:
-                data = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read --input {path}: {exc.strerror}", field="input") from exc
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"the input is not UTF-8 text (bad byte at offset {exc.start}); "
-                         "re-save it as UTF-8", field="input") from None
-
-
-def read_rows(text: str) -> list[Any] | dict[str, list[str]]:
-    """Parse the input: a JSON array of rows, JSON lines (one row per line), or CSV with a
-    header. JSON is strict, as the cloud reads it, and gives typed rows; CSV gives text
-    columns by name, typed later by the model's schema.
-
-    A JSON array is an array of rows when every element is a row (a list or an object);
-    otherwise it is one row in schema order (a JSON lines file of a single list row), whose
-    nested value, if any, is refused naming its column.
-    """
-    stripped = text.lstrip()
-    if not stripped:
-        raise InputError("no input rows: send JSON objects (one per line or an array) or CSV "
-                         "with a header", field="input")
-    if stripped[0] not in "[{":
-        return _csv_columns(stripped)
-    try:
-        data = jsontext.loads(stripped, "the input", field="input")
-    except InputError:  # several JSON values: JSON lines
-        rows = []
-        for n, line in enumerate(stripped.split("\n")):  # JSON lines end at \n only
-            if line.strip():
-                rows.append(jsontext.loads(line, f"input line {n + 1}", field="input"))
-        return rows
-    if isinstance(data, dict):
-        return [data]
-    if data and all(isinstance(v, (list, dict)) for v in data):
-        return list(data)  # an array of rows
-    # One row in schema order: plain values, or values mixed with a list or an object — a
-    # bad cell of one row (refused naming its column), not an array of rows with numbers in it.
-    return [data] if data else []
-
-
-def _csv_columns(text: str) -> dict[str, list[str]]:
-    """CSV text as columns by header name; every cell stays text (a short line's missing
-    cells are empty, i.e. missing)."""
-    reader = csv.reader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
-    header = [h.strip() for h in next(reader)]
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise InputError(f"the CSV header names column {dupes[0]!r} twice", field=dupes[0])
-    records = [r for r in reader if r]
-    for n, rec in enumerate(records):
-        if len(rec) > len(header):
-            raise InputError(f"CSV row {n} has {len(rec)} fields, the header {len(header)}; "
-                             "fix the quoting or the separators", field="input", row=n)
-    return {h: [rec[j] if j < len(rec) else "" for rec in records]
-            for j, h in enumerate(header)}
-
-
-def _short(value: Any) -> Any:
-    """Model outputs are float32: print the shortest text that round-trips, not 23.37200164."""
-    if isinstance(value, float):
-        return float(str(np.float32(value)))
-    return value
-
-
-def _table(preds: list[Prediction]) -> str:
-    rows = []
-    for i, p in enumerate(preds):
-        if p.error:
-            rows.append([str(i), "-", "-", "-", "-", f"error: {p.error.get('message')}"])
-            continue
-        rows.append([str(i), str(_short(p.prediction)), p.source, f"v{p.model_version}",
-                     f"{max(p.probabilities.values()):.3f}" if p.probabilities else "-",
-                     ("degraded " if p.degraded else "") + (f"({p.reason})" if p.reason
-                                                            else "")])
-    return format_table(["row", "prediction", "source", "version", "confidence", ""], rows,
-                        rule=False)

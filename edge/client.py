@@ -278,8 +278,8 @@ class CloudClient:
             return ManifestResponse(None, etag, wire)
         return ManifestResponse(body, resp.headers.get("ETag"), wire)
 
-    def download(self, sha256: str, dest: Path, size: int, *, source: str | None = None
-                 ) -> int:
+    def download(self, sha256: str, dest: Path, size: int, *, source: str | None = None,
+                 cancel: threading.Event | None = None) -> int:
         """Fetch an artifact into ``dest`` (a ``.part`` file), resuming what is there.
 
         From the cloud's ``/v1/artifacts/<sha256>``, or with ``source`` from that direct URL
@@ -294,6 +294,10 @@ class CloudClient:
         the next resume; bytes that do not fit the manifest (too long, an undecodable stream, a
         wrong ``Content-Range``) and a full disk remove it. Returns the number of body bytes
         received.
+
+        ``cancel`` (the agent's stop event, set by SIGTERM) abandons the download between two
+        blocks as a cut connection would: :class:`CloudUnavailableError`, ``dest`` kept for
+        the resume.
         """
         if source is None:
             path = f"/v1/artifacts/{sha256}"
@@ -306,27 +310,29 @@ class CloudClient:
 
             def get(headers: dict[str, str]) -> requests.Response:
                 return self._get_direct(source, host, headers)
-        return self._download(get, sha256, dest, size)
+        return self._download(get, sha256, dest, size, cancel)
 
     def _download(self, get: Callable[[dict[str, str]], requests.Response], sha256: str,
-                  dest: Path, size: int) -> int:
+                  dest: Path, size: int, cancel: threading.Event | None = None) -> int:
         have = dest.stat().st_size if dest.exists() else 0
         if have > size:
             dest.unlink()
             have = 0
         if have == size:
             return 0
+        if cancel is not None and cancel.is_set():
+            raise _stopped(sha256, have, size)
         headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
         resp = get(headers)
         with resp:
             if resp.status_code == 416:  # our part is stale or complete: start over
                 dest.unlink(missing_ok=True)
-                return self._download(get, sha256, dest, size)
+                return self._download(get, sha256, dest, size, cancel)
             if have and resp.status_code == 206:
                 _check_content_range(resp, sha256, have, size, dest)
             elif have:
                 have = 0  # the server ignored the Range header: rewrite from the start
-            return self._write_body(resp, sha256, dest, have, size)
+            return self._write_body(resp, sha256, dest, have, size, cancel)
 
     def _get_direct(self, url: str, host: str, headers: dict[str, str]) -> requests.Response:
         """GET a direct artifact URL: 200, 206 or 416, else :class:`RemoteError`; transport
@@ -349,7 +355,7 @@ class CloudClient:
         return resp
 
     def _write_body(self, resp: requests.Response, sha256: str, dest: Path, have: int,
-                    size: int) -> int:
+                    size: int, cancel: threading.Event | None = None) -> int:
         received = 0
 
         def corrupt(reason: str) -> HybridMLError:
@@ -359,7 +365,8 @@ class CloudClient:
 
         try:
             with open(dest, "ab" if have else "wb") as fh:
-                for block in decoded_blocks(resp, f"artifact {sha256[:12]}", corrupt=corrupt):
+                for block in decoded_blocks(resp, f"artifact {sha256[:12]}", corrupt=corrupt,
+                                            cancel=cancel):
                     if have + received + len(block) > size:
                         raise IntegrityError(
                             f"artifact {sha256[:12]} is longer than the manifest's {size} "
@@ -374,6 +381,8 @@ class CloudClient:
             dest.unlink(missing_ok=True)  # decoded bytes before the damage are suspect too
             raise
         except (CloudUnavailableError, CloudTimeoutError) as exc:
+            if cancel is not None and cancel.is_set():
+                raise _stopped(sha256, have + received, size) from exc
             raise CloudUnavailableError(
                 f"download of {sha256[:12]} broke off after {have + received} of {size} "
                 f"bytes ({exc.message}); the next sync resumes it") from exc
@@ -491,6 +500,19 @@ class CloudClient:
                               "'duplicates' and 'refused' lists; is it an older cloud?")
         return data
 
+    def probe(self, path: str = "/healthz", timeout_s: float = 3.0, *,
+              limit: int | None = None) -> tuple[int, dict[str, str], bytes]:
+        """GET ``path`` for a diagnosis (``hybridml-edge doctor``): the status, headers and
+        body (at most ``limit``, default ``limits.manifest_bytes``) of the answer, within
+        ``timeout_s``; a 4xx/5xx raises the error its body describes (:class:`AuthError` for
+        a rejected token), a dead cloud :class:`CloudUnavailableError`, as every call does."""
+        deadline = time.monotonic() + timeout_s
+        resp = self._request("GET", path, timeout=timeout_s, deadline=deadline)
+        with resp:
+            body = read_body(resp, f"the answer to GET {path}",
+                             limit or self.limits.manifest_bytes, deadline=deadline)
+        return resp.status_code, dict(resp.headers), body
+
     def healthy(self, timeout_s: float = 1.0) -> bool:
         """True if ``/healthz`` answers 200 within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
@@ -543,6 +565,13 @@ def _within(fn: Callable[[threading.Event], T], timeout_s: float, message: str) 
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+def _stopped(sha256: str, have: int, size: int) -> CloudUnavailableError:
+    """A download abandoned because the process is stopping (its ``.part`` is kept)."""
+    return CloudUnavailableError(f"download of {sha256[:12]} stopped after {have} of {size} "
+                                 "bytes: the agent is stopping; the next sync resumes it",
+                                 stopped=True)
 
 
 def _check_content_range(resp: requests.Response, sha256: str, have: int, size: int,

@@ -4,7 +4,11 @@ Each answer carries a ``prediction_id``, ``<store id>:<model>:<counter>`` (docs/
 §3). Ids are handed out when first read (:attr:`Prediction.prediction_id
 <hybridml.edge.runtime.Prediction.prediction_id>`, ``to_json``), so a caller that never reads
 one pays nothing for it; the counter starts at the process's start time in microseconds, so
-the ids of two runs of a program never meet (unless one hands out a million a second). The
+the ids of two runs of a program never meet (unless one hands out a million a second). A
+process started while the wall clock is implausible (a Pi before NTP: every boot says 1970
+and a few seconds, so two boots would repeat ids) starts at a random point of the
+:data:`UNSURE_SPAN` microseconds after :data:`~hybridml.edge.timebase.PLAUSIBLE_FROM`
+instead: two such runs meet with a chance of about (ids per run / 2**44). The
 last :data:`RECENT` ids read are remembered with their prediction and version, which the
 feedback record then carries to the cloud (it judges what this device answered).
 
@@ -15,10 +19,11 @@ A label is checked as the cloud checks it: a class of the model as the manifest 
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hybridml.shared.clock import utc_iso
@@ -27,19 +32,22 @@ from hybridml.shared.labels import as_label
 from hybridml.shared.manifest import Manifest
 from hybridml.shared.text import printable
 
+from .timebase import PLAUSIBLE_FROM, plausible
+
 FORMAT = 1
 RECENT = 10_000  # ids remembered with their prediction, for feedback
+UNSURE_SPAN = 1 << 44  # µs (~200 days) a run under an implausible clock starts at random in
 
 
 class PredictionIds:
     """Hands out the prediction ids of one store and model; thread-safe."""
 
     def __init__(self, store_id: str, model: str, *, start: int | None = None,
-                 recent: int = RECENT) -> None:
+                 recent: int = RECENT, clock: Callable[[], float] = time.time) -> None:
         self.store_id = store_id
         self.model = model
         self.prefix = f"{store_id}:{model}:"
-        first = time.time_ns() // 1000 if start is None else start
+        first = _first(clock()) if start is None else start
         self._next = itertools.count(first).__next__
         self._recent: OrderedDict[str, tuple[Any, int | None]] = OrderedDict()
         self._keep = recent
@@ -71,6 +79,14 @@ class PredictionIds:
         return pid
 
 
+def _first(now: float) -> int:
+    """Where a run's counter starts: the wall clock in µs, or, when it is implausible, a
+    random point just past :data:`~hybridml.edge.timebase.PLAUSIBLE_FROM` (module docstring)."""
+    if plausible(now):
+        return int(now * 1_000_000)
+    return int(PLAUSIBLE_FROM) * 1_000_000 + secrets.randbelow(UNSURE_SPAN)
+
+
 def check_label(manifest: Manifest, label: Any) -> Any:
     """``label`` as a label of ``manifest``'s model (:func:`hybridml.shared.labels.as_label`,
     the cloud's rule too); :class:`InputError` naming ``label`` otherwise."""
@@ -97,4 +113,4 @@ def feedback_body(model: str, label: Any, *, prediction_id: str | None = None,
     return body
 
 
-__all__ = ["FORMAT", "RECENT", "PredictionIds", "check_label", "feedback_body"]
+__all__ = ["FORMAT", "RECENT", "UNSURE_SPAN", "PredictionIds", "check_label", "feedback_body"]

@@ -34,6 +34,7 @@ from hybridml.shared.errors import InferenceError, InputError
 from hybridml.shared.interleave import credit, team_draft
 from hybridml.shared.schema import EncodedBatch
 
+from .timebase import WindowClock
 from .window import FORMAT
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class Ranker:
         self._shown: OrderedDict[str, _Impression] = OrderedDict()
         self._late: dict[tuple[int, int, int], int] = {}
         self._evicted: dict[tuple[int, int, int], _Counts] = {}  # finalised before the flush
-        self._start = clock()
+        self._windows = WindowClock(clock)
 
     def rank(self, v: LoadedVersion, rollout: Rollout | None, items: Sequence[Any],
              k: int = 10, positive: Any = None) -> Ranking:
@@ -213,8 +214,7 @@ class Ranker:
             for key, late in self._late.items():
                 window.setdefault(key, _Counts()).late_clicks += late
             self._late = {}
-            start, end = self._start, self.clock()
-            self._start = end
+            start, end = self._windows.cut()
         out: Records = []
         for (rollout, a, b), c in sorted(window.items()):
             body = {"format": FORMAT, "model": self.model, "rollout": rollout, "a": a, "b": b,

@@ -37,6 +37,7 @@ from hybridml.shared.rollout import RolloutBlock
 from hybridml.shared.schema import EncodedBatch
 
 from .companion import Companion, same_columns, tolerance
+from .timebase import WindowClock
 from .window import FORMAT, LATENCY_EDGES_MS
 
 if TYPE_CHECKING:
@@ -274,7 +275,7 @@ class Shadow:
         self._lock = threading.Lock()
         self._window: dict[tuple[int, int, int], ShadowCounts] = {}
         self._plans: list[ShadowPlan] = []
-        self._start = clock()
+        self._windows = WindowClock(clock)
         self._thread: threading.Thread | None = None
         self._warned: set[tuple[int, int, int]] = set()
         self.disabled = 0  # companions not shadowed because their columns differ
@@ -330,8 +331,7 @@ class Shadow:
             self._window = {}
             live = plans[-1:]  # the newest plan is the loaded one; older ones are done
             self._plans = live
-            start, end = self._start, self.clock()
-            self._start = end
+            start, end = self._windows.cut()
         return [("shadow", c.body(self.model, start, end), self.model, c.served)
                 for _, c in sorted(window.items()) if c.calls or c.sampled or c.rows]
 
@@ -340,7 +340,7 @@ class Shadow:
         with self._lock:
             out = []
             for key, c in sorted(self._window.items()):
-                body = c.body(self.model, self._start, self.clock())
+                body = c.body(self.model, *self._windows.peek())
                 plan = next((p for p in self._plans if p.key == key), None)
                 body["calls"] += 0 if plan is None else plan.counter.pending()
                 out.append(body)

@@ -2,9 +2,22 @@
 
 ``<store>/telemetry.db`` is SQLite in WAL mode (docs/monitoring.md §4). A record is
 ``{"id", "kind", "priority", "created", "body"}``; its id is ``<store id>:<sequence>`` and the
-sequence only grows (AUTOINCREMENT, started at the creation time in milliseconds, so a spool
-deleted and made again does not reuse ids the cloud already holds and would drop as
-duplicates).
+sequence only grows (AUTOINCREMENT, whatever the wall clock does). A spool deleted and made
+again must not reuse ids the cloud already holds (it would drop them as duplicates): a new
+spool starts at the larger of the wall clock in milliseconds and the floor in
+``telemetry.floor``, which :meth:`Spool.remove` keeps above every id the cloud has accepted
+(it writes the highest accepted sequence plus a million, so about once per million records,
+not once per push). A spool made while the clock says 1970 therefore still starts past the
+ids the cloud holds.
+
+Clocks (docs/device.md §6, :mod:`hybridml.edge.timebase`): ``created`` is data only. Order is
+the sequence; age is the spool's :class:`~hybridml.edge.timebase.RunningClock` (seconds the
+device has run, carried across reboots), stored with each record as ``age``. A wall clock that
+jumps years ahead expires nothing at once, and one that jumps back keeps nothing forever. A
+record made while the clock was implausible (before this release's date) is re-dated from its
+age when read for upload (its ``created``, and the body's ``created`` and ``window``); until
+the clock is plausible it is not offered for upload (:meth:`Spool.queue`), so the cloud never
+quarantines it for a 1970 date.
 
 Kinds and priorities: ``alert`` and ``health`` 0 (never dropped), ``summary``, ``shadow`` and
 ``interleave`` 1 (the last two: a rollout's comparisons, docs/rollouts.md §4), ``feedback`` 2,
@@ -13,7 +26,8 @@ Kinds and priorities: ``alert`` and ``health`` 0 (never dropped), ``summary``, `
 * a byte cap (default 64 MB, ``HYBRIDML_SPOOL_MAX_BYTES``): past it, quarantined records go
   first, then the oldest records of the lowest priority (samples, then feedback, then
   summaries) — the record being added too, when it is the one to go;
-* a time to live (7 days, ``HYBRIDML_SPOOL_TTL_S``): older records are dropped.
+* a time to live (7 days of running time, ``HYBRIDML_SPOOL_TTL_S``): older records are
+  dropped (time switched off does not count).
 
 What was dropped is counted by kind and reported with the next upload (``"dropped"``), then
 forgotten once the cloud has it. A record the cloud refuses is **quarantined**: kept (for
@@ -27,6 +41,7 @@ and a full fsync per commit would cost milliseconds and flash wear on SD-card de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,13 +56,17 @@ from typing import Any
 
 from hybridml.shared.clock import utc_iso
 from hybridml.shared.errors import ConfigError, HybridMLError, InputError
+from hybridml.shared.files import atomic_write
 from hybridml.shared.settings import load_env
 
 from .identity import store_id
+from .timebase import PLAUSIBLE_FROM, RunningClock, plausible, redate, shift_times
 
 log = logging.getLogger("hybridml.edge.spool")
 
 SPOOL_FILE = "telemetry.db"
+FLOOR_SUFFIX = ".floor"  # telemetry.floor: new spools start their sequence above it
+FLOOR_RESERVE = 1_000_000  # the floor is written this far above the highest accepted id
 KINDS: dict[str, int] = {"alert": 0, "health": 0, "summary": 1, "shadow": 1, "interleave": 1,
                          "feedback": 2, "sample": 3}
 PENDING, QUARANTINED = "pending", "quarantined"
@@ -65,14 +84,16 @@ _SCHEMA = (
         bytes INTEGER NOT NULL,
         body TEXT NOT NULL,
         state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'quarantined')),
-        error TEXT)""",
+        error TEXT,
+        age REAL NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS records_order ON records (state, priority, seq)",
-    "CREATE INDEX IF NOT EXISTS records_age ON records (created)",  # the TTL check, per add
+    "DROP INDEX IF EXISTS records_age",  # was on created (the wall clock): one write less
     "CREATE TABLE IF NOT EXISTS dropped (kind TEXT PRIMARY KEY, count INTEGER NOT NULL)",
     # The bytes of every body, kept by triggers: the cap check reads one row, not the table.
     "CREATE TABLE IF NOT EXISTS total (one INTEGER PRIMARY KEY CHECK (one = 1), "
     "bytes INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO total (one, bytes) VALUES (1, 0)",
+    RunningClock.SCHEMA,
     "CREATE TRIGGER IF NOT EXISTS records_in AFTER INSERT ON records "
     "BEGIN UPDATE total SET bytes = bytes + NEW.bytes; END",
     "CREATE TRIGGER IF NOT EXISTS records_out AFTER DELETE ON records "
@@ -145,16 +166,19 @@ class Spool:
 
     Safe to share between threads (one connection, one lock) and between processes (SQLite's
     locking; a writer waits up to 10 s for another). ``clock`` (POSIX seconds) dates records
-    and judges their age; tests pass their own.
+    (data only); ``running`` judges their age (:class:`~hybridml.edge.timebase.RunningClock`;
+    tests pass one with their own monotonic clock and boot id).
     """
 
     def __init__(self, path: str | os.PathLike[str], store_id: str,
                  settings: SpoolSettings | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 running: RunningClock | None = None) -> None:
         self.path = Path(path)
         self.store_id = store_id
         self.settings = settings or SpoolSettings.from_env()
         self.clock = clock
+        self.running = running or RunningClock()
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -167,18 +191,20 @@ class Spool:
                                    ).fetchone() is None
                 for statement in _SCHEMA:
                     db.execute(statement)
+                _migrate(db)
                 if fresh:  # ids of a spool made again never repeat the old one's
                     db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('records', ?)",
-                               (int(self.clock() * 1000),))
+                               (max(int(self.clock() * 1000), self._floor()),))
         except sqlite3.Error as exc:
             raise self._error("open", exc) from exc
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], settings: SpoolSettings | None = None, *,
-             clock: Callable[[], float] = time.time) -> Spool:
+             clock: Callable[[], float] = time.time,
+             running: RunningClock | None = None) -> Spool:
         """The spool of the store at ``root`` (made, with the store id, if missing)."""
         root = Path(root).expanduser()
-        return cls(root / SPOOL_FILE, store_id(root), settings, clock=clock)
+        return cls(root / SPOOL_FILE, store_id(root), settings, clock=clock, running=running)
 
     def close(self) -> None:
         """Close the database."""
@@ -211,12 +237,13 @@ class Spool:
         ids: list[str] = []
         now = self.clock()
         with self._write() as db:
-            self._expire(db, now)
+            age = self.running.tick(db)
+            self._expire(db, age)
             for kind, priority, model, version, text in rows:
                 cur = db.execute(
                     "INSERT INTO records (id, kind, priority, created, model, version, bytes, "
-                    "body) VALUES ('', ?, ?, ?, ?, ?, ?, ?)",
-                    (kind, priority, now, model, version, len(text.encode("utf-8")), text))
+                    "body, age) VALUES ('', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, priority, now, model, version, len(text.encode("utf-8")), text, age))
                 seq = int(cur.lastrowid or 0)
                 rid = f"{self.store_id}:{seq}"
                 db.execute("UPDATE records SET id = ? WHERE seq = ?", (rid, seq))
@@ -231,6 +258,8 @@ class Spool:
             for part in _chunks(seqs):
                 marks = ",".join("?" * len(part))
                 done += db.execute(f"DELETE FROM records WHERE seq IN ({marks})", part).rowcount
+        if seqs:
+            self._raise_floor(max(seqs))
         return done
 
     def quarantine(self, errors: Mapping[int, str]) -> None:
@@ -242,7 +271,7 @@ class Spool:
     def expire(self) -> dict[str, int]:
         """Drop records older than the TTL now; what was dropped, by kind."""
         with self._write() as db:
-            return self._expire(db, self.clock())
+            return self._expire(db, self.running.read(db))  # no write when nothing expires
 
     def forget_dropped(self, reported: Mapping[str, int]) -> None:
         """The cloud has these drop counts: subtract them (drops since then stay)."""
@@ -255,23 +284,36 @@ class Spool:
     # ----------------------------------------------------------------------------- reading
     def queue(self, *, model: str | None = None) -> list[Entry]:
         """Pending records in upload order (priority, then age), without their bodies;
-        only those of ``model`` (and records of no model) when it is given."""
+        only those of ``model`` (and records of no model) when it is given. While the wall
+        clock is implausible, records made under an implausible clock wait (they cannot be
+        dated yet)."""
         sql = "SELECT seq, id, kind, model, bytes FROM records WHERE state = 'pending'"
         args: tuple[Any, ...] = ()
+        if not plausible(self.clock()):
+            sql += " AND created >= ?"
+            args = (PLAUSIBLE_FROM,)
         if model is not None:
             sql += " AND (model = ? OR model IS NULL)"
-            args = (model,)
+            args += (model,)
         return [Entry(*r) for r in self._query(sql + " ORDER BY priority, seq", args)]
 
     def records(self, seqs: Sequence[int]) -> list[Record]:
-        """The records with these sequence numbers, in that order (missing ones left out)."""
+        """The records with these sequence numbers, in that order (missing ones left out);
+        a record made under an implausible clock is re-dated (module docstring)."""
         found: dict[int, Record] = {}
+        wall = self.clock()
+        age_now = None
         for part in _chunks(seqs):
             marks = ",".join("?" * len(part))
             for row in self._query(
                     "SELECT seq, id, kind, priority, created, model, version, body, state, "
-                    f"error FROM records WHERE seq IN ({marks})", tuple(part)):
-                found[row[0]] = Record(*row)
+                    f"error, age FROM records WHERE seq IN ({marks})", tuple(part)):
+                record = Record(*row[:-1])
+                if not plausible(record.created) and plausible(wall):
+                    if age_now is None:
+                        age_now = self._age()
+                    record = _redated(record, redate(record.created, row[-1], age_now, wall))
+                found[row[0]] = record
         return [found[s] for s in seqs if s in found]
 
     def summaries(self, model: str, version: int) -> list[dict[str, Any]]:
@@ -321,21 +363,46 @@ class Spool:
             except sqlite3.Error as exc:
                 raise self._error("write", exc) from exc
 
+    def _age(self) -> float:
+        with self._lock:
+            try:
+                return self.running.read(self._db)
+            except sqlite3.Error as exc:
+                raise self._error("read", exc) from exc
+
+    def _floor(self) -> int:
+        """The sequence a new spool must start above (0 when there is no floor file)."""
+        try:
+            return max(0, int(self.path.with_suffix(FLOOR_SUFFIX).read_text().strip()))
+        except (OSError, ValueError):
+            return 0
+
+    def _raise_floor(self, accepted: int) -> None:
+        """Keep the floor above ``accepted`` (a sequence the cloud holds), with a reserve so
+        that it is written about once per :data:`FLOOR_RESERVE` records."""
+        if accepted < self._floor():
+            return
+        try:
+            atomic_write(self.path.with_suffix(FLOOR_SUFFIX),
+                         str(accepted + FLOOR_RESERVE).encode())
+        except OSError as exc:  # only a spool made again later depends on it
+            log.warning("could not write the spool's id floor: %s", exc)
+
     def _error(self, what: str, exc: sqlite3.Error) -> SpoolError:
         return SpoolError(f"cannot {what} the telemetry spool {self.path}: {exc}; check the "
                           "store's free space and permissions (delete the file to start an "
                           "empty spool)", path=str(self.path))
 
-    def _expire(self, db: sqlite3.Connection, now: float) -> dict[str, int]:
-        cutoff = now - self.settings.ttl_s
+    def _expire(self, db: sqlite3.Connection, age: float) -> dict[str, int]:
+        cutoff = age - self.settings.ttl_s  # running time, not the wall clock
         # The age index answers the common case (nothing too old) without a scan.
-        if db.execute("SELECT 1 FROM records WHERE created < ? AND priority > 0 LIMIT 1",
+        if db.execute("SELECT 1 FROM records WHERE age < ? AND priority > 0 LIMIT 1",
                       (cutoff,)).fetchone() is None:
             return {}
         gone = dict(db.execute(
-            "SELECT kind, COUNT(*) FROM records WHERE created < ? AND priority > 0 AND "
+            "SELECT kind, COUNT(*) FROM records WHERE age < ? AND priority > 0 AND "
             "state = 'pending' GROUP BY kind", (cutoff,)).fetchall())
-        db.execute("DELETE FROM records WHERE created < ? AND priority > 0", (cutoff,))
+        db.execute("DELETE FROM records WHERE age < ? AND priority > 0", (cutoff,))
         self._count_dropped(db, gone)
         if gone:
             log.warning("spool: dropped %s record(s) older than %g s", gone,
@@ -375,6 +442,22 @@ class Spool:
         for kind, n in gone.items():
             db.execute("INSERT INTO dropped (kind, count) VALUES (?, ?) ON CONFLICT (kind) DO "
                        "UPDATE SET count = count + excluded.count", (kind, n))
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a spool made by an earlier release up to this schema: the ``age`` column (its
+    records count as made when the running clock started) and its index."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(records)")}
+    if "age" not in columns:
+        db.execute("ALTER TABLE records ADD COLUMN age REAL NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX IF NOT EXISTS records_running ON records (age)")
+
+
+def _redated(record: Record, created: float) -> Record:
+    """``record`` made at ``created`` (its body's wrong times moved by as much)."""
+    body = shift_times(json.loads(record.body), created - record.created)
+    return dataclasses.replace(record, created=created, body=json.dumps(
+        body, separators=(",", ":"), allow_nan=False, ensure_ascii=False))
 
 
 def _chunks(seqs: Sequence[int]) -> Iterator[list[int]]:

@@ -48,6 +48,7 @@ import dataclasses
 import errno
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,11 +72,13 @@ from hybridml.shared.manifest import EDGE_ROLES, Artifact, Manifest
 from hybridml.shared.rollout import RolloutBlock, load_failed_body
 from hybridml.shared.table import Table
 
+from . import budget, compat
 from .client import CloudClient
 from .freshness import FreshnessSettings, Seen, check_release
 from .session import ModelSession
 from .store import LocalStore
 from .trust import check_manifest
+from .wear import should_save
 
 log = logging.getLogger("hybridml.edge.sync")
 MAX_ETAG = 512
@@ -136,12 +139,18 @@ class SyncOptions:
     ``alias``: the reference the device follows (signed into the manifest it gets back).
     ``allow_unsigned``: a device that trusts no key accepts unsigned manifests (unsafe off a
     trusted network). ``clock``: POSIX seconds, for expiry and freshness (tests pass one).
+    ``cancel``: set (by the agent's SIGTERM) to abandon a download in progress between two
+    blocks; its ``.part`` stays for the resume and nothing is activated.
+    ``memory_budget_mb``: refuse a version whose estimated memory exceeds it, before it is
+    downloaded (:mod:`hybridml.edge.budget`; None: ``$HYBRIDML_MEMORY_BUDGET_MB``, if set).
     """
 
     alias: str = "stable"
     allow_unsigned: bool = False
     freshness: FreshnessSettings | None = None
     clock: Callable[[], float] = time.time
+    cancel: threading.Event | None = None
+    memory_budget_mb: float | None = None
 
 
 def sync(store: LocalStore, client: CloudClient, name: str,
@@ -161,6 +170,7 @@ def sync(store: LocalStore, client: CloudClient, name: str,
     with store.lock(name):
         store.clean_temp(name)
         state = store.sync_state(name)
+        before = dict(state)  # an unchanged sync rewrites sync.json only hourly (wear.py)
         state["last_attempt"] = utc_iso(opts.clock())
         try:
             try:
@@ -171,14 +181,16 @@ def sync(store: LocalStore, client: CloudClient, name: str,
         except HybridMLError as exc:
             state["last_error"] = f"{exc.code}: {exc.message}"
             try:
-                store.save_sync_state(name, state)
+                if should_save(store.root, name, before, state):
+                    store.save_sync_state(name, state)
             except OSError as save_exc:  # e.g. the disk is still full: report the first error
                 log.warning("could not record the sync error for %s: %s", name, save_exc)
             raise
         state.pop("last_error", None)
         state["last_sync"] = utc_iso(opts.clock())
         try:
-            store.save_sync_state(name, state)
+            if should_save(store.root, name, before, state):
+                store.save_sync_state(name, state)
         except OSError as exc:  # the version is active; only the bookkeeping failed
             log.warning("activated %s but could not record the sync state: %s", name, exc)
         if result.changed:
@@ -227,9 +239,11 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
     same = active is not None and active.content() == manifest.content()
     fetched: list[str] = []
     received = 0
-    origins = _Origins(direct_sources(manifest, opts.clock()))
+    origins = _Origins(direct_sources(manifest, opts.clock()), cancel=opts.cancel)
     if not same:
+        budget.check(manifest, opts.memory_budget_mb)  # ResourceError: nothing fetched
         try:
+            compat.check(manifest)  # an onnxruntime too old for the model: nothing fetched
             received += _fetch(store, client, manifest, fetched, origins)
             verify_model(store, manifest)
         except LOAD_ERRORS as exc:
@@ -265,12 +279,14 @@ def _sync_locked(store: LocalStore, client: CloudClient, name: str, state: dict[
 @dataclass
 class _Origins:
     """Where a sync's artifacts come from: the direct ``urls`` the manifest names (for its
-    own artifacts and its companion's), and the bytes taken from each origin."""
+    own artifacts and its companion's), and the bytes taken from each origin; ``cancel``
+    (:attr:`SyncOptions.cancel`) goes with every download."""
 
     urls: dict[str, str]
     direct: int = 0
     cloud: int = 0
     failures: int = 0
+    cancel: threading.Event | None = None
 
 
 def direct_sources(manifest: Manifest, now: float) -> dict[str, str]:
@@ -312,10 +328,13 @@ def _fetch_one(store: LocalStore, client: CloudClient, art: Artifact, origins: _
     if url is not None:
         before = _size(part)
         try:
-            got = client.download(art.sha256, part, art.size, source=url)
+            got = client.download(art.sha256, part, art.size, source=url,
+                                  cancel=origins.cancel)
             crash_point("after_download")
             store.commit_part(art.sha256, art.size)  # size and sha256, as from the cloud
         except HybridMLError as exc:
+            if exc.details.get("stopped"):  # the agent is stopping: the origin did no wrong
+                raise
             if _size(part) != before:  # bytes from a failing origin are suspect: start over
                 part.unlink(missing_ok=True)
             origins.failures += 1
@@ -324,7 +343,7 @@ def _fetch_one(store: LocalStore, client: CloudClient, art: Artifact, origins: _
         else:
             origins.direct += got
             return got
-    got = client.download(art.sha256, part, art.size)
+    got = client.download(art.sha256, part, art.size, cancel=origins.cancel)
     crash_point("after_download")
     store.commit_part(art.sha256, art.size)
     origins.cloud += got

@@ -54,6 +54,7 @@ from .binning import Binner, Rows
 from .fallback import REASONS
 from .loaded import CLOUD, EDGE, PRECOMPUTED, SOURCES
 from .observe import Observation, Outcome
+from .timebase import span
 from .window import FORMAT, LATENCY_EDGES_MS, Counters
 
 if TYPE_CHECKING:
@@ -157,20 +158,26 @@ def _take(items: list[Any]) -> list[Any]:
 class Telemetry:
     """The counters of one runtime's model: an observer for batches, taps for the fast path.
 
-    ``clock`` (POSIX seconds) dates the windows; tests pass their own.
+    ``clock`` (POSIX seconds) dates the windows; tests pass their own. ``monotonic`` measures
+    their length, so a wall clock that jumps mid-window does not stretch or invert it
+    (:func:`~hybridml.edge.timebase.span`); by default ``time.monotonic``, or ``clock`` itself
+    when a test passes a clock and no monotonic one.
     """
 
     def __init__(self, model: str, settings: TelemetrySettings | None = None, *,
-                 clock: Callable[[], float] = time.time, seed: int | None = None) -> None:
+                 clock: Callable[[], float] = time.time, seed: int | None = None,
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.model = model
         self.settings = settings or TelemetrySettings.from_env()
         self.clock = clock
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(seed)
         self._offsets = random.Random(seed)  # where systematic samples start
         self._binners: dict[int, Binner] = {}
         self._window: dict[int, Counters] = {}
         self._start = clock()
+        self._mono = self.monotonic()
         self._taps: weakref.WeakSet[RowTap] = weakref.WeakSet()
         self._errors = 0
 
@@ -306,8 +313,8 @@ class Telemetry:
             for tap in list(self._taps):
                 self._drain(tap)
             window, self._window = self._window, {}
-            start, end = self._start, self.clock()
-            self._start = end
+            start, end = self._span()
+            self._start, self._mono = end, self.monotonic()
         records: list[tuple[str, dict[str, Any], str, int]] = []
         for version, c in sorted(window.items()):
             if not c.rows:
@@ -329,9 +336,12 @@ class Telemetry:
             for tap in list(self._taps):
                 self._drain(tap)
             c = self._window.get(v.version) or Counters(self.binner(v), 0, self._rng)
-            return c.body(self.model, v.version, self._start, self.clock(), stale)
+            return c.body(self.model, v.version, *self._span(), stale)
 
     # ------------------------------------------------------------------------- internals
+    def _span(self) -> tuple[float, float]:
+        return span(self._start, self._mono, self.clock(), self.monotonic())
+
     def _counters(self, version: int, binner: Binner) -> Counters:
         c = self._window.get(version)
         if c is None:

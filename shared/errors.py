@@ -25,6 +25,7 @@ the cloud said.
     │   └── SignatureError             signature         502   (unsigned, unknown key, bad sig)
     ├── TableError                     table             500
     ├── ModelLoadError                 model_load        500
+    ├── ResourceError                  memory_budget     507   (a version over the memory budget)
     ├── InferenceError                 inference_failed  500   (the local model failed to run)
     ├── NoModelError                   no_model          404
     ├── RemoteError                    remote            502
@@ -230,6 +231,14 @@ class ModelLoadError(HybridMLError):
     """An ONNX model could not be loaded or fails its golden rows."""
 
     code = "model_load"
+
+
+class ResourceError(HybridMLError):
+    """A version needs more memory than this device's budget (``HYBRIDML_MEMORY_BUDGET_MB``):
+    the message gives the estimate, the budget and the fix; nothing was activated."""
+
+    code = "memory_budget"
+    status = 507
 
 
 class InferenceError(HybridMLError):

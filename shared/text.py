@@ -51,12 +51,16 @@ _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], *, align: str = "",
-                 indent: str = "", rule: bool = True, markdown: bool = False) -> str:
+                 indent: str = "", rule: bool = True, markdown: bool = False,
+                 widths: Sequence[int] | None = None, show_header: bool = True) -> str:
     """Return ``rows`` under ``header`` as aligned text, one line per row.
 
     ``align`` gives one letter per column, ``l`` (left, the default for columns it does not
     cover) or ``r`` (right, for numbers). ``indent`` starts every line. ``rule`` draws dashes
     under the header (always on in Markdown, which needs it). Cells are ``str()``-ed.
+    ``widths`` fixes the columns' widths (a longer cell overflows), for a table printed in
+    parts (:func:`column_widths` of the first part); ``show_header=False`` leaves out the
+    header lines, for the parts after the first.
     """
     cells = [[str(c) for c in row] for row in rows]
     n = len(header)
@@ -66,7 +70,8 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], *, ali
     if set(align) - {"l", "r"}:
         raise ValueError(f"align takes 'l' and 'r' per column, got {align!r}")
     right = [align[i:i + 1] == "r" for i in range(n)]
-    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
+    if widths is None:
+        widths = column_widths(header, cells)
     if markdown:
         widths = [max(w, 3) for w in widths]
 
@@ -76,14 +81,24 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]], *, ali
             return f"{indent}| {' | '.join(padded)} |"
         return (indent + "  ".join(padded)).rstrip()
 
-    out = [line(header)]
-    if markdown:
-        out.append(indent + "|" + "|".join(
-            "-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|")
-    elif rule:
-        out.append(line(["-" * w for w in widths]))
+    out = []
+    if show_header:
+        out.append(line(header))
+        if markdown:
+            out.append(indent + "|" + "|".join(
+                "-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(widths, right))
+                + "|")
+        elif rule:
+            out.append(line(["-" * w for w in widths]))
     out += [line(row) for row in cells]
     return "\n".join(out)
 
 
-__all__ = ["ECHO_LIMIT", "format_table", "printable"]
+def column_widths(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[int]:
+    """The width :func:`format_table` gives each column: its longest cell or header."""
+    cells = [[str(c) for c in row] for row in rows]
+    return [max([len(h), *(len(row[i]) for row in cells if i < len(row))])
+            for i, h in enumerate(header)]
+
+
+__all__ = ["ECHO_LIMIT", "column_widths", "format_table", "printable"]

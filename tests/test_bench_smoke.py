@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("latency", "memory", "coldstart", "size", "serving", "fleet", "small_device",
-          "fallback", "telemetry", "rollout", "interleaving", "explain")
+          "fallback", "telemetry", "rollout", "interleaving", "explain", "sdcard")
 
 
 def run_tiny(tmp_path: Path, *only: str, timeout: int = 360) -> Path:
@@ -52,8 +52,12 @@ def test_quick_path_on_tiny_settings_writes_every_result_and_the_report(tmp_path
     assert fallback["refused"]["cloud_failures"] == 1
     size = json.loads((results / "size.json").read_text())
     assert size["wire"]["unchanged_sync"]["changed"] is False
+    sdcard = json.loads((results / "sdcard.json").read_text())
+    # no write on the predict path
+    assert sdcard["per_day"]["predict (a block of 300 calls)"]["wchar"] == 0
     report = (results / "REPORT.md").read_text()
     assert "## Targets" in report and "## 9. Fallback cost" in report
+    assert "## SD card" in report
 
 
 def test_rollout_suite_on_tiny_settings_measures_every_contender(tmp_path: Path) -> None:

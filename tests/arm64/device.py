@@ -18,6 +18,7 @@ Commands (``{"op": ..., ...}``)::
     feedback id, label             the feedback record's id
     push                           PushResult.to_json() (flushes the counters first)
     spool                          the spooled records by kind
+    doctor store, name, cloud      ``hybridml-edge doctor --json``: its exit code and checks
     quit                           close the runtime and exit
 
 An error is answered as ``{"error": type, "code": ..., "message": ...}``; the device goes on.
@@ -86,6 +87,18 @@ class Device:
         with sqlite3.connect(db) as con:
             rows = con.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind").fetchall()
         return {k: n for k, n in rows}
+
+    def doctor(self, store: str, name: str, cloud: str) -> dict[str, Any]:
+        import contextlib
+        import io
+
+        from hybridml.edge.cli import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["doctor", "--store", store, "--name", name, "--cloud", cloud,
+                         "--allow-http", "--json"])
+        return {"exit": code, **json.loads(out.getvalue())}
 
     def close(self) -> None:
         if self.rt is not None:

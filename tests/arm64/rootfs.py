@@ -23,6 +23,7 @@ cache ahead of a test run and prints what it holds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -108,18 +109,19 @@ def _run(cmd: list[str], **kw: object) -> None:
     subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
 
 
-def debian_root(cache: Path) -> Path:
-    """The arm64 root (built once): python3.11 and libstdc++6 with their dependencies."""
-    root = cache / "debian-root"
+def debian_root(cache: Path, arch: str = "arm64") -> Path:
+    """The root of Debian's ``arch`` (built once): python3.11 and libstdc++6 with their
+    dependencies. ``armhf`` is a 32-bit Raspberry Pi OS's userland."""
+    root = cache / ("debian-root" if arch == "arm64" else f"debian-root-{arch}")
     if (root / "usr/bin/python3.11").exists():
         return root
-    apt = cache / "apt"
+    apt = cache / ("apt" if arch == "arm64" else f"apt-{arch}")
     for d in ("state/lists/partial", "cache/archives/partial", "debs"):
         (apt / d).mkdir(parents=True, exist_ok=True)
     (apt / "status").touch()
     opts = [f"-oDir::State={apt / 'state'}", f"-oDir::State::status={apt / 'status'}",
-            f"-oDir::Cache={apt / 'cache'}", "-oAPT::Architecture=arm64",
-            "-oAPT::Architectures::=arm64", "-oDebug::NoLocking=1"]
+            f"-oDir::Cache={apt / 'cache'}", f"-oAPT::Architecture={arch}",
+            f"-oAPT::Architectures::={arch}", "-oDebug::NoLocking=1"]
     _run(["apt-get", *opts, "-qq", "update"])
     deps = subprocess.run(["apt-cache", *opts, "depends", "--recurse", "--no-recommends",
                            "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
@@ -154,8 +156,10 @@ def cpu_root(cache: Path, cpu: Cpu) -> Path:
 
 
 def site(cache: Path, versions: VersionSet) -> Path:
-    """The site directory of ``versions`` (aarch64 wheels, installed once)."""
-    target = cache / f"site-{versions.name}"
+    """The site directory of ``versions`` (aarch64 wheels, installed once per set of
+    requirements; an unpinned "newest" is what pip picked when the cache was made)."""
+    key = hashlib.sha256(" ".join(versions.requirements()).encode()).hexdigest()[:10]
+    target = cache / f"site-{versions.name}-{key}"
     if (target / ".complete").exists():
         return target
     shutil.rmtree(target, ignore_errors=True)

@@ -7,10 +7,12 @@ hits, fallback to the cloud and offline degradation, a newer version, rollback, 
 the telemetry spool and push. The answers must equal the reference's:
 
 * labels, sources, versions, table hits and the cloud's answers: equal;
-* probabilities and regression outputs: bit-identical for tree models (the same float32 sums
-  in the same order), and within :data:`MAX_ULPS` where onnxruntime's matrix kernels
-  differ by CPU (MLAS's NEON and AVX2 GEMMs accumulate in another order); the test prints
-  how many values are bit-identical and the largest difference in float32 ulps.
+* probabilities and regression outputs: bit-identical for tree models on the reference's
+  onnxruntime (the same float32 sums in the same order on every CPU); within :data:`MAX_ULPS`
+  (regression) or one step of the 6th decimal (probabilities, which the edge rounds) where
+  onnxruntime's matrix kernels differ by CPU (MLAS's NEON and AVX2 GEMMs accumulate in another
+  order) or where the board runs another onnxruntime release. The test prints how many values
+  are bit-identical and the largest difference.
 
 Run with ``make test-arm64`` (marker ``arm64``; not part of ``make test``). ``ARM64_MATRIX``
 picks entries, e.g. ``cortex-a72/newest``.
@@ -150,6 +152,7 @@ def scenario(dev: DeviceProcess, site: dict[str, Any], work: Path) -> dict[str, 
         out["rollback"] = dev.call("rollback")
         out["rolled_back"] = dev.call("predict", rows=rows)
         out["gc"] = dev.call("gc")
+        out["doctor"] = dev.call("doctor", store=str(store), name="late", cloud=cloud.url)
         out["spool"] = dev.call("spool")
         eta = cloud.trust(work / "eta")
         dev.call("open", store=str(eta), name="eta", cloud=cloud.url)
@@ -261,6 +264,16 @@ def test_board_runs_arm64_with_the_versions_under_test(board: dict[str, Any],
     print(json.dumps(v))
 
 
+def test_the_boards_run_the_compressed_tree_graph(site: dict[str, Any]) -> None:
+    """late v1 (hgb) ships as ai.onnx.ml opset 5's TreeEnsemble (docs/device.md §4): the
+    floor of the onnxruntime range must run it, and the lowest set does."""
+    reg = Registry(site["registry"])
+    try:
+        assert reg.manifest("late", 1)["compression"]["chosen"] == "trees_v5"
+    finally:
+        reg.close()
+
+
 def test_sync_installs_the_same_version_and_artifacts(board: dict[str, Any],
                                                       reference: dict[str, Any]) -> None:
     for step in ("sync_v1", "sync_v2", "sync_eta"):
@@ -270,10 +283,19 @@ def test_sync_installs_the_same_version_and_artifacts(board: dict[str, Any],
         assert got["bytes_downloaded"] == ref["bytes_downloaded"]
 
 
+def same_runtime(board: dict[str, Any], reference: dict[str, Any]) -> bool:
+    """True when the board runs the reference's onnxruntime: then a tree model's answers
+    are bit-identical across CPUs. Between releases, kernels change (1.21's TreeEnsemble and
+    1.32's differ in a probability's last rounded decimal on a few rows)."""
+    return bool(board["versions"]["onnxruntime"] == reference["versions"]["onnxruntime"])
+
+
 def test_tree_model_answers_bit_identical_offline(board: dict[str, Any],
                                                   reference: dict[str, Any]) -> None:
-    same_answers(reference["v1_batch"], board["v1_batch"], exact=True)
-    same_answers(reference["v1_one"], board["v1_one"], exact=True)
+    exact = same_runtime(board, reference)
+    same_answers(reference["v1_batch"], board["v1_batch"], exact=exact)
+    same_answers(reference["v1_one"], board["v1_one"], exact=exact)
+    same_answers(board["v1_batch"][:40], board["v1_one"], exact=True)  # two routes, one rule
 
 
 def test_linear_and_mlp_answers_within_float_tolerance(board: dict[str, Any],
@@ -286,7 +308,7 @@ def test_linear_and_mlp_answers_within_float_tolerance(board: dict[str, Any],
 def test_precomputed_rows_are_table_hits(board: dict[str, Any],
                                          reference: dict[str, Any]) -> None:
     assert [a["source"] for a in board["hits"]] == ["precomputed"] * 3
-    same_answers(reference["hits"], board["hits"], exact=True)
+    same_answers(reference["hits"], board["hits"], exact=True)  # the table's stored answers
 
 
 def test_unsure_rows_fall_back_to_the_cloud(board: dict[str, Any],
@@ -299,7 +321,7 @@ def test_unsure_rows_fall_back_to_the_cloud(board: dict[str, Any],
 def test_offline_fallback_answers_locally_marked_degraded(board: dict[str, Any],
                                                           reference: dict[str, Any]) -> None:
     assert any(a.get("degraded") for a in board["offline"])
-    same_answers(reference["offline"], board["offline"], exact=True)
+    same_answers(reference["offline"], board["offline"], exact=same_runtime(board, reference))
 
 
 def test_rollback_reactivates_v1_with_its_answers(board: dict[str, Any],
@@ -319,3 +341,12 @@ def test_telemetry_is_spooled_and_pushed(board: dict[str, Any],
     assert push["error"] is None and push["pending"] == 0
     assert push["accepted"] == ref["accepted"] > 0
     assert board["spool"] == reference["spool"]
+
+
+def test_doctor_finds_the_board_fit(board: dict[str, Any]) -> None:
+    doctor = board["doctor"]
+    checks = {c["check"]: c for c in doctor["checks"]}
+    print("\n".join(f"{c['status']:<6}{n:<8}{c['detail']}" for n, c in checks.items()))
+    assert doctor["exit"] == 0 and doctor["ok"]
+    assert checks["cpu"]["status"] == "ok" and checks["cpu"]["detail"].startswith("aarch64")
+    assert checks["store"]["status"] == "ok" and checks["python"]["status"] == "ok"

@@ -107,7 +107,7 @@ class _Cloud(CloudClient):
         text = json.dumps(self.body).encode()
         return ManifestResponse(text, f'"{len(text)}.{hash(text) & 0xffff:x}"', len(text))
 
-    def download(self, sha256: str, dest: Path, size: int) -> int:
+    def download(self, sha256: str, dest: Path, size: int, *, cancel: Any = None) -> int:
         data = self.reg.blob_path(sha256).read_bytes()
         if sha256 in self.corrupt:
             data = bytes(len(data))

@@ -15,6 +15,7 @@ import pytest
 
 from hybridml.edge.identity import DEVICE_FILE, STORE_ID_RE, store_id
 from hybridml.edge.spool import SPOOL_FILE, Spool, SpoolError, SpoolSettings
+from hybridml.edge.timebase import RunningClock
 from hybridml.shared.errors import ConfigError, InputError
 
 T0 = 1_800_000_000.0  # 2027-01-15: inside the window the cloud accepts
@@ -35,7 +36,9 @@ def body(n: int, pad: int = 0) -> dict[str, Any]:
 
 
 def open_spool(root: Path, clock: Clock, **limits: Any) -> Spool:
-    return Spool.open(root, SpoolSettings(**limits), clock=clock)
+    # The test's clock is the spool's wall clock and its running clock (the TTL's) too.
+    return Spool.open(root, SpoolSettings(**limits), clock=clock,
+                      running=RunningClock(monotonic=clock, boot=lambda: "boot"))
 
 
 def test_record_ids_are_the_store_id_and_a_sequence_that_only_grows(tmp_path: Path) -> None:
