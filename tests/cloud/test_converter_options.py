@@ -114,7 +114,8 @@ def test_calibrated_hgb_feeds_decision_values_to_the_calibrator(task: str, metho
 
 @pytest.mark.parametrize("est", [
     LogisticRegression(max_iter=1000), GradientBoostingClassifier(n_estimators=10),
-    MLPClassifier((8,), max_iter=200, random_state=0), SGDClassifier(loss="log_loss", random_state=0),
+    MLPClassifier((8,), max_iter=200, random_state=0),
+    SGDClassifier(loss="log_loss", random_state=0),
     RandomForestClassifier(n_estimators=10, random_state=0),
 ], ids=["logreg", "gb", "mlp", "sgd", "rf"])
 def test_isotonic_calibration_interpolates_like_sklearn(est: object) -> None:
