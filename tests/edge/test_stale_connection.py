@@ -41,9 +41,9 @@ def closing_server() -> Iterator[tuple[str, list[int]]]:
                         data += chunk
                     if not data:
                         break
-                    if answer:
-                        conn.sendall(ANSWER)
+                    if answer:  # counted before the client can read the answer
                         served.append(1)
+                        conn.sendall(ANSWER)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
