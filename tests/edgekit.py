@@ -26,6 +26,7 @@ from hybridml.cloud.config import ServeConfig
 from hybridml.cloud.registry import Registry
 from hybridml.cloud.signing import KeyRing
 from hybridml.cloud.tokens import TokenStore
+from hybridml.cloud.train import train
 from hybridml.edge.store import LocalStore
 from hybridml.edge.trust import TrustStore
 from hybridml.shared.manifest import Manifest
@@ -42,6 +43,15 @@ def install(reg: Registry, name: str, store: LocalStore, version: int | None = N
     manifest = Manifest.from_json(data)
     store.activate(manifest)
     return manifest
+
+
+def iris_registry(root: Path, versions: int = 1) -> Path:
+    """A registry at ``root`` with ``versions`` iris (logreg) versions, seeds 0, 1, ..."""
+    reg = Registry(root)
+    for seed in range(versions):
+        train(reg, "iris", dataset="iris", model="logreg", seed=seed)
+    reg.close()
+    return root
 
 
 def trusting(store: LocalStore | str | Path, registry: str | Path) -> LocalStore:

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 
 from hybridml.cloud.registry import Registry
-from hybridml.cloud.train import train
 from hybridml.edge.client import CloudClient
 from hybridml.edge.store import LocalStore
 from hybridml.edge.sync import sync
 from hybridml.shared.manifest import EDGE_ROLES, Manifest
 from tests.conftest import BIN
-from tests.edgekit import ThreadCloud
+from tests.edgekit import ThreadCloud, iris_registry
 from tests.integration.proxy import Fault, FaultProxy
 
 NAME = "iris"
@@ -35,11 +34,7 @@ STOP_BOUND_S = 30.0  # systemd's TimeoutStopSec in the unit we ship is 45 s
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadCloud]:
     """The cloud app (tokens required) over a registry with one iris version."""
-    root = tmp_path_factory.mktemp("stop") / "reg"
-    reg = Registry(root)
-    train(reg, NAME, dataset="iris", model="logreg")
-    reg.close()
-    server = ThreadCloud(root)
+    server = ThreadCloud(iris_registry(tmp_path_factory.mktemp("stop") / "reg"))
     yield server
     server.close()
 

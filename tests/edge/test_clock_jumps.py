@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from hybridml.cloud.registry import Registry
-from hybridml.cloud.train import train
 from hybridml.edge.agent import Agent, AgentSettings
 from hybridml.edge.client import CloudClient
 from hybridml.edge.fallback import CircuitBreaker
@@ -31,7 +29,7 @@ from hybridml.edge.sync import SyncOptions, sync
 from hybridml.edge.telemetry import Telemetry, TelemetrySettings
 from hybridml.edge.timebase import PLAUSIBLE_FROM, RunningClock, plausible
 from hybridml.shared.clock import from_iso
-from tests.edgekit import ThreadCloud, trusting
+from tests.edgekit import ThreadCloud, iris_registry, trusting
 
 YEAR = 365 * 86400.0
 BOOT = 60.0  # a Pi's clock a minute after boot, before NTP: 1970-01-01T00:01:00Z
@@ -55,11 +53,7 @@ class Mono(Wall):
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """iris (logreg), signed."""
-    root = tmp_path_factory.mktemp("clocks") / "reg"
-    reg = Registry(root)
-    train(reg, "iris", dataset="iris", model="logreg", seed=0)
-    reg.close()
-    return root
+    return iris_registry(tmp_path_factory.mktemp("clocks") / "reg")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from hybridml.cloud.registry import Registry
-from hybridml.cloud.train import train
 from hybridml.edge.cli import main
 from hybridml.edge.client import CloudClient
 from hybridml.edge.doctor import (
@@ -31,7 +29,7 @@ from hybridml.edge.doctor import (
 )
 from hybridml.edge.store import LocalStore
 from hybridml.edge.sync import sync
-from tests.edgekit import ThreadCloud
+from tests.edgekit import ThreadCloud, iris_registry
 
 NAME = "iris"
 PI4_CPUINFO = ("processor\t: 0\nBogoMIPS\t: 108.00\n"
@@ -43,11 +41,7 @@ PI5_CPUINFO = ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadCloud]:
     """The cloud app (tokens required) over a registry with one iris version."""
-    root = tmp_path_factory.mktemp("doctor") / "reg"
-    reg = Registry(root)
-    train(reg, NAME, dataset="iris", model="logreg")
-    reg.close()
-    server = ThreadCloud(root)
+    server = ThreadCloud(iris_registry(tmp_path_factory.mktemp("doctor") / "reg"))
     yield server
     server.close()
 

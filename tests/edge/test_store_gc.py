@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 
 from hybridml.cloud.registry import Registry
-from hybridml.cloud.train import train
 from hybridml.edge.runtime import EdgeRuntime
 from hybridml.edge.store import PART_MAX_AGE_S, LocalStore
 from hybridml.shared.files import CRASH_ENV
 from hybridml.shared.manifest import EDGE_ROLES
 from tests.conftest import BIN
-from tests.edgekit import ThreadCloud, install
+from tests.edgekit import ThreadCloud, install, iris_registry
 
 VERSIONS = 7
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -33,12 +32,7 @@ ROW = [5.1, 3.5, 1.4, 0.2]
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Seven iris versions, each a different model (different splits)."""
-    root = tmp_path_factory.mktemp("gc") / "reg"
-    reg = Registry(root)
-    for seed in range(VERSIONS):
-        train(reg, "iris", dataset="iris", model="logreg", seed=seed)
-    reg.close()
-    return root
+    return iris_registry(tmp_path_factory.mktemp("gc") / "reg", VERSIONS)
 
 
 @pytest.fixture(scope="module")
