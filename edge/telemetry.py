@@ -54,7 +54,7 @@ from .binning import Binner, Rows
 from .fallback import REASONS
 from .loaded import CLOUD, EDGE, PRECOMPUTED, SOURCES
 from .observe import Observation, Outcome
-from .timebase import span
+from .timebase import WindowClock
 from .window import FORMAT, LATENCY_EDGES_MS, Counters
 
 if TYPE_CHECKING:
@@ -160,8 +160,8 @@ class Telemetry:
 
     ``clock`` (POSIX seconds) dates the windows; tests pass their own. ``monotonic`` measures
     their length, so a wall clock that jumps mid-window does not stretch or invert it
-    (:func:`~hybridml.edge.timebase.span`); by default ``time.monotonic``, or ``clock`` itself
-    when a test passes a clock and no monotonic one.
+    (:class:`~hybridml.edge.timebase.WindowClock`); by default ``time.monotonic``, or
+    ``clock`` itself when a test passes a clock and no monotonic one.
     """
 
     def __init__(self, model: str, settings: TelemetrySettings | None = None, *,
@@ -170,14 +170,12 @@ class Telemetry:
         self.model = model
         self.settings = settings or TelemetrySettings.from_env()
         self.clock = clock
-        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(seed)
         self._offsets = random.Random(seed)  # where systematic samples start
         self._binners: dict[int, Binner] = {}
         self._window: dict[int, Counters] = {}
-        self._start = clock()
-        self._mono = self.monotonic()
+        self._windows = WindowClock(clock, monotonic)
         self._taps: weakref.WeakSet[RowTap] = weakref.WeakSet()
         self._errors = 0
 
@@ -313,8 +311,7 @@ class Telemetry:
             for tap in list(self._taps):
                 self._drain(tap)
             window, self._window = self._window, {}
-            start, end = self._span()
-            self._start, self._mono = end, self.monotonic()
+            start, end = self._windows.cut()
         records: list[tuple[str, dict[str, Any], str, int]] = []
         for version, c in sorted(window.items()):
             if not c.rows:
@@ -336,12 +333,9 @@ class Telemetry:
             for tap in list(self._taps):
                 self._drain(tap)
             c = self._window.get(v.version) or Counters(self.binner(v), 0, self._rng)
-            return c.body(self.model, v.version, *self._span(), stale)
+            return c.body(self.model, v.version, *self._windows.peek(), stale)
 
     # ------------------------------------------------------------------------- internals
-    def _span(self) -> tuple[float, float]:
-        return span(self._start, self._mono, self.clock(), self.monotonic())
-
     def _counters(self, version: int, binner: Binner) -> Counters:
         c = self._window.get(version)
         if c is None:
